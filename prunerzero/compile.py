@@ -1,0 +1,106 @@
+"""Compile a sympy form into a vectorised torch function of the primitives.
+
+The generated source is one Python expression over `prunerzero.ops`, kept on the result
+(`CompiledMetric.source`) so a reader can see exactly what runs.
+"""
+from __future__ import annotations
+
+import functools
+
+import sympy
+import torch
+
+from . import ops
+from .errors import DegenerateMetricError, NonFiniteScoreError
+from .space import load_space
+from .symbolic import FUNCTIONS, ColSum, RowSum
+
+_LANG_OF = {cls: name for name, cls in FUNCTIONS.items()}
+
+
+def _emit(e: sympy.Expr) -> str:
+    if isinstance(e, sympy.Symbol):
+        return e.name
+    if not e.free_symbols and not e.has(RowSum, ColSum):
+        return repr(float(e))  # a closed constant such as sqrt(2): one float
+    if isinstance(e, sympy.Add):
+        return "(" + " + ".join(_emit(a) for a in e.args) + ")"
+    if isinstance(e, sympy.Mul):
+        return "(" + " * ".join(_emit(a) for a in e.args) + ")"
+    if isinstance(e, sympy.Pow):
+        base, p = e.args
+        if p == 2:
+            return f"ops.sqr({_emit(base)})"
+        if p == sympy.Rational(1, 2):
+            return f"ops.sqrt({_emit(base)})"
+        if p.is_Integer and p > 0:
+            return f"torch.pow({_emit(base)}, {int(p)})"
+        return f"torch.pow({_emit(base)}.abs(), {float(p)!r})"  # base is non-negative here
+    if isinstance(e, sympy.Abs):
+        return f"torch.abs({_emit(e.args[0])})"
+    if type(e) in _LANG_OF:
+        name = _LANG_OF[type(e)]
+        args = ", ".join(_emit(a) if a.free_symbols else f"torch.tensor({_emit(a)})" for a in e.args)
+        return f"ops.{name}({args}, shape)" if name in ops.NEEDS_SHAPE else f"ops.{name}({args})"
+    raise TypeError(f"cannot compile {sympy.srepr(e)}")
+
+
+class CompiledMetric:
+    """`fn(W, G=None, X=None, **other_primitives) -> scores`, shaped like W, in fp32."""
+
+    def __init__(self, expr: sympy.Expr):
+        self.terminals = tuple(sorted(s.name for s in expr.free_symbols))
+        self.source = _emit(expr)
+        args = ", ".join(self.terminals + ("shape",))
+        self._fn = eval(f"lambda {args}: {self.source}", {"ops": ops, "torch": torch})  # noqa: S307
+
+    def __call__(self, W: torch.Tensor, G=None, X=None, dtype=torch.float32, check=False, **extra):
+        given = {"W": W, "G": G, "X": X, **extra}
+        shape = tuple(W.shape)
+        values = {}
+        for name in self.terminals:
+            v = given.get(name)
+            if v is None:
+                raise ValueError(f"this metric uses the primitive {name}, which was not given")
+            values[name] = _as_operand(name, v, shape, W.device, dtype)
+        with torch.no_grad():
+            scores = torch.as_tensor(self._fn(**values, shape=shape), device=W.device)
+            scores = torch.broadcast_to(scores.to(dtype), shape)
+        if check:
+            check_scores(scores)
+        return scores
+
+
+def _as_operand(name: str, v, shape, device, dtype) -> torch.Tensor:
+    """A primitive as a tensor of its declared shape kind, in `dtype`."""
+    kind = load_space().terminals[name].shape
+    t = torch.as_tensor(v, device=device).to(dtype)
+    if kind == "column":
+        t = t.reshape(1, shape[-1])
+    elif kind == "row":
+        t = t.reshape(shape[0], 1)
+    elif kind == "scalar":
+        t = t.reshape(())
+    elif tuple(t.shape) != shape:
+        raise ValueError(f"primitive {name} has shape {tuple(t.shape)}, expected {shape}")
+    return t
+
+
+def check_scores(scores: torch.Tensor, where: str = "") -> None:
+    """Raise if scores cannot rank weights: NaN/inf anywhere, or one value for the whole matrix."""
+    at = f" on {where}" if where else ""
+    finite = torch.isfinite(scores)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise NonFiniteScoreError(f"metric gives {bad} NaN or infinite scores{at}")
+    if scores.numel() > 1 and bool(scores.amin() == scores.amax()):
+        raise DegenerateMetricError(f"metric gives the same score to every weight{at}")
+    if scores.shape[-1] > 1 and bool((scores.amin(-1) == scores.amax(-1)).all()):
+        raise DegenerateMetricError(f"metric gives every weight of a row the same score{at}")
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_cached(text: str) -> CompiledMetric:
+    """Compile a simplified form given by its canonical printing (the cache key)."""
+    from .language import parse, to_sympy
+    return CompiledMetric(to_sympy(parse(text)))

@@ -1,0 +1,8 @@
+import pytest
+
+from helpers import primitives
+
+
+@pytest.fixture
+def prims():
+    return primitives()
