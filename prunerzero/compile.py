@@ -104,3 +104,22 @@ def compile_cached(text: str) -> CompiledMetric:
     """Compile a simplified form given by its canonical printing (the cache key)."""
     from .language import parse, to_sympy
     return CompiledMetric(to_sympy(parse(text)))
+
+
+def interpret(node, primitives: dict, dtype=torch.float32) -> torch.Tensor:
+    """Evaluate a parsed tree operator by operator, without simplification: the reference
+    that compiled metrics are tested against, and what an interpreter would do."""
+    W = primitives["W"]
+
+    def ev(n):
+        if n.name == "const":
+            return torch.tensor(float(n.value), dtype=dtype, device=W.device)
+        if not n.args:
+            return _as_operand(n.name, primitives[n.name], tuple(W.shape), W.device, dtype)
+        if n.name == "pow":
+            raise ValueError("interpret() takes trees in function form; ** is not an operator")
+        fn = getattr(ops, n.name)
+        args = [ev(a) for a in n.args]
+        return fn(*args, tuple(W.shape)) if n.name in ops.NEEDS_SHAPE else fn(*args)
+
+    return torch.broadcast_to(ev(node), W.shape)

@@ -6,6 +6,7 @@ import torch
 
 from prunerzero import Metric
 from prunerzero.language import parse, to_sympy
+from prunerzero.compile import interpret
 from prunerzero.oos import RULES, simplify
 
 from helpers import primitives
@@ -49,24 +50,9 @@ def test_rule_fires_and_keeps_the_value(text, expected, rule):
     if rule is not None:
         assert s.rules[rule] >= 1
     p = primitives(dtype=torch.float64)
-    before = _evaluate_unsimplified(text, p)
+    before = interpret(parse(text), p, dtype=torch.float64)
     after = s.compile()(**p, dtype=torch.float64)
     assert torch.allclose(before, after, rtol=1e-9, atol=1e-12)
-
-
-def _evaluate_unsimplified(text, p):
-    """Evaluate the parsed tree operator by operator, without any simplification."""
-    from prunerzero import ops
-
-    def ev(node):
-        if node.name == "const":
-            return torch.tensor(float(node.value), dtype=torch.float64)
-        if not node.args:
-            return p[node.name]
-        args = [ev(a) for a in node.args]
-        fn = getattr(ops, node.name)
-        return fn(*args, p["W"].shape) if node.name in ops.NEEDS_SHAPE else fn(*args)
-    return torch.broadcast_to(ev(parse(text)), p["W"].shape)
 
 
 def test_every_rule_is_covered():
