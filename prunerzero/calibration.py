@@ -1,0 +1,103 @@
+"""Primitives of every prunable layer from calibration samples: X (input-activation l2
+norm per input channel) and G (l2 norm over samples of the per-sample gradient), cached
+on disk so a second run skips the work."""
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .models import all_prunable, cache_dir
+
+
+class InputNorms:
+    """Forward hooks that accumulate sum_t x_tj^2 over tokens for each hooked Linear."""
+
+    def __init__(self, linears: dict):
+        self.sq = {name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)
+                   for name, m in linears.items()}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            self.sq[name] += (x * x).sum(0)
+        return hook
+
+    def norms(self) -> dict[str, torch.Tensor]:
+        return {name: s.sqrt().reshape(1, -1) for name, s in self.sq.items()}
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@contextmanager
+def input_norms(linears: dict):
+    rec = InputNorms(linears)
+    try:
+        yield rec
+    finally:
+        rec.remove()
+
+
+@torch.no_grad()
+def compute_x(model, samples: torch.Tensor, batch_size: int = 1) -> dict[str, torch.Tensor]:
+    """X of every prunable layer of the dense model (one-shot: no pruning between layers)."""
+    device = next(model.parameters()).device
+    with input_norms(all_prunable(model)) as rec:
+        for i in tqdm(range(0, len(samples), batch_size), desc="activations", leave=False):
+            model(samples[i:i + batch_size].to(device))
+    return rec.norms()
+
+
+def compute_g(model, samples: torch.Tensor, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """G = sqrt(sum over samples of (scale * dLoss/dW)^2), labels = inputs, in fp32.
+
+    Each gradient is squared into one fp32 accumulator per layer as soon as it is ready
+    and then freed, so memory holds one extra copy of the prunable weights, not several.
+    """
+    layers = all_prunable(model)
+    acc = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in layers.items()}
+    wanted = {id(m.weight) for m in layers.values()}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    hooks = []
+    for name, m in layers.items():
+        def hook(param, name=name):
+            acc[name].add_(param.grad.float().mul(scale).square_())
+            param.grad = None
+        hooks.append(m.weight.register_post_accumulate_grad_hook(hook))
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    device = next(model.parameters()).device
+    try:
+        for i in tqdm(range(len(samples)), desc="gradients", leave=False):
+            ids = samples[i:i + 1].to(device)
+            model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, r in saved.items():
+            p.requires_grad_(r)
+    return {name: a.sqrt_() for name, a in acc.items()}
+
+
+def cache_key(**settings) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached(kind: str, settings: dict, compute) -> dict[str, torch.Tensor]:
+    """Load `kind` primitives for `settings` from the cache, or compute and store them."""
+    path = cache_dir() / "primitives" / f"{kind}-{cache_key(kind=kind, **settings)}.safetensors"
+    if path.is_file():
+        return load_file(str(path))
+    out = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    save_file({k: v.contiguous().cpu() for k, v in out.items()}, str(tmp), metadata={"settings": json.dumps(settings)})
+    tmp.rename(path)
+    return out

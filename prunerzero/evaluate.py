@@ -1,0 +1,22 @@
+"""Perplexity as SparseGPT and Wanda compute it: non-overlapping chunks scored on their own,
+exp of the mean token NLL."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@torch.inference_mode()
+def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, progress: bool = True) -> float:
+    """Perplexity over (k, seqlen) token chunks: exp(total NLL / (k * (seqlen - 1)))."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in tqdm(range(0, len(chunks), batch_size), desc="perplexity", disable=not progress, leave=False):
+        ids = chunks[i:i + batch_size].to(device)
+        logits = model(ids).logits[:, :-1].float()
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)

@@ -1,0 +1,64 @@
+"""Scores to masks (True = prune), with exact counts and deterministic ties."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .errors import PrunerZeroError
+
+
+class SparsityError(PrunerZeroError, ValueError):
+    """A sparsity or N:M pattern that cannot be met."""
+
+
+def parse_structure(structure: str, sparsity: float) -> tuple[int, int] | None:
+    """None for unstructured, else (n, m): n of every m consecutive input weights pruned."""
+    if structure == "unstructured":
+        if not 0.0 <= sparsity < 1.0:
+            raise SparsityError(f"sparsity must be in [0, 1), got {sparsity}")
+        return None
+    match = re.fullmatch(r"(\d+):(\d+)", structure)
+    if not match:
+        raise SparsityError(f"structure must be 'unstructured' or 'N:M' such as 2:4, got '{structure}'")
+    n, m = int(match[1]), int(match[2])
+    if not 0 < n < m:
+        raise SparsityError(f"N:M needs 0 < N < M, got {structure}")
+    return n, m
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the int(in * sparsity) lowest scores of each row; among equal scores the
+    lower column index is pruned first (a stable sort), so ties break the same way everywhere."""
+    k = int(scores.shape[-1] * sparsity)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k:
+        order = torch.sort(scores, dim=-1, stable=True).indices[:, :k]
+        mask.scatter_(1, order, True)
+    return mask
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Prune the n lowest of every m consecutive input columns of each row (stable ties)."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise SparsityError(f"{n}:{m} needs in_features divisible by {m}, got {cols}")
+    groups = scores.reshape(rows, cols // m, m)
+    order = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
+    return mask.reshape(rows, cols)
+
+
+def make_mask(scores: torch.Tensor, sparsity: float, structure: str = "unstructured") -> torch.Tensor:
+    nm = parse_structure(structure, sparsity)
+    return row_mask(scores, sparsity) if nm is None else nm_mask(scores, *nm)
+
+
+def measured_sparsity(linears: dict) -> tuple[float, dict[str, float]]:
+    """Fraction of exactly-zero weights, total and per layer, read from the weights."""
+    per, zeros, total = {}, 0, 0
+    for name, m in linears.items():
+        z = int((m.weight == 0).sum())
+        per[name] = z / m.weight.numel()
+        zeros, total = zeros + z, total + m.weight.numel()
+    return zeros / max(total, 1), per

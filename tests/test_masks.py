@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from prunerzero.masks import SparsityError, make_mask, nm_mask, parse_structure, row_mask
+
+
+def test_row_mask_prunes_exactly_k_per_row():
+    s = torch.rand(7, 40)
+    m = row_mask(s, 0.5)
+    assert (m.sum(1) == 20).all()
+    # pruned scores are all <= kept scores in each row
+    assert (s.masked_fill(~m, -1).amax(1) <= s.masked_fill(m, 2).amin(1)).all()
+
+
+def test_ties_break_by_lower_index_first():
+    s = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.5, 2.0]])
+    assert row_mask(s, 0.5).tolist() == [[True, True, False, False, True, False]]
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_mask_prunes_n_of_every_m(n, m):
+    s = torch.rand(5, 32)
+    mask = nm_mask(s, n, m)
+    assert (mask.reshape(5, -1, m).sum(-1) == n).all()
+
+
+def test_structures_are_validated():
+    assert parse_structure("2:4", 0.5) == (2, 4)
+    for bad_structure, sp in [("4:2", 0.5), ("2:2", 0.5), ("0:4", 0.5), ("2-4", 0.5), ("unstructured", 1.0),
+                              ("unstructured", -0.1)]:
+        with pytest.raises(SparsityError):
+            parse_structure(bad_structure, sp)
+    with pytest.raises(SparsityError, match="divisible"):
+        make_mask(torch.rand(3, 10), 0.5, "2:4")
