@@ -14,7 +14,7 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except PrunerZeroError as e:
+        except (PrunerZeroError, FileExistsError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
@@ -59,6 +59,49 @@ def metrics(operators):
         click.echo("operators:")
         for o in space.operators.values():
             click.echo(f"  {o.name:8} arity {o.arity}  {o.doc}")
+
+
+def _common(f):
+    opts = [
+        click.option("--model", default=None, help="HF id or folder; default: bundled SmolLM2-135M."),
+        click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True),
+        click.option("--device", default="auto", show_default=True, help="auto picks CUDA when present."),
+        click.option("--seqlen", default=512, show_default=True),
+        click.option("--eval-data", default=None, help="wikitext2 (default), wikipedia, or a text file."),
+        click.option("--eval-chunks", type=int, default=None, help="Use the first K chunks (default: all)."),
+        click.option("--data-dir", default=None, envvar="PRUNERZERO_DATA_DIR",
+                     help="Folder holding wikitext-2-raw/wiki.test.raw."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@main.command()
+@_common
+@click.option("--metric", default="pruner-zero", show_default=True, help="Metric text or catalog name.")
+@click.option("--sparsity", default=0.5, show_default=True)
+@click.option("--structure", default="unstructured", show_default=True, help="unstructured, 2:4, 4:8, ...")
+@click.option("--output", default=None, help="Folder for the pruned model and report.json.")
+@click.option("--nsamples", default=32, show_default=True)
+@click.option("--calibration", default="wikipedia", show_default=True, help="wikipedia, wikitext2 or a text file.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--one-shot", is_flag=True, help="Score every layer from the dense model's activations.")
+def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, metric, sparsity, structure, output,
+          nsamples, calibration, seed, one_shot):
+    """Prune a model with a metric, report perplexity, and save it."""
+    from .pipeline import run_apply
+    run_apply(model, metric, sparsity, structure, output, nsamples, seqlen, calibration, eval_data, eval_chunks,
+              seed, not one_shot, dtype, device, data_dir, log=click.echo)
+
+
+@main.command("eval")
+@_common
+def eval_(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir):
+    """Print a model's perplexity (SparseGPT/Wanda protocol)."""
+    from .pipeline import run_eval
+    ppl = run_eval(model, eval_data, seqlen, eval_chunks, dtype, device, data_dir, log=click.echo)
+    click.echo(f"perplexity: {ppl:.3f}")
 
 
 if __name__ == "__main__":

@@ -64,7 +64,10 @@ def default_model_path() -> Path:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; a fresh model with its weights saves normally.
-    plain = type(loaded)(loaded.config)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized fp32 now
+    plain = type(loaded)(config)
     plain.load_state_dict(loaded.state_dict())
     tmp = out.with_name(out.name + ".partial")
     plain.save_pretrained(tmp)
@@ -80,7 +83,7 @@ def load_model(name: str | None = None, dtype="fp32", device: str | None = "auto
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), attn_implementation="sdpa")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load model '{name}': {e}".split("\n")[0] +
                          " (give a Hugging Face id, a local folder with config.json, or omit --model "
                          "for the bundled SmolLM2-135M)") from None

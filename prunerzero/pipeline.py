@@ -1,0 +1,107 @@
+"""End-to-end runs behind `prunerzero apply` and `prunerzero eval`: load, calibrate,
+evaluate, prune, save."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import data
+from .evaluate import perplexity
+from .masks import parse_structure
+from .metric import Metric
+from .models import load_model
+from .prune import apply_metric
+
+
+@dataclass
+class EvalData:
+    chunks: torch.Tensor
+    source: str
+    note: str = ""
+
+
+def calibration_for(tokenizer, source="wikipedia", nsamples=32, seqlen=512, seed=0, data_dir=None):
+    ids = data.tokenize(tokenizer, data.load_text(source, data_dir))
+    starts = data.calibration_windows(ids.shape[1], nsamples, seqlen, seed)
+    return torch.cat([ids[:, i:i + seqlen] for i in starts]), ids, starts
+
+
+def eval_data_for(tokenizer, source=None, seqlen=512, chunks=None, data_dir=None,
+                  calibration_source="wikipedia", calib_ids=None, calib_starts=()):
+    """WikiText-2 test chunks; if the user named no source and WikiText-2 cannot be found,
+    held-out Wikipedia chunks disjoint from the calibration windows, said plainly."""
+    try:
+        ids = data.tokenize(tokenizer, data.load_text(source or "wikitext2", data_dir))
+        return EvalData(data.chunks(ids, seqlen, chunks), source or "wikitext2")
+    except data.DataError as e:
+        if source is not None:
+            raise
+        if calib_ids is None or calibration_source != "wikipedia":
+            calib_ids = data.tokenize(tokenizer, data.wikipedia_text())
+            calib_starts = ()
+        exclude = [(s, s + seqlen) for s in calib_starts]
+        note = (f"WikiText-2 was not found ({str(e).split(':')[0]}); perplexity is measured on held-out "
+                "Wikipedia summaries (chunks disjoint from the calibration windows), NOT on WikiText-2")
+        return EvalData(data.chunks(calib_ids, seqlen, chunks, exclude=exclude), "wikipedia-heldout", note)
+
+
+def run_apply(model_name=None, metric="pruner-zero", sparsity=0.5, structure="unstructured", output=None,
+              nsamples=32, seqlen=512, calibration="wikipedia", eval_data=None, eval_chunks=None,
+              seed=0, sequential=True, dtype="fp32", device="auto", data_dir=None, eval_dense=True,
+              log=print) -> dict:
+    parse_structure(structure, sparsity)
+    m = Metric.parse(metric)
+    out = Path(output) if output else None
+    if out is not None and out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder {out} exists and is not empty")
+    t0 = time.perf_counter()
+    model, tok = load_model(model_name, dtype=dtype, device=device)
+    t_load = time.perf_counter() - t0
+    samples, cal_ids, starts = calibration_for(tok, calibration, nsamples, seqlen, seed, data_dir)
+    ev = eval_data_for(tok, eval_data, seqlen, eval_chunks, data_dir, calibration, cal_ids, starts)
+    if ev.note:
+        log("NOTE: " + ev.note)
+    ppl = {}
+    if eval_dense:
+        ppl["dense"] = perplexity(model, ev.chunks)
+        log(f"dense perplexity ({ev.source}, {len(ev.chunks)} x {seqlen}): {ppl['dense']:.3f}")
+    report = apply_metric(model, m, sparsity, structure, calibration=samples, sequential=sequential)
+    ppl["pruned"] = perplexity(model, ev.chunks)
+    log(f"pruned with {report.metric} ({report.canonical}) {structure} at {report.sparsity:.4f} measured sparsity: "
+        f"perplexity {ppl['pruned']:.3f}")
+    report.perplexity = ppl
+    report.settings = dict(model=model_name or "smollm2-135m (bundled)", nsamples=nsamples, seqlen=seqlen,
+                           calibration=calibration, eval_data=ev.source, eval_chunks=len(ev.chunks), seed=seed,
+                           dtype=dtype, device=str(next(model.parameters()).device), note=ev.note)
+    report.timings["load_s"] = t_load
+    result = report.to_dict()
+    if out is not None:
+        _save(model, tok, out, result)
+        log(f"saved pruned model and report.json to {out}")
+    return result
+
+
+def _save(model, tok, out: Path, result: dict):
+    """Write into a sibling temporary folder, then rename: no half-written output."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "report.json").write_text(json.dumps(result, indent=2))
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+
+
+def run_eval(model_name=None, eval_data=None, seqlen=512, eval_chunks=None, dtype="fp32", device="auto",
+             data_dir=None, log=print) -> float:
+    model, tok = load_model(model_name, dtype=dtype, device=device)
+    ev = eval_data_for(tok, eval_data, seqlen, eval_chunks, data_dir)
+    if ev.note:
+        log("NOTE: " + ev.note)
+    return perplexity(model, ev.chunks)
