@@ -13,9 +13,8 @@ import torch
 from . import ops
 from .errors import DegenerateMetricError, NonFiniteScoreError
 from .space import load_space
-from .symbolic import FUNCTIONS, ColSum, RowSum
+from .symbolic import LANG_OF, ColSum, RowSum
 
-_LANG_OF = {cls: name for name, cls in FUNCTIONS.items()}
 
 
 def _emit(e: sympy.Expr) -> str:
@@ -38,8 +37,8 @@ def _emit(e: sympy.Expr) -> str:
         return f"torch.pow({_emit(base)}.abs(), {float(p)!r})"  # base is non-negative here
     if isinstance(e, sympy.Abs):
         return f"torch.abs({_emit(e.args[0])})"
-    if type(e) in _LANG_OF:
-        name = _LANG_OF[type(e)]
+    if type(e) in LANG_OF:
+        name = LANG_OF[type(e)]
         args = ", ".join(_emit(a) if a.free_symbols else f"torch.tensor({_emit(a)})" for a in e.args)
         return f"ops.{name}({args}, shape)" if name in ops.NEEDS_SHAPE else f"ops.{name}({args})"
     raise TypeError(f"cannot compile {sympy.srepr(e)}")

@@ -83,9 +83,10 @@ def calibration_windows(n_tokens: int, nsamples: int, seqlen: int, seed: int) ->
     return [rng.randint(0, n_tokens - seqlen - 1) for _ in range(nsamples)]
 
 
-def calibration_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def calibration_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> tuple[torch.Tensor, list[int]]:
+    """(nsamples, seqlen) windows of `ids` drawn by Wanda's sampler, and their start offsets."""
     starts = calibration_windows(ids.shape[1], nsamples, seqlen, seed)
-    return torch.cat([ids[:, i:i + seqlen] for i in starts], 0)
+    return torch.cat([ids[:, i:i + seqlen] for i in starts], 0), starts
 
 
 def chunks(ids: torch.Tensor, seqlen: int, limit: int | None = None, skip: int = 0,

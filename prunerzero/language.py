@@ -15,7 +15,7 @@ import sympy
 
 from .errors import MetricSyntaxError
 from .space import load_space
-from .symbolic import FUNCTIONS, apply_operator, power, symbols
+from .symbolic import LANG_OF, apply_operator, power, symbols
 
 _BINOPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div"}
 
@@ -148,7 +148,6 @@ def _to_sympy(node: Node, syms) -> sympy.Expr:
 
 # ---------------------------------------------------------------- printing sympy forms
 
-_LANG_OF = {cls: name for name, cls in FUNCTIONS.items()}
 _PREC_ADD, _PREC_MUL, _PREC_POW, _PREC_ATOM = 1, 2, 3, 4
 
 
@@ -193,8 +192,8 @@ def _print(e: sympy.Expr) -> tuple[str, int]:
         return _print_pow(e)
     if isinstance(e, sympy.Abs):
         return f"abs({to_text(e.args[0])})", _PREC_ATOM
-    if type(e) in _LANG_OF:
-        return f"{_LANG_OF[type(e)]}({', '.join(to_text(a) for a in e.args)})", _PREC_ATOM
+    if type(e) in LANG_OF:
+        return f"{LANG_OF[type(e)]}({', '.join(to_text(a) for a in e.args)})", _PREC_ATOM
     if e.is_Number or isinstance(e, sympy.NumberSymbol):
         return repr(float(e)), _PREC_ATOM
     raise TypeError(f"cannot print {sympy.srepr(e)} in the metric language")

@@ -26,9 +26,10 @@ class EvalData:
 
 
 def calibration_for(tokenizer, source="wikipedia", nsamples=32, seqlen=512, seed=0, data_dir=None):
+    """Calibration samples, the tokenized source they came from, and their start offsets."""
     ids = data.tokenize(tokenizer, data.load_text(source, data_dir))
-    starts = data.calibration_windows(ids.shape[1], nsamples, seqlen, seed)
-    return torch.cat([ids[:, i:i + seqlen] for i in starts]), ids, starts
+    samples, starts = data.calibration_samples(ids, nsamples, seqlen, seed)
+    return samples, ids, starts
 
 
 def eval_data_for(tokenizer, source=None, seqlen=512, chunks=None, data_dir=None,

@@ -122,6 +122,7 @@ class ColSum(_Sum):
 FUNCTIONS: dict[str, type[Op]] = {
     cls.lang: cls for cls in (Recip, Exp, Log, Tanh, Sigmoid, MMS, ZSN, MMSRow, ZSNRow, RowSum, ColSum)
 }
+LANG_OF: dict[type[Op], str] = {cls: name for name, cls in FUNCTIONS.items()}
 NORMALISERS = (MMS, ZSN, MMSRow, ZSNRow)     # positive-affine maps of their argument
 GLOBAL_NORMALISERS = (MMS, ZSN)              # ... with one affine map for the whole matrix
 
