@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import data
+from .calibration import cached, compute_g, compute_x
 from .evaluate import perplexity
 from .masks import parse_structure
 from .metric import Metric
@@ -51,6 +52,24 @@ def eval_data_for(tokenizer, source=None, seqlen=512, chunks=None, data_dir=None
         return EvalData(data.chunks(calib_ids, seqlen, chunks, exclude=exclude), "wikipedia-heldout", note)
 
 
+def dense_primitives(model, metric: Metric, samples, settings: dict, sequential: bool):
+    """G (and X for one-shot pruning) of the dense model, from the on-disk cache when a run
+    with the same settings computed them before. Sequential pruning recomputes X per block."""
+    uses = metric.terminals
+    grads = cached("G", settings, lambda: compute_g(model, samples)) if "G" in uses else None
+    x = cached("X", settings, lambda: compute_x(model, samples)) if "X" in uses and not sequential else None
+    return grads, x
+
+
+def _model_identity(model_name) -> str:
+    """What the primitive cache is keyed on: the id, or a local folder and when its weights changed."""
+    path = Path(model_name) if model_name else None
+    if path is not None and path.is_dir():
+        stamps = sorted(f"{f.name}:{f.stat().st_mtime_ns}" for f in path.glob("*.safetensors"))
+        return f"{path.resolve()}|{','.join(stamps)}"
+    return model_name or "smollm2-135m (bundled)"
+
+
 def run_apply(model_name=None, metric="pruner-zero", sparsity=0.5, structure="unstructured", output=None,
               nsamples=32, seqlen=512, calibration="wikipedia", eval_data=None, eval_chunks=None,
               seed=0, sequential=True, dtype="fp32", device="auto", data_dir=None, eval_dense=True,
@@ -71,7 +90,14 @@ def run_apply(model_name=None, metric="pruner-zero", sparsity=0.5, structure="un
     if eval_dense:
         ppl["dense"] = perplexity(model, ev.chunks)
         log(f"dense perplexity ({ev.source}, {len(ev.chunks)} x {seqlen}): {ppl['dense']:.3f}")
-    report = apply_metric(model, m, sparsity, structure, calibration=samples, sequential=sequential)
+    t1 = time.perf_counter()
+    key = dict(model=_model_identity(model_name), calibration=calibration, nsamples=nsamples, seqlen=seqlen,
+               seed=seed, dtype=dtype)
+    grads, x_norms = dense_primitives(model, m, samples, key, sequential)
+    t_prims = time.perf_counter() - t1
+    report = apply_metric(model, m, sparsity, structure, calibration=samples, sequential=sequential,
+                          grads=grads, x_norms=x_norms)
+    report.timings["dense_primitives_s"] = t_prims
     ppl["pruned"] = perplexity(model, ev.chunks)
     log(f"pruned with {report.metric} ({report.canonical}) {structure} at {report.sparsity:.4f} measured sparsity: "
         f"perplexity {ppl['pruned']:.3f}")
