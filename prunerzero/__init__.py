@@ -7,7 +7,7 @@ from .metric import Metric, catalog
 
 def __getattr__(name):
     # The pruning API imports transformers; load it on first use so the metric language stays light.
-    lazy = {"apply_metric": "prune", "PruneReport": "prune", "perplexity": "evaluate", "load_model": "models",
+    lazy = {"apply_metric": "prune", "apply_sparsegpt": "prune", "PruneReport": "prune", "perplexity": "evaluate", "load_model": "models",
             "load_text": "data", "tokenize": "data", "calibration_samples": "data", "chunks": "data",
             "run_apply": "pipeline", "calibration_for": "pipeline"}
     if name in lazy:
@@ -16,6 +16,6 @@ def __getattr__(name):
     raise AttributeError(name)
 
 __all__ = ["Metric", "catalog", "PrunerZeroError", "MetricError", "MetricSyntaxError",
-           "DegenerateMetricError", "NonFiniteScoreError", "apply_metric", "PruneReport", "perplexity",
+           "DegenerateMetricError", "NonFiniteScoreError", "apply_metric", "apply_sparsegpt", "PruneReport", "perplexity",
            "load_model", "load_text", "tokenize", "calibration_samples", "chunks", "run_apply", "calibration_for"]
 __version__ = "0.1.0"

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import contextmanager
-
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -14,35 +12,50 @@ from tqdm.auto import tqdm
 from .models import all_prunable, cache_dir
 
 
-class InputNorms:
-    """Forward hooks that accumulate sum_t x_tj^2 over tokens for each hooked Linear."""
+class Recorder:
+    """Forward hooks on a set of Linears that accumulate a statistic of their inputs;
+    a context manager that removes its hooks on exit."""
 
     def __init__(self, linears: dict):
-        self.sq = {name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)
-                   for name, m in linears.items()}
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name):
         def hook(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            self.sq[name] += (x * x).sum(0)
+            self.add(name, inputs[0].detach().reshape(-1, inputs[0].shape[-1]))
         return hook
 
-    def norms(self) -> dict[str, torch.Tensor]:
-        return {name: s.sqrt().reshape(1, -1) for name, s in self.sq.items()}
+    def add(self, name: str, x: torch.Tensor):
+        raise NotImplementedError
 
     def remove(self):
         for h in self.handles:
             h.remove()
 
+    def __enter__(self):
+        return self
 
-@contextmanager
-def input_norms(linears: dict):
-    rec = InputNorms(linears)
-    try:
-        yield rec
-    finally:
-        rec.remove()
+    def __exit__(self, *exc):
+        self.remove()
+
+
+class InputNorms(Recorder):
+    """sum_t x_tj^2 over tokens for each hooked Linear; X = its square root."""
+
+    def __init__(self, linears: dict):
+        self.sq = {name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)
+                   for name, m in linears.items()}
+        super().__init__(linears)
+
+    def add(self, name, x):
+        x = x.float()
+        self.sq[name] += (x * x).sum(0)
+
+    def norms(self) -> dict[str, torch.Tensor]:
+        return {name: s.sqrt().reshape(1, -1) for name, s in self.sq.items()}
+
+
+def input_norms(linears: dict) -> InputNorms:
+    return InputNorms(linears)
 
 
 @torch.no_grad()

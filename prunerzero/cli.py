@@ -87,12 +87,14 @@ def _common(f):
 @click.option("--calibration", default="wikipedia", show_default=True, help="wikipedia, wikitext2 or a text file.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--one-shot", is_flag=True, help="Score every layer from the dense model's activations.")
+@click.option("--method", type=click.Choice(["metric", "sparsegpt"]), default="metric", show_default=True,
+              help="sparsegpt: second-order reconstruction instead of a metric (--metric is ignored).")
 def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, metric, sparsity, structure, output,
-          nsamples, calibration, seed, one_shot):
-    """Prune a model with a metric, report perplexity, and save it."""
+          nsamples, calibration, seed, one_shot, method):
+    """Prune a model with a metric (or SparseGPT), report perplexity, and save it."""
     from .pipeline import run_apply
     run_apply(model, metric, sparsity, structure, output, nsamples, seqlen, calibration, eval_data, eval_chunks,
-              seed, not one_shot, dtype, device, data_dir, log=click.echo)
+              seed, not one_shot, dtype, device, data_dir, method=method, log=click.echo)
 
 
 @main.command("eval")

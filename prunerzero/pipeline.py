@@ -16,7 +16,7 @@ from .evaluate import perplexity
 from .masks import parse_structure
 from .metric import Metric
 from .models import load_model
-from .prune import apply_metric
+from .prune import apply_metric, apply_sparsegpt
 
 
 @dataclass
@@ -73,9 +73,11 @@ def _model_identity(model_name) -> str:
 def run_apply(model_name=None, metric="pruner-zero", sparsity=0.5, structure="unstructured", output=None,
               nsamples=32, seqlen=512, calibration="wikipedia", eval_data=None, eval_chunks=None,
               seed=0, sequential=True, dtype="fp32", device="auto", data_dir=None, eval_dense=True,
-              log=print) -> dict:
+              method="metric", log=print) -> dict:
     parse_structure(structure, sparsity)
-    m = Metric.parse(metric)
+    if method not in ("metric", "sparsegpt"):
+        raise ValueError(f"method must be 'metric' or 'sparsegpt', got {method!r}")
+    m = Metric.parse(metric) if method == "metric" else None
     out = Path(output) if output else None
     if out is not None and out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output folder {out} exists and is not empty")
@@ -93,18 +95,21 @@ def run_apply(model_name=None, metric="pruner-zero", sparsity=0.5, structure="un
     t1 = time.perf_counter()
     key = dict(model=_model_identity(model_name), calibration=calibration, nsamples=nsamples, seqlen=seqlen,
                seed=seed, dtype=dtype)
-    grads, x_norms = dense_primitives(model, m, samples, key, sequential)
-    t_prims = time.perf_counter() - t1
-    report = apply_metric(model, m, sparsity, structure, calibration=samples, sequential=sequential,
-                          grads=grads, x_norms=x_norms)
-    report.timings["dense_primitives_s"] = t_prims
+    if m is None:
+        report = apply_sparsegpt(model, sparsity, structure, calibration=samples, sequential=sequential)
+    else:
+        grads, x_norms = dense_primitives(model, m, samples, key, sequential)
+        t_prims = time.perf_counter() - t1
+        report = apply_metric(model, m, sparsity, structure, calibration=samples, sequential=sequential,
+                              grads=grads, x_norms=x_norms)
+        report.timings["dense_primitives_s"] = t_prims
     ppl["pruned"] = perplexity(model, ev.chunks)
     log(f"pruned with {report.metric} ({report.canonical}) {structure} at {report.sparsity:.4f} measured sparsity: "
         f"perplexity {ppl['pruned']:.3f}")
     report.perplexity = ppl
     report.settings = dict(model=model_name or "smollm2-135m (bundled)", nsamples=nsamples, seqlen=seqlen,
                            calibration=calibration, eval_data=ev.source, eval_chunks=len(ev.chunks), seed=seed,
-                           dtype=dtype, device=str(next(model.parameters()).device), note=ev.note)
+                           dtype=dtype, device=str(next(model.parameters()).device), method=method, note=ev.note)
     report.timings["load_s"] = t_load
     result = report.to_dict()
     if out is not None:

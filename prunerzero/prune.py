@@ -13,6 +13,7 @@ from .compile import check_scores
 from .masks import make_mask, measured_sparsity, parse_structure
 from .metric import Metric
 from .models import all_prunable, decoder_layers, prunable_linears
+from .sparsegpt import Hessians, prune_with_sparsegpt
 
 
 @dataclass
@@ -83,7 +84,7 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
     calibration: (nsamples, seqlen) token ids, needed for X (unless `x_norms` is given for
     one-shot) and for G when the metric uses it (unless `grads` is given).
     """
-    parse_structure(structure, sparsity)
+    nm = parse_structure(structure, sparsity)
     m = Metric.parse(metric) if not isinstance(metric, Metric) else metric
     fn, uses = m.compile(), m.terminals
     timings = {}
@@ -104,8 +105,12 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
     timings["prune_s"] = time.perf_counter() - t1
     total, per = measured_sparsity(all_prunable(model))
     return PruneReport(metric=m.name or m.text, canonical=m.canonical(), structure=structure,
-                       target_sparsity=sparsity, sparsity=total, layers=per, sequential=sequential,
+                       target_sparsity=_target(sparsity, nm), sparsity=total, layers=per, sequential=sequential,
                        timings=timings)
+
+
+def _target(sparsity, nm):
+    return sparsity if nm is None else nm[0] / nm[1]
 
 
 def _need(calibration, what):
@@ -126,15 +131,48 @@ def _prims(name, uses, x_norms, grads, n):
 
 
 def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, progress):
-    inputs, call = _block_inputs(model, calibration)
-    blocks = decoder_layers(model)
-    for i, block in enumerate(tqdm(blocks, desc="pruning blocks", disable=not progress, leave=False)):
-        linears = prunable_linears(block)
-        with torch.no_grad(), input_norms(linears) as rec:
-            _run_block(block, inputs, call)
+    def prune_block(i, linears, rec):
         x_norms = {f"layers.{i}.{k}": v for k, v in rec.norms().items()}
         for name, lin in linears.items():
             full = f"layers.{i}.{name}"
             _prune_linear(full, lin, fn, _prims(full, uses, x_norms, grads, len(calibration)), sparsity, structure)
+    _blockwise(model, calibration, input_norms, prune_block, progress)
+
+
+def _blockwise(model, calibration, recorder, prune_block, progress):
+    """Sequential pruning: record each block's inputs statistics with `recorder`, prune it with
+    `prune_block(index, linears, recorder)`, and pass the calibration activations through the
+    pruned block to the next one."""
+    inputs, call = _block_inputs(model, calibration)
+    blocks = decoder_layers(model)
+    for i, block in enumerate(tqdm(blocks, desc="pruning blocks", disable=not progress, leave=False)):
+        linears = prunable_linears(block)
+        with torch.no_grad(), recorder(linears) as rec:
+            _run_block(block, inputs, call)
+        prune_block(i, linears, rec)
         with torch.no_grad():
-            inputs = _run_block(block, inputs, call)  # through the pruned block, for the next one
+            inputs = _run_block(block, inputs, call)
+
+
+def apply_sparsegpt(model, sparsity: float = 0.5, structure: str = "unstructured",
+                    calibration: torch.Tensor | None = None, sequential: bool = True,
+                    percdamp: float = 0.01, blocksize: int = 128, progress: bool = True) -> PruneReport:
+    """Prune `model` in place with SparseGPT (OBS weight reconstruction) and report."""
+    nm = parse_structure(structure, sparsity)
+    samples = _need(calibration, "the layer Hessians")
+    t0 = time.perf_counter()
+    prune = lambda linears, rec: prune_with_sparsegpt(linears, rec, sparsity, nm, percdamp, blocksize)  # noqa: E731
+    if sequential:
+        _blockwise(model, samples, Hessians, lambda i, linears, rec: prune(linears, rec), progress)
+    else:
+        linears = all_prunable(model)
+        device = next(model.parameters()).device
+        with torch.no_grad(), Hessians(linears) as rec:
+            for s in samples:
+                model(s[None].to(device))
+        prune(linears, rec)
+    timings = {"prune_s": time.perf_counter() - t0}
+    total, per = measured_sparsity(all_prunable(model))
+    return PruneReport(metric="sparsegpt", canonical=f"SparseGPT (percdamp {percdamp}, blocksize {blocksize})",
+                       structure=structure, target_sparsity=_target(sparsity, nm), sparsity=total, layers=per,
+                       sequential=sequential, timings=timings)

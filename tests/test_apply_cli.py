@@ -54,3 +54,19 @@ def test_non_empty_output_is_refused(tmp_path):
     r = CliRunner().invoke(main, ["apply", "--output", str(tmp_path), *SMALL])
     assert r.exit_code == 2 and "not empty" in r.output
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_apply_with_sparsegpt_4of8_updates_weights_and_keeps_the_pattern(tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "sgpt"
+    r = CliRunner().invoke(main, ["apply", "--method", "sparsegpt", "--structure", "4:8", "--output", str(out), *SMALL])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["metric"] == "sparsegpt" and report["settings"]["method"] == "sparsegpt"
+    pruned = all_prunable(AutoModelForCausalLM.from_pretrained(out))
+    dense = all_prunable(AutoModelForCausalLM.from_pretrained(default_model_path()))
+    lin, ref = pruned["layers.0.mlp.down_proj"], dense["layers.0.mlp.down_proj"]
+    assert ((lin.weight == 0).reshape(lin.weight.shape[0], -1, 8).sum(-1) >= 4).all()
+    kept = lin.weight != 0
+    # second-order reconstruction: kept weights moved away from their dense values
+    assert not torch.equal(lin.weight[kept], ref.weight[kept])

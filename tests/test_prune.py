@@ -107,3 +107,16 @@ def test_perplexity_matches_direct_nll():
         logits = model(chunks).logits[:, :-1]
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 128), chunks[:, 1:].reshape(-1))
     assert perplexity(model, chunks, batch_size=2, progress=False) == pytest.approx(math.exp(nll.item()), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_prune_exactly_and_stay_in_their_dtype(dtype):
+    from prunerzero import apply_sparsegpt
+    samples = token_samples()
+    for prune in (lambda m: apply_metric(m, "pruner-zero", 0.5, calibration=samples, progress=False),
+                  lambda m: apply_sparsegpt(m, 0.5, "2:4", calibration=samples, progress=False)):
+        model = tiny_llama().to(dtype)
+        report = prune(model)
+        assert all(lin.weight.dtype == dtype for lin in all_prunable(model).values())
+        assert report.sparsity == pytest.approx(0.5, abs=1e-3)
+        assert math.isfinite(perplexity(model, samples, batch_size=2))

@@ -1,0 +1,236 @@
+"""Pruning methods on the default model: perplexity, measured sparsity and prune time.
+
+    python experiments/bench_pruning.py [--parts table,sweeps,full] [--chunks 64]
+
+Parts (each result is saved as soon as it is measured; a rerun skips what is done):
+  table   dense, magnitude, wanda (sequential and one-shot), ria, gblm, pruner-zero and
+          SparseGPT at 50% unstructured, 2:4 and 4:8, on the first --chunks chunks;
+  sweeps  wanda and pruner-zero at sparsity 0.1 ... 0.7, and with 4 ... 64 calibration
+          samples at 50% (Pruner-Zero's Figure 3);
+  full    the 50% unstructured row of the table on the whole WikiText-2 test split.
+
+Calibration: --nsamples x --seqlen tokens of `wikipedia` (Wanda's sampler, --seed). Prune
+time covers the pruning call (calibration forward passes, statistics, masks, weight updates);
+G, which gblm and pruner-zero need, is computed once per calibration set from the dense model
+and its time is reported on its own. Writes results/bench_pruning.{json,md} and
+results/bench_pruning_sweeps.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from prunerzero import apply_metric, apply_sparsegpt, perplexity
+from prunerzero.calibration import compute_g
+from prunerzero.models import load_model
+from prunerzero.pipeline import calibration_for, eval_data_for
+
+METHODS = ["magnitude", "wanda", "wanda (one-shot)", "ria", "gblm", "pruner-zero", "sparsegpt"]
+PATTERNS = [("unstructured", 0.5), ("2:4", 0.5), ("4:8", 0.5)]
+SWEEP_SPARSITY = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+SWEEP_NSAMPLES = [4, 8, 16, 32, 64]
+RESULTS = Path(__file__).parent / "results"
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.path = Path(args.out + ".json")
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"results": {}}
+        self.model, self.tok = load_model(args.model)
+        self.dense = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.calib, self.grads = {}, {}
+        self.eval = {}
+
+    def chunks(self, full: bool):
+        key = "full" if full else "first"
+        if key not in self.eval:
+            samples, ids, starts = self.calibration(self.args.nsamples)
+            ev = eval_data_for(self.tok, None, self.args.seqlen, None if full else self.args.chunks,
+                               self.args.data_dir, "wikipedia", ids, starts)
+            if ev.note:
+                print("NOTE: " + ev.note)
+            self.eval[key] = ev
+        return self.eval[key]
+
+    def calibration(self, n):
+        if n not in self.calib:
+            self.calib[n] = calibration_for(self.tok, "wikipedia", n, self.args.seqlen, self.args.seed)
+        return self.calib[n]
+
+    def gradients(self, n):
+        if n not in self.grads:
+            self.restore()
+            t0 = time.perf_counter()
+            self.grads[n] = (compute_g(self.model, self.calibration(n)[0]), time.perf_counter() - t0)
+        return self.grads[n]
+
+    def restore(self):
+        self.model.load_state_dict(self.dense)
+
+    def run(self, method, structure="unstructured", sparsity=0.5, nsamples=None, full=False):
+        nsamples = nsamples or self.args.nsamples
+        key = f"{method}|{structure}|{sparsity}|{nsamples}|{'full' if full else self.args.chunks}"
+        if key in self.data["results"]:
+            return self.data["results"][key]
+        ev = self.chunks(full)
+        row = dict(method=method, structure=structure, sparsity_target=sparsity, nsamples=nsamples,
+                   eval=ev.source, eval_chunks=len(ev.chunks))
+        self.restore()
+        if method != "dense":
+            row.update(self.prune(method, structure, sparsity, nsamples))
+        t0 = time.perf_counter()
+        row["perplexity"] = perplexity(self.model, ev.chunks)
+        row["eval_s"] = time.perf_counter() - t0
+        print(f"{key:48} ppl {row['perplexity']:10.3f}  sparsity {row.get('sparsity', 0):.4f}  "
+              f"prune {row.get('prune_s', 0):6.1f} s", flush=True)
+        self.data["results"][key] = row
+        self.save()
+        return row
+
+    def prune(self, method, structure, sparsity, nsamples):
+        samples = self.calibration(nsamples)[0]
+        extra = {}
+        if method == "sparsegpt":
+            t0 = time.perf_counter()
+            report = apply_sparsegpt(self.model, sparsity, structure, calibration=samples)
+        else:
+            metric, sequential = method.replace(" (one-shot)", ""), "one-shot" not in method
+            grads = None
+            if metric in ("gblm", "pruner-zero"):
+                grads, extra["gradients_s"] = self.gradients(nsamples)
+                self.restore()
+            t0 = time.perf_counter()
+            report = apply_metric(self.model, metric, sparsity, structure, calibration=samples,
+                                  sequential=sequential, grads=grads)
+        return dict(prune_s=time.perf_counter() - t0, sparsity=report.sparsity, canonical=report.canonical,
+                    sequential=report.sequential, **extra)
+
+    def save(self):
+        a = self.args
+        self.data["settings"] = dict(model=a.model or "SmolLM2-135M-Instruct (bundled)", calibration="wikipedia",
+                                     nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, chunks=a.chunks,
+                                     dtype="fp32", device="cpu", threads=torch.get_num_threads(),
+                                     torch=torch.__version__, machine=platform.machine())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".partial")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        tmp.replace(self.path)
+
+
+def report(data, out):
+    rows = list(data["results"].values())
+    s = data.get("settings", {})
+    lines = [f"# Pruning methods on {s.get('model')}", "",
+             f"Calibration {s.get('nsamples')} x {s.get('seqlen')} tokens of wikipedia, seed {s.get('seed')}; "
+             f"{s.get('dtype')}, {s.get('device')}, {s.get('threads')} threads, torch {s.get('torch')}. "
+             "Prune time: the pruning call (calibration passes, statistics, masks, updates); "
+             "G for gblm and pruner-zero is computed once, its time shown apart.", ""]
+    table = [r for r in rows if r["nsamples"] == s.get("nsamples") and r["sparsity_target"] == 0.5]
+    evals = sorted({(r["eval"], r["eval_chunks"]) for r in table}, key=lambda e: e[1])
+    head = " | ".join(f"ppl {src} {k}x{s.get('seqlen')}" for src, k in evals)
+    lines += [f"| pattern | method | measured sparsity | {head} | prune s |", "|---|---|---:|" + "---:|" * len(evals) + "---:|"]
+    order = [("dense", "unstructured")] + [(m, p) for p, _ in PATTERNS for m in METHODS]
+    for method, pattern in order:
+        found = {(r["eval"], r["eval_chunks"]): r for r in table if r["method"] == method and r["structure"] == pattern}
+        if not found:
+            continue
+        any_row = next(iter(found.values()))
+        ppl = " | ".join(f"{found[e]['perplexity']:.3f}" if e in found else "" for e in evals)
+        t = any_row.get("prune_s")
+        g = f" (+{any_row['gradients_s']:.0f} G)" if "gradients_s" in any_row else ""
+        label = "0% (dense)" if method == "dense" else ("50%" if pattern == "unstructured" else pattern)
+        lines.append(f"| {label} | {method} | {any_row.get('sparsity', 0):.4f} | {ppl} | "
+                     f"{'' if t is None else f'{t:.1f}{g}'} |")
+    lines += _sweep_tables(rows, s)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _plot(rows, s, out)
+
+
+def _sweep_tables(rows, s):
+    first = [r for r in rows if r["eval_chunks"] == s.get("chunks") and r["structure"] == "unstructured"]
+    lines = []
+    for title, field, values, fixed in (("sparsity", "sparsity_target", SWEEP_SPARSITY, ("nsamples", s.get("nsamples"))),
+                                        ("calibration samples", "nsamples", SWEEP_NSAMPLES, ("sparsity_target", 0.5))):
+        got = {(r["method"], r[field]): r["perplexity"] for r in first if r[fixed[0]] == fixed[1]}
+        if not any((m, v) in got for m in ("wanda", "pruner-zero") for v in values):
+            continue
+        lines += ["", f"Perplexity against {title} (unstructured, {fixed[0]} {fixed[1]}, first {s.get('chunks')} chunks):",
+                  "", "| method | " + " | ".join(str(v) for v in values) + " |", "|---|" + "---:|" * len(values)]
+        for m in ("wanda", "pruner-zero"):
+            lines.append(f"| {m} | " + " | ".join(f"{got[(m, v)]:.2f}" if (m, v) in got else "" for v in values) + " |")
+    return lines
+
+
+def _plot(rows, s, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    first = [r for r in rows if r["eval_chunks"] == s.get("chunks") and r["structure"] == "unstructured"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for metric in ("wanda", "pruner-zero"):
+        pts = sorted((r["sparsity_target"], r["perplexity"]) for r in first
+                     if r["method"] == metric and r["nsamples"] == s.get("nsamples"))
+        if pts:
+            axes[0].plot(*zip(*pts), marker="o", label=metric)
+        pts = sorted((r["nsamples"], r["perplexity"]) for r in first if r["method"] == metric and r["sparsity_target"] == 0.5)
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", label=metric)
+    axes[0].set(xlabel="sparsity (unstructured)", ylabel="WikiText-2 perplexity", yscale="log",
+                title=f"calibration {s.get('nsamples')} x {s.get('seqlen')}")
+    axes[1].set(xlabel="calibration samples", ylabel="WikiText-2 perplexity", xscale="log",
+                title="50% unstructured")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{s.get('model')}, first {s.get('chunks')} chunks of {s.get('seqlen')} tokens")
+    fig.tight_layout()
+    fig.savefig(out.parent / (out.name + "_sweeps.png"), dpi=120)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="table,sweeps,full")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunks", type=int, default=64)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default=str(RESULTS / "bench_pruning"))
+    ap.add_argument("--report-only", action="store_true", help="Rewrite the markdown and plot from the JSON.")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.report_only:
+        return report(json.loads(out.with_suffix(".json").read_text()), out)
+    bench = Bench(args)
+    parts = args.parts.split(",")
+    if "table" in parts:
+        bench.run("dense")
+        for structure, sparsity in PATTERNS:
+            for method in METHODS:
+                bench.run(method, structure, sparsity)
+                report(bench.data, out)
+    if "sweeps" in parts:
+        for metric in ("wanda", "pruner-zero"):
+            for sp in SWEEP_SPARSITY:
+                bench.run(metric, "unstructured", sp)
+            for n in SWEEP_NSAMPLES:
+                bench.run(metric, "unstructured", 0.5, nsamples=n)
+            report(bench.data, out)
+    if "full" in parts:
+        bench.run("dense", full=True)
+        for method in METHODS:
+            bench.run(method, "unstructured", 0.5, full=True)
+            report(bench.data, out)
+    report(bench.data, out)
+
+
+if __name__ == "__main__":
+    main()
