@@ -58,6 +58,80 @@ def input_norms(linears: dict) -> InputNorms:
     return InputNorms(linears)
 
 
+class Hessians(Recorder):
+    """H = sum over calibration tokens of x x^T (fp32) per hooked Linear. Linears that read the
+    same input tensor (q/k/v, gate/up) share one H: a third of the work and memory."""
+
+    def __init__(self, linears: dict):
+        self.H: dict[str, torch.Tensor] = {}
+        self.owner: dict[str, str] = {}
+        self._last = (None, None)
+        super().__init__(linears)
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            if name not in self.owner:
+                prev, prev_name = self._last
+                self.owner[name] = self.owner[prev_name] if x is prev else name
+            self._last = (x, name)
+            if self.owner[name] == name:
+                self.add(name, x.detach().reshape(-1, x.shape[-1]))
+        return hook
+
+    def add(self, name, x):
+        x = x.float()
+        if name not in self.H:
+            self.H[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        self.H[name].addmm_(x.T, x)
+
+    def remove(self):
+        super().remove()
+        self._last = (None, None)
+
+    def x_norms(self) -> dict[str, torch.Tensor]:
+        """X (input l2 norm per channel) = sqrt(diag H): one recorder serves both."""
+        return {name: self.H[owner].diagonal().sqrt().reshape(1, -1) for name, owner in self.owner.items()}
+
+    def curvature(self, percdamp: float = 0.01) -> dict[str, torch.Tensor]:
+        """The H terminal of every recorded Linear (see obs_curvature)."""
+        done = {name: obs_curvature(H, percdamp) for name, H in self.H.items()}
+        return {name: done[owner] for name, owner in self.owner.items()}
+
+    def factors(self, percdamp: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(upper Cholesky factor of H^-1, dead input channels) for every recorded Linear."""
+        from .sparsegpt import inverse_factor
+        done = {name: inverse_factor(H, percdamp) for name, H in self.H.items()}
+        return {name: done[owner] for name, owner in self.owner.items()}
+
+
+def obs_curvature(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """1 / [(H + damp I)^-1]_jj per input channel j, shaped (1, in), damp = percdamp * mean diag H.
+
+    The curvature that Optimal Brain Surgeon charges for removing one weight of channel j
+    (its saliency is w^2 times this); it equals X_j^2 when the channels are uncorrelated and
+    is smaller for channels that others can stand in for."""
+    H = H.double()
+    damp = percdamp * H.diagonal().mean().clamp_min(1e-12)
+    L, info = torch.linalg.cholesky_ex(H + damp * torch.eye(len(H), dtype=H.dtype, device=H.device))
+    if info:
+        raise ValueError("the calibration Hessian is not positive definite; use more calibration samples")
+    return torch.cholesky_inverse(L).diagonal().reciprocal().float().reshape(1, -1)
+
+
+@torch.no_grad()
+def compute_h(model, samples: torch.Tensor, percdamp: float = 0.01) -> dict[str, torch.Tensor]:
+    """H (OBS curvature) of every prunable layer of the dense model, one decoder block at a
+    time, so only one block's Hessians are in memory."""
+    from .blocks import blockwise
+    out = {}
+
+    def keep(i, linears, rec):
+        out.update({f"layers.{i}.{k}": v for k, v in rec.curvature(percdamp).items()})
+    blockwise(model, samples, Hessians, keep, progress=True, desc="curvature")
+    return out
+
+
 @torch.no_grad()
 def compute_x(model, samples: torch.Tensor, batch_size: int = 1) -> dict[str, torch.Tensor]:
     """X of every prunable layer of the dense model (one-shot: no pruning between layers)."""

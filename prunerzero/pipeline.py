@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import data
-from .calibration import cached, compute_g, compute_x
+from .calibration import cached, compute_g, compute_h, compute_x
 from .evaluate import perplexity
 from .masks import parse_structure
 from .metric import Metric
@@ -53,12 +53,13 @@ def eval_data_for(tokenizer, source=None, seqlen=512, chunks=None, data_dir=None
 
 
 def dense_primitives(model, metric: Metric, samples, settings: dict, sequential: bool):
-    """G (and X for one-shot pruning) of the dense model, from the on-disk cache when a run
-    with the same settings computed them before. Sequential pruning recomputes X per block."""
+    """G (and X, H for one-shot pruning) of the dense model, from the on-disk cache when a run
+    with the same settings computed them before. Sequential pruning recomputes X and H per block."""
     uses = metric.terminals
     grads = cached("G", settings, lambda: compute_g(model, samples)) if "G" in uses else None
     x = cached("X", settings, lambda: compute_x(model, samples)) if "X" in uses and not sequential else None
-    return grads, x
+    h = cached("H", settings, lambda: compute_h(model, samples)) if "H" in uses and not sequential else None
+    return grads, x, h
 
 
 def _model_identity(model_name) -> str:
@@ -98,10 +99,10 @@ def run_apply(model_name=None, metric="pruner-zero", sparsity=0.5, structure="un
     if m is None:
         report = apply_sparsegpt(model, sparsity, structure, calibration=samples, sequential=sequential)
     else:
-        grads, x_norms = dense_primitives(model, m, samples, key, sequential)
+        grads, x_norms, curvature = dense_primitives(model, m, samples, key, sequential)
         t_prims = time.perf_counter() - t1
         report = apply_metric(model, m, sparsity, structure, calibration=samples, sequential=sequential,
-                              grads=grads, x_norms=x_norms)
+                              grads=grads, x_norms=x_norms, curvature=curvature)
         report.timings["dense_primitives_s"] = t_prims
     ppl["pruned"] = perplexity(model, ev.chunks)
     log(f"pruned with {report.metric} ({report.canonical}) {structure} at {report.sparsity:.4f} measured sparsity: "

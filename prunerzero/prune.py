@@ -8,12 +8,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import compute_g, compute_x, input_norms
+from .calibration import Hessians, compute_g, compute_h, compute_x, input_norms
+from .blocks import blockwise
 from .compile import check_scores
 from .masks import make_mask, measured_sparsity, parse_structure
 from .metric import Metric
-from .models import all_prunable, decoder_layers, prunable_linears
-from .sparsegpt import Hessians, prune_with_sparsegpt
+from .models import all_prunable
+from .sparsegpt import prune_with_sparsegpt
 
 
 @dataclass
@@ -33,42 +34,6 @@ class PruneReport:
         return asdict(self)
 
 
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def _block_inputs(model, samples: torch.Tensor):
-    """Hidden states entering the first decoder block for each sample, and its call kwargs."""
-    first = decoder_layers(model)[0]
-    device = next(model.parameters()).device
-    inputs, call = [], {}
-
-    def grab(module, args, kwargs):
-        inputs.append(args[0] if args else kwargs.pop("hidden_states"))
-        call.update(kwargs)
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for i in range(len(samples)):
-            try:
-                model(samples[i:i + 1].to(device))
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return inputs, call
-
-
-def _run_block(block, inputs, call):
-    outs = []
-    for x in inputs:
-        y = block(x, **call)
-        outs.append(y[0] if isinstance(y, tuple) else y)
-    return outs
-
-
 def _prune_linear(name, linear, fn, prims, sparsity, structure):
     W = linear.weight.data
     scores = fn(W, **prims)
@@ -78,11 +43,13 @@ def _prune_linear(name, linear, fn, prims, sparsity, structure):
 
 def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstructured",
                  calibration: torch.Tensor | None = None, sequential: bool = True,
-                 grads: dict | None = None, x_norms: dict | None = None, progress: bool = True) -> PruneReport:
+                 grads: dict | None = None, x_norms: dict | None = None, curvature: dict | None = None,
+                 progress: bool = True) -> PruneReport:
     """Prune `model` in place with `metric` (text, catalog name or Metric) and report.
 
     calibration: (nsamples, seqlen) token ids, needed for X (unless `x_norms` is given for
-    one-shot) and for G when the metric uses it (unless `grads` is given).
+    one-shot) and for G when the metric uses it (unless `grads` is given); likewise H
+    (`curvature`, one-shot only).
     """
     nm = parse_structure(structure, sparsity)
     m = Metric.parse(metric) if not isinstance(metric, Metric) else metric
@@ -99,9 +66,11 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
     else:
         if "X" in uses and x_norms is None:
             x_norms = compute_x(model, _need(calibration, "X"))
+        if "H" in uses and curvature is None:
+            curvature = compute_h(model, _need(calibration, "H"))
+        stats = {"X": x_norms, "G": grads, "H": curvature}
         for name, lin in tqdm(all_prunable(model).items(), desc="pruning", disable=not progress, leave=False):
-            prims = _prims(name, uses, x_norms, grads, n)
-            _prune_linear(name, lin, fn, prims, sparsity, structure)
+            _prune_linear(name, lin, fn, _prims(name, uses, stats, n), sparsity, structure)
     timings["prune_s"] = time.perf_counter() - t1
     total, per = measured_sparsity(all_prunable(model))
     return PruneReport(metric=m.name or m.text, canonical=m.canonical(), structure=structure,
@@ -119,39 +88,24 @@ def _need(calibration, what):
     return calibration
 
 
-def _prims(name, uses, x_norms, grads, n):
-    p = {}
-    if "X" in uses:
-        p["X"] = x_norms[name]
-    if "G" in uses:
-        p["G"] = grads[name]
-    if "N" in uses:
-        p["N"] = n
-    return p
+def _prims(name, uses, stats, n):
+    """The primitives a metric uses for one layer: per-layer tensors from `stats`, N a number."""
+    return {t: (n if t == "N" else stats[t][name]) for t in uses if t != "W"}
 
 
 def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, progress):
+    # H needs the full input covariance; X alone only its diagonal, which is much cheaper
+    recorder = Hessians if "H" in uses else input_norms
+
     def prune_block(i, linears, rec):
-        x_norms = {f"layers.{i}.{k}": v for k, v in rec.norms().items()}
+        local = rec.x_norms() if "H" in uses else rec.norms()
+        stats = {"G": grads, "X": {f"layers.{i}.{k}": v for k, v in local.items()}}
+        if "H" in uses:
+            stats["H"] = {f"layers.{i}.{k}": v for k, v in rec.curvature().items()}
         for name, lin in linears.items():
             full = f"layers.{i}.{name}"
-            _prune_linear(full, lin, fn, _prims(full, uses, x_norms, grads, len(calibration)), sparsity, structure)
-    _blockwise(model, calibration, input_norms, prune_block, progress)
-
-
-def _blockwise(model, calibration, recorder, prune_block, progress):
-    """Sequential pruning: record each block's inputs statistics with `recorder`, prune it with
-    `prune_block(index, linears, recorder)`, and pass the calibration activations through the
-    pruned block to the next one."""
-    inputs, call = _block_inputs(model, calibration)
-    blocks = decoder_layers(model)
-    for i, block in enumerate(tqdm(blocks, desc="pruning blocks", disable=not progress, leave=False)):
-        linears = prunable_linears(block)
-        with torch.no_grad(), recorder(linears) as rec:
-            _run_block(block, inputs, call)
-        prune_block(i, linears, rec)
-        with torch.no_grad():
-            inputs = _run_block(block, inputs, call)
+            _prune_linear(full, lin, fn, _prims(full, uses, stats, len(calibration)), sparsity, structure)
+    blockwise(model, calibration, recorder, prune_block, progress)
 
 
 def apply_sparsegpt(model, sparsity: float = 0.5, structure: str = "unstructured",
@@ -163,7 +117,7 @@ def apply_sparsegpt(model, sparsity: float = 0.5, structure: str = "unstructured
     t0 = time.perf_counter()
     prune = lambda linears, rec: prune_with_sparsegpt(linears, rec, sparsity, nm, percdamp, blocksize)  # noqa: E731
     if sequential:
-        _blockwise(model, samples, Hessians, lambda i, linears, rec: prune(linears, rec), progress)
+        blockwise(model, samples, Hessians, lambda i, linears, rec: prune(linears, rec), progress)
     else:
         linears = all_prunable(model)
         device = next(model.parameters()).device

@@ -6,49 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from .calibration import Recorder
+from .calibration import Hessians
 from .masks import nm_mask
 
 
 class SparseGPTError(RuntimeError):
     pass
-
-
-class Hessians(Recorder):
-    """H = sum over calibration tokens of x x^T (fp32) per hooked Linear. Linears that read the
-    same input tensor (q/k/v, gate/up) share one H: a third of the work and memory."""
-
-    def __init__(self, linears: dict):
-        self.H: dict[str, torch.Tensor] = {}
-        self.owner: dict[str, str] = {}
-        self._last = (None, None)
-        super().__init__(linears)
-
-    def _hook(self, name):
-        def hook(module, inputs, output):
-            x = inputs[0]
-            if name not in self.owner:
-                prev, prev_name = self._last
-                self.owner[name] = self.owner[prev_name] if x is prev else name
-            self._last = (x, name)
-            if self.owner[name] == name:
-                self.add(name, x.detach().reshape(-1, x.shape[-1]))
-        return hook
-
-    def add(self, name, x):
-        x = x.float()
-        if name not in self.H:
-            self.H[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-        self.H[name].addmm_(x.T, x)
-
-    def remove(self):
-        super().remove()
-        self._last = (None, None)
-
-    def factors(self, percdamp: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(upper Cholesky factor of H^-1, dead input channels) for every recorded Linear."""
-        done = {name: inverse_factor(H, percdamp) for name, H in self.H.items()}
-        return {name: done[owner] for name, owner in self.owner.items()}
 
 
 def inverse_factor(H: torch.Tensor, percdamp: float = 0.01, retries: int = 4):

@@ -120,3 +120,35 @@ def test_half_precision_models_prune_exactly_and_stay_in_their_dtype(dtype):
         assert all(lin.weight.dtype == dtype for lin in all_prunable(model).values())
         assert report.sparsity == pytest.approx(0.5, abs=1e-3)
         assert math.isfinite(perplexity(model, samples, batch_size=2))
+
+
+def test_h_terminal_is_the_obs_curvature_and_equals_x_squared_for_uncorrelated_inputs():
+    from prunerzero.calibration import compute_h, obs_curvature
+    torch.manual_seed(0)
+    # uncorrelated channels (diagonal X^T X): H = X^2 up to the damping
+    X = torch.diag(torch.rand(16) + 0.5) * 10
+    H = X.T @ X
+    expected = H.diagonal() + 0.01 * H.diagonal().mean()
+    torch.testing.assert_close(obs_curvature(H)[0], expected)
+    # correlated: a duplicated channel can stand in for its twin, so its curvature drops far below X^2
+    x = torch.randn(500, 8)
+    x[:, 1] = x[:, 0]
+    c = obs_curvature(x.T @ x)[0]
+    assert c[0] < 0.1 * (x[:, 0] ** 2).sum() and c[2] > 0.5 * (x[:, 2] ** 2).sum()
+    # whole model, one-shot: one (1, in) row per layer; the metric prunes exactly
+    model, samples = tiny_llama(), token_samples()
+    curv = compute_h(model, samples)
+    assert all(curv[n].shape == (1, lin.in_features) for n, lin in all_prunable(model).items())
+    report = apply_metric(model, "sqr(W)*H", 0.5, calibration=samples, sequential=False, curvature=curv,
+                          progress=False)
+    assert report.sparsity == pytest.approx(0.5)
+
+
+def test_sequential_pruning_with_h_uses_the_pruned_inputs():
+    samples = token_samples()
+    seq, one = tiny_llama(), tiny_llama()
+    apply_metric(seq, "sqr(W)*H", 0.5, calibration=samples, sequential=True, progress=False)
+    apply_metric(one, "sqr(W)*H", 0.5, calibration=samples, sequential=False, progress=False)
+    a, b = all_prunable(seq), all_prunable(one)
+    assert all(torch.equal(a[k].weight, b[k].weight) for k in a if k.startswith("layers.0."))
+    assert any(not torch.equal(a[k].weight, b[k].weight) for k in a if k.startswith("layers.1."))

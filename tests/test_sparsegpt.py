@@ -6,7 +6,7 @@ import torch
 from prunerzero import apply_sparsegpt
 from prunerzero.masks import make_mask
 from prunerzero.models import all_prunable, decoder_layers, prunable_linears
-from prunerzero.prune import _block_inputs, _run_block
+from prunerzero.blocks import block_inputs, run_block
 from prunerzero.sparsegpt import Hessians, SparseGPTError, inverse_factor, sparsegpt_weights
 
 from tiny import tiny_llama, token_samples
@@ -97,9 +97,9 @@ def test_sequential_and_one_shot_agree_on_the_first_block_only():
 def test_sparsegpt_lowers_the_block_output_error_against_magnitude():
     samples = token_samples(n=8)
     dense = tiny_llama()
-    inputs, call = _block_inputs(dense, samples)
+    inputs, call = block_inputs(dense, samples)
     with torch.no_grad():
-        target = _run_block(decoder_layers(dense)[0], inputs, call)
+        target = run_block(decoder_layers(dense)[0], inputs, call)
     errors = {}
     for method in ("sparsegpt", "magnitude"):
         model = tiny_llama()
@@ -109,6 +109,6 @@ def test_sparsegpt_lowers_the_block_output_error_against_magnitude():
             from prunerzero import apply_metric
             apply_metric(model, "magnitude", 0.5, progress=False, sequential=False)
         with torch.no_grad():
-            out = _run_block(decoder_layers(model)[0], inputs, call)
+            out = run_block(decoder_layers(model)[0], inputs, call)
         errors[method] = sum(((o - t) ** 2).sum() for o, t in zip(out, target))
     assert errors["sparsegpt"] < errors["magnitude"]
