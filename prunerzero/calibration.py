@@ -177,14 +177,28 @@ def cache_key(**settings) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _unshared(tensors: dict) -> dict:
+    """CPU tensors for safetensors, copying those that share storage (H of q/k/v)."""
+    seen, out = set(), {}
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        out[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    return out
+
+
+def cache_path(kind: str, settings: dict):
+    return cache_dir() / "primitives" / f"{kind}-{cache_key(kind=kind, **settings)}.safetensors"
+
+
 def cached(kind: str, settings: dict, compute) -> dict[str, torch.Tensor]:
     """Load `kind` primitives for `settings` from the cache, or compute and store them."""
-    path = cache_dir() / "primitives" / f"{kind}-{cache_key(kind=kind, **settings)}.safetensors"
+    path = cache_path(kind, settings)
     if path.is_file():
         return load_file(str(path))
     out = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
-    save_file({k: v.contiguous().cpu() for k, v in out.items()}, str(tmp), metadata={"settings": json.dumps(settings)})
+    save_file(_unshared(out), str(tmp), metadata={"settings": json.dumps(settings)})
     tmp.rename(path)
     return out

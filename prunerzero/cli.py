@@ -14,9 +14,12 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (PrunerZeroError, FileExistsError) as e:
+        except (PrunerZeroError, FileExistsError, FileNotFoundError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; a search continues with: prunerzero evolve --resume RUN", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=_Group)
@@ -95,6 +98,67 @@ def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, metric
     from .pipeline import run_apply
     run_apply(model, metric, sparsity, structure, output, nsamples, seqlen, calibration, eval_data, eval_chunks,
               seed, not one_shot, dtype, device, data_dir, method=method, log=click.echo)
+
+
+def _tuple(text, cast=str):
+    return tuple(cast(x) for x in text.split(",") if x.strip()) if text else ()
+
+
+@main.command()
+@click.option("--model", default=None, help="HF id or folder; default: bundled SmolLM2-135M.")
+@click.option("--output", default=None, help="Run folder (config, logs, checkpoints, hall of fame, plot).")
+@click.option("--resume", default=None, help="Continue the run in this folder where it stopped.")
+@click.option("--sparsity", default=0.5, show_default=True)
+@click.option("--structure", default="unstructured", show_default=True, help="unstructured, 2:4, 4:8")
+@click.option("--strategy", type=click.Choice(["evolution", "random"]), default="evolution", show_default=True)
+@click.option("--population", default=20, show_default=True)
+@click.option("--generations", default=15, show_default=True, help="With --resume: extend the run to this many.")
+@click.option("--elite", default=2, show_default=True)
+@click.option("--tournament", default=3, show_default=True)
+@click.option("--stages", default="1,4,16", show_default=True,
+              help="Search chunks seen at each evaluation stage (the last is the whole search set).")
+@click.option("--promote", default=0.25, show_default=True, help="Fraction of a stage promoted to the next.")
+@click.option("--heldout-chunks", default=64, show_default=True)
+@click.option("--heldout-full", is_flag=True, help="Also re-evaluate on the whole test split at the end.")
+@click.option("--seed-metrics", default="", help="Catalog metrics in the first population, e.g. wanda,magnitude.")
+@click.option("--terminals", default=None, help="Override the search terminals, e.g. W,X,G.")
+@click.option("--nsamples", default=32, show_default=True)
+@click.option("--seqlen", default=512, show_default=True)
+@click.option("--calibration", default="wikipedia", show_default=True)
+@click.option("--search-data", default=None, help="Evaluation text (default WikiText-2 test).")
+@click.option("--data-dir", default=None, envvar="PRUNERZERO_DATA_DIR")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--time-limit", type=float, default=None, help="Seconds; stop after the generation that passes it.")
+@click.option("--workers", default=1, show_default=True, help="Local evaluation processes, one model each.")
+@click.option("--threads", type=int, default=None, help="Torch threads per worker.")
+@click.option("--ray", "use_ray", is_flag=True, help="Evaluate on Ray actors (pip install 'prunerzero[ray]').")
+@click.option("--ray-address", default=None, help="Address of an existing Ray cluster.")
+@click.option("--gpus-per-worker", default=0.0, show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No live lines or progress bars; the run folder has the logs.")
+def evolve(model, output, resume, sparsity, structure, strategy, population, generations, elite, tournament, stages,
+           promote, heldout_chunks, heldout_full, seed_metrics, terminals, nsamples, seqlen, calibration, search_data,
+           data_dir, seed, time_limit, workers, threads, use_ray, ray_address, gpus_per_worker, dtype, device, quiet):
+    """Search for a pruning metric by genetic programming (Pruner-Zero)."""
+    from .search.config import SearchConfig
+    from .search.run import run_evolve
+    if not output and not resume:
+        raise click.UsageError("give --output RUN for a new search, or --resume RUN")
+    log = (lambda *a: None) if quiet else click.echo
+    if resume:
+        ctx = click.get_current_context()
+        extend = generations if ctx.get_parameter_source("generations").name == "COMMANDLINE" else None
+        run_evolve(resume=resume, generations=extend, log=log, quiet=quiet)
+        return
+    cfg = SearchConfig(model=model, sparsity=sparsity, structure=structure, strategy=strategy, population=population,
+                       generations=generations, elite=elite, tournament=tournament, stages=_tuple(stages, int),
+                       promote=promote, heldout_chunks=heldout_chunks, heldout_full=heldout_full,
+                       seed_metrics=_tuple(seed_metrics), terminals=_tuple(terminals) or None, nsamples=nsamples,
+                       seqlen=seqlen, calibration=calibration, search_data=search_data, data_dir=data_dir, seed=seed,
+                       time_limit=time_limit, workers=workers, threads=threads, ray=use_ray, ray_address=ray_address,
+                       gpus_per_worker=gpus_per_worker, dtype=dtype, device=device)
+    run_evolve(cfg, output, log=log, quiet=quiet)
 
 
 @main.command("eval")

@@ -21,7 +21,10 @@ def _emit(e: sympy.Expr) -> str:
     if isinstance(e, sympy.Symbol):
         return e.name
     if not e.free_symbols and not e.has(RowSum, ColSum):
-        return repr(float(e))  # a closed constant such as sqrt(2): one float
+        try:
+            return repr(float(e))  # a closed constant such as sqrt(2): one float
+        except TypeError:
+            pass  # e.g. zsn(sqrt(2)): sympy cannot evaluate our operators; emit them as code
     if isinstance(e, sympy.Add):
         return "(" + " + ".join(_emit(a) for a in e.args) + ")"
     if isinstance(e, sympy.Mul):

@@ -10,8 +10,8 @@ from tqdm.auto import tqdm
 
 
 @torch.inference_mode()
-def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, progress: bool = True) -> float:
-    """Perplexity over (k, seqlen) token chunks: exp(total NLL / (k * (seqlen - 1)))."""
+def nll_sum(model, chunks: torch.Tensor, batch_size: int = 4, progress: bool = True) -> tuple[float, int]:
+    """Total next-token NLL over (k, seqlen) token chunks, and the number of tokens scored."""
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for i in tqdm(range(0, len(chunks), batch_size), desc="perplexity", disable=not progress, leave=False):
@@ -19,4 +19,10 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, progress: bool 
         logits = model(ids).logits[:, :-1].float()
         nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
         count += ids[:, 1:].numel()
+    return nll, count
+
+
+def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, progress: bool = True) -> float:
+    """Perplexity over (k, seqlen) token chunks: exp(total NLL / (k * (seqlen - 1)))."""
+    nll, count = nll_sum(model, chunks, batch_size, progress)
     return math.exp(nll / count)

@@ -76,12 +76,13 @@ def default_model_path() -> Path:
     return out
 
 
-def load_model(name: str | None = None, dtype="fp32", device: str | None = "auto"):
-    """(model, tokenizer) from a HF id, a local folder, or None / 'smollm2-135m' for the default."""
+def load_model(name: str | None = None, dtype="fp32", device: str | None = "auto", tokenizer: bool = True):
+    """(model, tokenizer) from a HF id, a local folder, or None / 'smollm2-135m' for the default;
+    tokenizer=False skips the tokenizer (returned as None), e.g. in search workers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = default_model_path() if name in (None, DEFAULT_MODEL) else name
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), attn_implementation="sdpa")
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load model '{name}': {e}".split("\n")[0] +

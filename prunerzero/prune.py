@@ -60,6 +60,7 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
         grads = compute_g(model, _need(calibration, "G"))
         timings["gradients_s"] = time.perf_counter() - t0
     n = len(calibration) if calibration is not None else 0
+    sequential = sequential and bool(uses & {"X", "H"})  # nothing to recompute otherwise
     t1 = time.perf_counter()
     if sequential:
         _prune_sequential(model, fn, uses, _need(calibration, "X"), grads, sparsity, structure, progress)

@@ -1,0 +1,84 @@
+"""Settings of a metric search, every default written to RUN/config.json."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from ..errors import PrunerZeroError
+from ..masks import parse_structure
+
+
+class SearchConfigError(PrunerZeroError, ValueError):
+    pass
+
+
+@dataclass
+class SearchConfig:
+    # what is pruned, and how fitness is measured
+    model: str | None = None                 # HF id or folder; None: the bundled SmolLM2-135M
+    sparsity: float = 0.5
+    structure: str = "unstructured"          # unstructured, 2:4, 4:8
+    nsamples: int = 32                       # calibration samples for X, G, H
+    seqlen: int = 512
+    calibration: str = "wikipedia"
+    search_data: str | None = None           # None: WikiText-2 test (held-out Wikipedia if missing)
+    data_dir: str | None = None
+    stages: tuple[int, ...] = (1, 4, 16)     # search chunks seen by candidates reaching each stage
+    promote: float = 0.25                    # fraction of a stage's candidates that go on to the next
+    heldout_chunks: int = 64                 # final re-evaluation, disjoint from the search chunks
+    heldout_full: bool = False               # also the whole test split at the end (slow on a CPU)
+    # the genetic programme
+    strategy: str = "evolution"              # or "random": fresh trees each generation, same budget
+    population: int = 20
+    generations: int = 15
+    elite: int = 2
+    tournament: int = 3
+    cxpb: float = 0.7
+    mutpb: float = 0.3
+    init_depth: tuple[int, int] = (1, 3)
+    max_height: int = 6
+    terminals: tuple[str, ...] | None = None  # None: [search] of primitives/search_space.toml
+    operators: tuple[str, ...] | None = None
+    seed_metrics: tuple[str, ...] = ()       # e.g. ("wanda", "magnitude"); off: search from scratch
+    hof_size: int = 5
+    baselines: tuple[str, ...] = ("magnitude", "wanda", "obs", "pruner-zero")
+    seed: int = 0
+    time_limit: float | None = None          # seconds; stop after the generation that passes it
+    # where evaluations run
+    workers: int = 1
+    threads: int | None = None               # torch threads per worker (None: torch's default)
+    ray: bool = False
+    ray_address: str | None = None
+    gpus_per_worker: float = 0.0
+    dtype: str = "fp32"
+    device: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.stages = tuple(int(s) for s in self.stages)
+        self.init_depth = tuple(self.init_depth)
+        for name in ("terminals", "operators"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(getattr(self, name)))
+        self.seed_metrics, self.baselines = tuple(self.seed_metrics), tuple(self.baselines)
+        self.validate()
+
+    def validate(self):
+        parse_structure(self.structure, self.sparsity)
+        if not self.stages or any(b <= a for a, b in zip(self.stages, self.stages[1:])) or self.stages[0] < 1:
+            raise SearchConfigError(f"stages must be increasing chunk counts >= 1, got {self.stages}")
+        if not 0 < self.promote <= 1:
+            raise SearchConfigError(f"promote must be in (0, 1], got {self.promote}")
+        if self.strategy not in ("evolution", "random"):
+            raise SearchConfigError(f"strategy must be 'evolution' or 'random', got {self.strategy!r}")
+        if not 0 <= self.elite < self.population:
+            raise SearchConfigError(f"elite must be in [0, population), got {self.elite}")
+        if self.population < 2 or self.generations < 1 or self.workers < 1:
+            raise SearchConfigError("population >= 2, generations >= 1 and workers >= 1 are needed")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

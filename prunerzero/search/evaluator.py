@@ -1,0 +1,131 @@
+"""Fitness of one candidate metric: one-shot masks from the cached dense primitives, their
+fingerprint, and the NLL of the masked model on a range of evaluation chunks.
+
+An Evaluator holds one model copy; search workers (local processes, Ray actors) each hold
+one. Everything it needs travels in a picklable `Setup`, and its answers depend only on the
+task, so any worker gives the same result."""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ..compile import check_scores
+from ..evaluate import nll_sum
+from ..masks import make_mask
+from ..metric import Metric
+from ..models import all_prunable, load_model
+
+
+DENSE = "dense"  # task text that evaluates the unpruned model
+
+
+@dataclass
+class Setup:
+    """What every evaluator needs: the model, the primitive files, the pruning target and
+    the chunk sets (name -> (k, seqlen) token ids)."""
+    model: str | None
+    primitives: dict[str, str]          # terminal -> safetensors file of per-layer tensors
+    nsamples: int                       # the N terminal
+    sparsity: float
+    structure: str
+    chunks: dict[str, torch.Tensor]
+    dtype: str = "fp32"
+    device: str = "auto"
+    threads: int | None = None          # torch threads per evaluator (None: torch's default)
+    batch_size: int = 4
+
+
+@dataclass
+class Task:
+    """Evaluate `text` (an OOS-simplified metric) on chunks [lo, hi) of set `chunks`; `known`
+    maps mask fingerprints already measured to how many chunks of that set they cover."""
+    text: str
+    lo: int
+    hi: int
+    chunks: str = "search"
+    known: dict = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    text: str
+    fingerprint: str | None = None
+    lo: int = 0
+    hi: int = 0
+    nll: float = 0.0
+    tokens: int = 0
+    error: str | None = None
+    cached: bool = False               # masks already measured: nothing evaluated
+    seconds: float = 0.0
+
+
+def fingerprint(masks: dict[str, torch.Tensor]) -> str:
+    """A hash of every layer's mask: equal fingerprints mean the same pruned model."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(masks):
+        h.update(name.encode())
+        h.update(np.packbits(masks[name].cpu().numpy()).tobytes())
+    return h.hexdigest()
+
+
+class Evaluator:
+    def __init__(self, setup: Setup, model=None):
+        if setup.threads:
+            torch.set_num_threads(setup.threads)
+        self.setup = setup
+        self.model = model if model is not None else load_model(setup.model, setup.dtype, setup.device,
+                                                                tokenizer=False)[0]
+        self.layers = all_prunable(self.model)
+        self.dense = {name: lin.weight.data for name, lin in self.layers.items()}
+        device = next(self.model.parameters()).device
+        self.prims = {t: {k: v.to(device) for k, v in load_file(path).items()}
+                      for t, path in setup.primitives.items()}
+
+    def masks(self, text: str) -> dict[str, torch.Tensor]:
+        m = Metric.parse(text)
+        fn = m.compile()
+        out = {}
+        for name, W in self.dense.items():
+            prims = {t: (self.setup.nsamples if t == "N" else self.prims[t][name]) for t in m.terminals if t != "W"}
+            scores = fn(W, **prims)
+            check_scores(scores, where=name)
+            out[name] = make_mask(scores, self.setup.sparsity, self.setup.structure)
+        return out
+
+    def nll(self, masks, chunks: torch.Tensor) -> tuple[float, int]:
+        """NLL of the model with `masks` applied; the dense weights are put back after."""
+        try:
+            for name, lin in self.layers.items():
+                lin.weight.data = self.dense[name].masked_fill(masks[name], 0)
+            return nll_sum(self.model, chunks, self.setup.batch_size, progress=False)
+        finally:
+            for name, lin in self.layers.items():
+                lin.weight.data = self.dense[name]
+
+    def __call__(self, task: Task) -> Result:
+        t0 = time.perf_counter()
+        r = Result(task.text)
+        try:
+            masks = {n: torch.zeros_like(w, dtype=torch.bool) for n, w in self.dense.items()} \
+                if task.text == DENSE else self.masks(task.text)
+            r.fingerprint = fingerprint(masks)
+            lo = max(task.lo, task.known.get(r.fingerprint, 0))
+            if lo >= task.hi:
+                r.cached, r.lo, r.hi = True, task.hi, task.hi
+            else:
+                r.lo, r.hi = lo, task.hi
+                r.nll, r.tokens = self.nll(masks, self.setup.chunks[task.chunks][lo:task.hi])
+                if not math.isfinite(r.nll):
+                    r.error = f"non-finite loss ({r.nll})"
+        except Exception as e:  # noqa: BLE001 - any failing candidate gets the worst fitness, never a crash
+            r.error = f"{type(e).__name__}: {e}"
+        r.seconds = time.perf_counter() - t0
+        return r
+
+    evaluate = __call__  # Ray actors call methods by name

@@ -1,0 +1,278 @@
+"""`prunerzero evolve`: genetic programming over pruning metrics (Pruner-Zero's search), with
+OOS de-duplication, cached and staged (multi-fidelity) fitness, checkpoints and resume."""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from deap import tools
+from tqdm.auto import tqdm
+
+from .cache import Cache, Measured
+from .config import SearchConfig
+from .evaluator import Setup, Task
+from .gp import from_text, primitive_set, toolbox, vary
+from .rundir import RunDir
+
+WORST = (-1.0, math.inf)
+
+
+@dataclass
+class SearchData:
+    """Token ids for calibration and for fitness: the search chunks and the held-out chunks
+    (disjoint), and optionally the whole evaluation split."""
+    calibration: torch.Tensor
+    search: torch.Tensor
+    heldout: torch.Tensor
+    full: torch.Tensor | None = None
+    source: str = "wikitext2"
+    note: str = ""
+
+
+@dataclass
+class Counters:
+    candidates: int = 0        # offspring (and initial trees) that needed a fitness
+    evaluations: int = 0       # model evaluations run (one candidate on one chunk range)
+    chunk_evals: int = 0       # chunks evaluated in total
+    full_equivalent: int = 0   # chunks a search without staging would have evaluated
+    key_hits: int = 0          # fitness found by canonical key
+    mask_hits: int = 0         # fitness found by mask fingerprint (different key, same masks)
+    oos_catches: int = 0       # offspring rank-equivalent to a population member, replaced
+    invalid: int = 0           # candidates whose text is not a valid metric
+    failures: int = 0          # candidates that failed on the model (NaN, degenerate scores, ...)
+    first_beat_wanda_s: float | None = None
+    elapsed_s: float = 0.0
+
+
+def same_key(a, b) -> bool:
+    """Hall-of-fame similarity: rank-equivalent metrics count once."""
+    return a.key == b.key
+
+
+def _finite(x):
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+@dataclass
+class Search:
+    config: SearchConfig
+    run: RunDir
+    pool: object
+    log: callable = print
+    quiet: bool = False
+    cache: Cache = field(default_factory=Cache)
+    counters: Counters = field(default_factory=Counters)
+
+    def __post_init__(self):
+        c = self.config
+        self.pset = primitive_set(c.terminals, c.operators)
+        self.tb = toolbox(self.pset, c.init_depth, c.max_height, c.tournament)
+        self.stages = list(c.stages)
+        self.population, self.gen, self.reference = [], 0, {}
+        self.hof = tools.HallOfFame(c.hof_size, similar=same_key)
+        self.logbook = tools.Logbook()
+        self.stats = tools.Statistics(key=lambda ind: ind.first)
+        self.stats.register("median", np.nanmedian)
+        self.stats.register("min", np.nanmin)
+
+    # ------------------------------------------------------------------ candidates
+    def key(self, ind) -> str | None:
+        return self.cache.describe(str(ind))[1]
+
+    def _valid_fresh(self, taken: set):
+        """A random tree that is a valid metric with a key not in `taken`."""
+        for _ in range(200):
+            ind = self.tb.individual()
+            key = self.key(ind)
+            if key is not None and key not in taken:
+                return ind
+        return ind
+
+    def initial(self) -> list:
+        pop, taken = [], set()
+        for text in self.config.seed_metrics:
+            ind = from_text(text, self.pset)
+            pop.append(ind)
+            taken.add(self.key(ind))
+        while len(pop) < self.config.population:
+            ind = self._valid_fresh(taken)
+            pop.append(ind)
+            taken.add(self.key(ind))
+        return pop
+
+    def offspring(self, n: int) -> list:
+        """n new candidates: varied from tournament winners (or fresh trees for random search);
+        any whose canonical key is already in the population, or taken by an earlier
+        offspring, is replaced by a fresh valid tree (OOS keeps the population diverse)."""
+        taken = {self.key(i) for i in self.population}
+        if self.config.strategy == "random":
+            kids = [self.tb.individual() for _ in range(n)]
+        else:
+            kids = vary(self.tb.select(self.population, n), self.tb, self.config.cxpb, self.config.mutpb)
+        out = []
+        for kid in kids:
+            key = self.key(kid)
+            if key in taken:
+                self.counters.oos_catches += 1
+                kid = self._valid_fresh(taken)
+                key = self.key(kid)
+            del kid.fitness.values
+            taken.add(key)
+            out.append(kid)
+        return out
+
+    # ------------------------------------------------------------------ fitness
+    def evaluate(self, inds: list, desc: str = ""):
+        """Staged fitness: everyone on the first stage's chunks, the best `promote` fraction on
+        to the next stage's, and so on. Fitness = (last stage reached, perplexity there)."""
+        self.counters.candidates += len(inds)
+        self.counters.full_equivalent += len(inds) * self.stages[-1]
+        alive = []
+        for ind in inds:
+            ind.first = math.nan
+            simplified, key, error = self.cache.describe(str(ind))
+            ind.key = key
+            if error:
+                self.counters.invalid += 1
+                ind.fitness.values = WORST
+            else:
+                alive.append(ind)
+        for s, k in enumerate(self.stages):
+            ppl = self._measure(alive, k, f"{desc} stage {s + 1}/{len(self.stages)} ({k} chunks)")
+            ok = []
+            for ind in alive:
+                p = ppl[self.key(ind)]
+                ind.fitness.values = (float(s), p) if math.isfinite(p) else WORST
+                if s == 0:
+                    ind.first = p if math.isfinite(p) else math.nan
+                if math.isfinite(p):
+                    ok.append(ind)
+            keep = max(1, math.ceil(len(ok) * self.config.promote)) if s + 1 < len(self.stages) else 0
+            alive = sorted(ok, key=lambda i: i.fitness.values[1])[:keep]
+
+    def _measure(self, inds, k: int, desc: str, tag=None) -> dict:
+        """Perplexity on the first k search chunks of every distinct key among `inds`."""
+        out, tasks, keys = {}, [], []
+        for ind in inds:
+            simplified, key, _ = self.cache.describe(str(ind))
+            if key in out or key in keys:
+                self.counters.key_hits += 1
+                continue
+            m = self.cache.measured(key)
+            if self.cache.failure(key):
+                out[key] = math.inf
+            elif m is not None and m.done >= k:
+                self.counters.key_hits += 1
+                out[key] = m.perplexity(k)
+            else:
+                keys.append(key)
+                tasks.append(Task(simplified, m.done if m else 0, k, "search", self.cache.known()))
+        bar = tqdm(total=len(tasks), desc=desc.strip(), disable=self.quiet or not tasks, leave=False)
+        results = self.pool.map(tasks, on_result=lambda r: bar.update())
+        bar.close()
+        for key, task, r in zip(keys, tasks, results):
+            out[key] = self._record(key, task, r, k, self.gen if tag is None else tag)
+        return out
+
+    def _record(self, key, task, r, k, gen) -> float:
+        if r.error:
+            self.counters.failures += 1
+            self.cache.by_key[key] = "!" + r.error
+            self.run.append("failures.jsonl", dict(gen=gen, metric=task.text, key=key, error=r.error))
+            return math.inf
+        self.cache.by_key[key] = r.fingerprint
+        m = self.cache.by_fp.setdefault(r.fingerprint, Measured())
+        if r.cached:
+            self.counters.mask_hits += 1
+        elif m.add(r.lo, r.hi, r.nll, r.tokens):
+            self.counters.evaluations += 1
+            self.counters.chunk_evals += r.hi - r.lo
+        ppl = m.perplexity(k) if m.done >= k else math.inf
+        self.run.append("evaluations.jsonl", dict(gen=gen, metric=task.text, key=key, fingerprint=r.fingerprint,
+                                                  chunks=[r.lo, r.hi], cached=r.cached, perplexity=_finite(ppl),
+                                                  seconds=round(r.seconds, 3)))
+        return ppl
+
+    # ------------------------------------------------------------------ generations
+    def step(self):
+        c = self.config
+        t0 = time.perf_counter()
+        if self.gen == 0:
+            self.population = self.initial()
+            new = self.population
+            self.evaluate(new, f"gen {self.gen}")
+        else:
+            elites = tools.selBest(self.population, c.elite)
+            new = self.offspring(c.population - c.elite)
+            self.evaluate(new, f"gen {self.gen}")
+            self.population = elites + new
+        self.hof.update([i for i in self.population if i.fitness.values[0] == len(self.stages) - 1])
+        self.counters.elapsed_s += time.perf_counter() - t0
+        self._note_first_beat()
+        record = self._record_generation(new, time.perf_counter() - t0)
+        self.gen += 1
+        return record
+
+    def _note_first_beat(self):
+        wanda = self.reference.get("wanda")
+        if wanda and self.counters.first_beat_wanda_s is None and len(self.hof) and \
+                self.hof[0].fitness.values[1] < wanda:
+            self.counters.first_beat_wanda_s = self.counters.elapsed_s
+
+    def _record_generation(self, new, seconds) -> dict:
+        stats = self.stats.compile(new)
+        best = self.hof[0] if len(self.hof) else None
+        cn = self.counters
+        record = dict(gen=self.gen, best=_finite(best.fitness.values[1]) if best else None,
+                      best_metric=self.cache.describe(str(best))[0] if best else None,
+                      median_first_stage=_finite(float(stats["median"])), min_first_stage=_finite(float(stats["min"])),
+                      distinct_candidates=len(self.cache.by_key), distinct_masks=len(self.cache.by_fp),
+                      candidates=cn.candidates, evaluations=cn.evaluations, chunk_evals=cn.chunk_evals,
+                      chunks_without_staging=cn.full_equivalent, key_hits=cn.key_hits, mask_hits=cn.mask_hits,
+                      oos_catches=cn.oos_catches, invalid=cn.invalid, failures=cn.failures,
+                      seconds=round(seconds, 2), elapsed_s=round(cn.elapsed_s, 2),
+                      first_beat_wanda_s=cn.first_beat_wanda_s)
+        self.logbook.record(**record)
+        self.run.append("log.jsonl", record)
+        if not self.quiet:
+            self.log(f"gen {self.gen:3d}  best {record['best'] or math.inf:9.3f}  "
+                     f"median(stage 1) {record['median_first_stage'] or math.inf:9.3f}  "
+                     f"distinct {record['distinct_candidates']:4d}  evals {cn.evaluations:4d}  "
+                     f"hits {cn.key_hits + cn.mask_hits:3d}  oos {cn.oos_catches:3d}  "
+                     f"{seconds:6.1f}s  {record['best_metric']}")
+        return record
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        return dict(gen=self.gen, population=self.population, hof=self.hof, logbook=self.logbook,
+                    cache=self.cache, counters=self.counters, reference=self.reference,
+                    rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
+
+    def restore(self, state: dict):
+        for name in ("gen", "population", "hof", "logbook", "cache", "counters", "reference"):
+            setattr(self, name, state[name])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+
+    def checkpoint(self):
+        self.run.save_checkpoint(self.state())
+        self.run.plot(self.run.read_lines("log.jsonl"), self.reference)
+
+    def seed_rngs(self):
+        random.seed(self.config.seed)
+        np.random.seed(self.config.seed)
+        torch.manual_seed(self.config.seed)
+
+
+def setup_for(config: SearchConfig, data: SearchData, primitive_files: dict) -> Setup:
+    chunks = {"search": data.search, "heldout": data.heldout}
+    if data.full is not None:
+        chunks["full"] = data.full
+    return Setup(model=config.model, primitives=primitive_files, nsamples=len(data.calibration),
+                 sparsity=config.sparsity, structure=config.structure, chunks=chunks, dtype=config.dtype,
+                 device=config.device, threads=config.threads)

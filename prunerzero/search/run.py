@@ -1,0 +1,169 @@
+"""`run_evolve`: a whole search run from settings to the run directory, fresh or resumed."""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict
+
+import torch
+
+from ..calibration import cache_path, cached, compute_g, compute_h, compute_x
+from ..data import DataError
+from ..metric import Metric
+from ..models import load_model
+from ..space import load_space
+from ..pipeline import _model_identity, calibration_for, eval_data_for
+from .config import SearchConfig
+from .evaluator import DENSE, Task
+from .gp import from_text, primitive_set
+from .evolve import Search, SearchData, _finite, setup_for
+from .pools import make_pool
+from .rundir import RunDir
+
+COMPUTE = {"X": compute_x, "G": compute_g, "H": compute_h}
+
+
+def search_data(tok, c: SearchConfig) -> tuple[SearchData, str]:
+    """Calibration windows, and evaluation chunks split into the search set (the last
+    stages[-1] chunks) and the held-out set (the first heldout_chunks), which never overlap."""
+    samples, ids, starts = calibration_for(tok, c.calibration, c.nsamples, c.seqlen, c.seed, c.data_dir)
+    ev = eval_data_for(tok, c.search_data, c.seqlen, None, c.data_dir, c.calibration, ids, starts)
+    k, h = c.stages[-1], c.heldout_chunks
+    if len(ev.chunks) < k + h:
+        raise DataError(f"{ev.source} has {len(ev.chunks)} chunks of {c.seqlen} tokens: too few for "
+                        f"{k} search + {h} held-out chunks; lower --stages or --heldout-chunks")
+    full = ev.chunks if c.heldout_full else None
+    return SearchData(samples, ev.chunks[-k:], ev.chunks[:h], full, ev.source, ev.note), ev.note
+
+
+def terminals_needed(c: SearchConfig, pset_terminals) -> set[str]:
+    names = set(pset_terminals)
+    for text in (*c.baselines, *c.seed_metrics):
+        names |= Metric.parse(text).terminals
+    return names & set(COMPUTE)
+
+
+def primitive_files(model, c: SearchConfig, samples: torch.Tensor, needed) -> dict[str, str]:
+    """Dense X, G, H of the calibration samples, from the shared on-disk cache (computed once)."""
+    key = dict(model=_model_identity(c.model), calibration=c.calibration, nsamples=len(samples),
+               seqlen=samples.shape[1], seed=c.seed, dtype=c.dtype,
+               samples=hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:16])
+    files = {}
+    for kind in sorted(needed):
+        cached(kind, key, lambda kind=kind: COMPUTE[kind](model, samples))
+        files[kind] = str(cache_path(kind, key))
+    return files
+
+
+def run_evolve(config: SearchConfig | None = None, output=None, resume=None, data: SearchData | None = None,
+               generations: int | None = None, log=print, quiet: bool = False) -> dict:
+    """Run (or continue, with resume=RUN) a metric search; returns the final summary."""
+    if resume:
+        run = RunDir(resume)
+        config = SearchConfig.from_dict(run.config())
+        if generations:
+            config.generations = generations
+    else:
+        config = config or SearchConfig()
+        run = RunDir(output)
+        if run.path.exists() and any(run.path.iterdir()):
+            run.create({})  # raises with the hint to resume
+    _check_metrics(config)
+    model, tok = load_model(config.model, config.dtype, config.device, tokenizer=data is None)
+    note = ""
+    if data is None:
+        data, note = search_data(tok, config)
+    if note:
+        log("NOTE: " + note)
+    search = None
+    pool = None
+    try:
+        needed = terminals_needed(config, config.terminals or load_space().search["terminals"])
+        files = primitive_files(model, config, data.calibration, needed)
+        if not resume:
+            run.create(dict(config.to_dict(), data=dict(source=data.source, note=data.note or note,
+                                                         search_chunks=len(data.search),
+                                                         heldout_chunks=len(data.heldout))))
+        pool = make_pool(setup_for(config, data, files), config.workers, config.ray, config.ray_address,
+                         config.gpus_per_worker, model=model)
+        search = Search(config, run, pool, log, quiet)
+        state = run.load_checkpoint() if resume else None
+        if state:
+            search.restore(state)
+            run.truncate_log("log.jsonl", search.gen)
+            log(f"resuming {run.path} at generation {search.gen}")
+        else:
+            search.seed_rngs()
+            search.reference = reference_fitness(search, config)
+            search.checkpoint()
+        while search.gen < config.generations:
+            search.step()
+            search.checkpoint()
+            if config.time_limit and search.counters.elapsed_s > config.time_limit:
+                log(f"time limit {config.time_limit:.0f} s reached after generation {search.gen - 1}")
+                break
+        return finish(search, data, config, run, log)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _check_metrics(c: SearchConfig):
+    """Fail before any model is loaded on seed metrics or baselines that cannot be used."""
+    pset = primitive_set(c.terminals, c.operators)
+    for text in c.seed_metrics:
+        from_text(text, pset)
+    for text in c.baselines:
+        Metric.parse(text)
+
+
+def reference_fitness(search: Search, c: SearchConfig) -> dict:
+    """Search fitness (all search chunks) of the baselines, for the log and the plot."""
+    ppl = search._measure(list(c.baselines), search.stages[-1], "baselines", tag="baselines")
+    out = {}
+    for name in c.baselines:
+        key = search.cache.describe(name)[1]
+        out[name] = ppl[key]
+        search.log(f"baseline {name:12} search perplexity {ppl[key]:.3f}")
+    return out
+
+
+def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir, log) -> dict:
+    """Re-evaluate the hall of fame and the baselines on the held-out chunks (and the whole
+    split if asked), and write hall_of_fame.json."""
+    hof = [search.cache.describe(str(ind)) for ind in search.hof]
+    entries = [(s, str(ind), key, ind.fitness.values[1]) for (s, key, _), ind in zip(hof, search.hof)]
+    baselines = [(search.cache.describe(b)[0], b, search.cache.describe(b)[1], search.reference.get(b)) for b in c.baselines]
+    rows = [(DENSE, DENSE, DENSE, None)] + baselines + entries
+    sets = ["heldout"] + (["full"] if data.full is not None else [])
+    measured = {}
+    for name in sets:
+        n = len(data.heldout if name == "heldout" else data.full)
+        results = search.pool.map([Task(r[0], 0, n, name) for r in rows])
+        measured[name] = [math.exp(r.nll / r.tokens) if not r.error and r.tokens else math.inf for r in results]
+
+    def row(i, r):
+        simplified, expr, key, fit = r
+        d = dict(expression=expr, simplified=simplified, canonical=key, search_perplexity=_finite(fit))
+        for name in sets:
+            d[f"{name}_perplexity"] = _finite(measured[name][i])
+        return d
+    out = dict(dense=row(0, rows[0]),
+               baselines={b[1]: row(1 + i, b) for i, b in enumerate(baselines)},
+               hall_of_fame=[row(1 + len(baselines) + i, e) for i, e in enumerate(entries)],
+               heldout=dict(source=data.source, chunks=len(data.heldout), seqlen=data.heldout.shape[1],
+                            note=data.note),
+               counters=asdict(search.counters), generations=search.gen, settings=c.to_dict())
+    run.write_json("hall_of_fame.json", out)
+    _print_summary(out, log)
+    return out
+
+
+def _print_summary(out, log):
+    h = out["heldout"]
+    log(f"held-out perplexity ({h['source']}, {h['chunks']} x {h['seqlen']}):")
+    log(f"  {'dense':40} {out['dense']['heldout_perplexity'] or math.inf:10.3f}")
+    for name, b in out["baselines"].items():
+        log(f"  {name:40} {b['heldout_perplexity'] or math.inf:10.3f}")
+    for i, e in enumerate(out["hall_of_fame"]):
+        log(f"  #{i + 1} {e['simplified'][:37]:37} {e['heldout_perplexity'] or math.inf:10.3f}")

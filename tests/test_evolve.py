@@ -1,0 +1,231 @@
+"""`prunerzero evolve` on a tiny random Llama: files, staging, caches, failures, resume, workers."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from prunerzero.cli import main
+from prunerzero.search import run as run_mod
+from prunerzero.search.config import SearchConfig
+from prunerzero.search.evolve import SearchData
+from prunerzero.search.run import run_evolve
+
+from tiny import tiny_llama, token_samples
+
+FILES = ["config.json", "log.jsonl", "evaluations.jsonl", "checkpoint.pkl", "hall_of_fame.json", "fitness.png"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNERZERO_CACHE", str(tmp_path / "cache"))
+
+
+def data():
+    return SearchData(token_samples(4, 32, 0), token_samples(4, 32, 1), token_samples(4, 32, 2))
+
+
+def config(tiny_dir, **kw):
+    base = dict(model=str(tiny_dir), population=8, generations=3, elite=1, stages=(1, 2, 4), promote=0.5,
+                heldout_chunks=4, hof_size=3, threads=1)
+    return SearchConfig(**{**base, **kw})
+
+
+def fame(run):
+    out = json.loads((Path(run) / "hall_of_fame.json").read_text())
+    return [(e["canonical"], e["search_perplexity"]) for e in out["hall_of_fame"]]
+
+
+def test_a_short_search_writes_every_file_and_stages_save_evaluations(tiny_dir, tmp_path):
+    out = run_evolve(config(tiny_dir), tmp_path / "run", data=data(), log=lambda *a: None, quiet=True)
+    for f in FILES:
+        assert (tmp_path / "run" / f).is_file(), f
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert set(SearchConfig().to_dict()) <= set(cfg) and cfg["data"]["search_chunks"] == 4
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["gen"] for r in log] == [0, 1, 2]
+    last = log[-1]
+    assert last["chunk_evals"] < last["chunks_without_staging"]
+    assert all(r["best"] is not None and r["best"] > 1 for r in log)
+    assert [r["best"] for r in log] == sorted([r["best"] for r in log], reverse=True)  # elitism: never worse
+    assert 1 <= len(out["hall_of_fame"]) <= 3 and len({e["canonical"] for e in out["hall_of_fame"]}) == len(out["hall_of_fame"])
+    for e in out["hall_of_fame"] + list(out["baselines"].values()) + [out["dense"]]:
+        assert e["heldout_perplexity"] > 1
+    assert set(out["baselines"]) == {"magnitude", "wanda", "obs", "pruner-zero"}
+
+
+def test_staging_promotes_the_requested_fraction(tiny_dir, tmp_path):
+    run_evolve(config(tiny_dir, generations=1, population=8, promote=0.5), tmp_path / "run", data=data(),
+               log=lambda *a: None, quiet=True)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "evaluations.jsonl").read_text().splitlines()]
+    gen0 = [e for e in evals if e["gen"] == 0 and e["perplexity"] is not None]
+    reached = {k: sum(1 for e in gen0 if e["chunks"][1] == k) for k in (1, 2, 4)}
+    first = reached[1]
+    assert reached[2] == math.ceil(first * 0.5) and reached[4] == math.ceil(reached[2] * 0.5)
+
+
+def test_rank_equivalent_metrics_and_equal_masks_are_not_evaluated_twice(tiny_dir, tmp_path):
+    from prunerzero.search.evolve import Search
+    from prunerzero.search.pools import InProcess
+    from prunerzero.search.rundir import RunDir
+    cfg = config(tiny_dir)
+    files = run_mod.primitive_files(tiny_llama(), cfg, data().calibration, {"X"})
+    pool = InProcess(run_mod.setup_for(cfg, data(), files))
+    run = RunDir(tmp_path / "run")
+    run.create({})
+    search = Search(cfg, run, pool, log=lambda *a: None, quiet=True)
+    search._measure(["abs(W)*X"], 4, "")
+    n = search.counters.evaluations
+    ppl = search._measure(["2*X*abs(W)", "sqr(W)*sqr(X)", "tanh(abs(W)*X)"], 4, "")
+    assert search.counters.evaluations == n and search.counters.key_hits == 3
+    assert len(set(ppl.values())) == 1
+    # a different key whose masks are the same in float32 (X + 1e-30 == X): found by fingerprint
+    search._measure(["abs(W)*(X + 1e-30)"], 4, "")
+    assert search.counters.evaluations == n and search.counters.mask_hits == 1
+
+
+def test_failing_candidates_are_logged_and_do_not_stop_the_search(tiny_dir, tmp_path, monkeypatch):
+    def x_with_nan(model, samples):
+        x = run_mod.compute_x(model, samples)
+        x["layers.1.mlp.down_proj"][0, 3] = float("nan")
+        return x
+    monkeypatch.setitem(run_mod.COMPUTE, "X", x_with_nan)
+    out = run_evolve(config(tiny_dir, seed_metrics=("wanda", "magnitude")), tmp_path / "run", data=data(),
+                     log=lambda *a: None, quiet=True)
+    failures = [json.loads(line) for line in (tmp_path / "run" / "failures.jsonl").read_text().splitlines()]
+    assert failures and all("X" in f["metric"] for f in failures)
+    assert any("NonFiniteScoreError" in f["error"] for f in failures)
+    assert out["baselines"]["wanda"]["search_perplexity"] is None
+    assert out["hall_of_fame"] and all("X" not in e["simplified"] for e in out["hall_of_fame"])
+
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from tiny import token_samples
+from prunerzero.search.config import SearchConfig
+from prunerzero.search.evolve import SearchData
+from prunerzero.search.run import run_evolve
+data = SearchData(token_samples(4, 32, 0), token_samples(4, 32, 1), token_samples(4, 32, 2))
+if sys.argv[1] == "resume":
+    run_evolve(resume=sys.argv[2], data=data)
+else:
+    cfg = SearchConfig(model={model!r}, population=8, generations=6, elite=1, stages=(1, 2, 4), promote=0.5,
+                       heldout_chunks=4, hof_size=3, threads=1, seed=3)
+    run_evolve(cfg, sys.argv[2], data=data)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_a_killed_search_resumes_to_the_same_hall_of_fame(tiny_dir, tmp_path, sig):
+    script = tmp_path / "search.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), model=str(tiny_dir)))
+    env = dict(os.environ, PRUNERZERO_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1")
+    subprocess.run([sys.executable, str(script), "new", str(tmp_path / "whole")], env=env, check=True,
+                   capture_output=True)
+    proc = subprocess.Popen([sys.executable, str(script), "new", str(tmp_path / "cut")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "cut" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert not (tmp_path / "cut" / "hall_of_fame.json").exists(), "the run finished before it was killed"
+    r = subprocess.run([sys.executable, str(script), "resume", str(tmp_path / "cut")], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming" in r.stdout
+    assert fame(tmp_path / "cut") == fame(tmp_path / "whole")
+    gens = [json.loads(line)["gen"] for line in log.read_text().splitlines()]
+    assert gens == list(range(6))
+
+
+def test_two_workers_give_the_same_results_as_one(tiny_dir, tmp_path):
+    one = run_evolve(config(tiny_dir, generations=2), tmp_path / "one", data=data(), log=lambda *a: None, quiet=True)
+    two = run_evolve(config(tiny_dir, generations=2, workers=2), tmp_path / "two", data=data(), log=lambda *a: None,
+                     quiet=True)
+    assert fame(tmp_path / "one") == fame(tmp_path / "two")
+    assert one["baselines"] == two["baselines"]
+
+
+def test_the_ray_path_runs_locally(tiny_dir, tmp_path):
+    ray = pytest.importorskip("ray")
+    try:
+        local = run_evolve(config(tiny_dir, generations=1), tmp_path / "local", data=data(), log=lambda *a: None,
+                           quiet=True)
+        remote = run_evolve(config(tiny_dir, generations=1, ray=True, workers=2), tmp_path / "ray", data=data(),
+                            log=lambda *a: None, quiet=True)
+    finally:
+        ray.shutdown()
+    assert fame(tmp_path / "local") == fame(tmp_path / "ray")
+    assert local["baselines"] == remote["baselines"]
+
+
+def test_random_strategy_and_seed_metrics(tiny_dir, tmp_path):
+    out = run_evolve(config(tiny_dir, strategy="random", generations=2, seed_metrics=("wanda",)), tmp_path / "run",
+                     data=data(), log=lambda *a: None, quiet=True)
+    assert out["settings"]["strategy"] == "random" and out["hall_of_fame"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stages", "4,2"], "stages must be increasing"),
+    (["--seed-metrics", "gblm"], "outside the search space"),
+    (["--structure", "3:2"], "N:M needs 0 < N < M"),
+])
+def test_cli_bad_settings_are_clear_errors(tmp_path, args, message):
+    r = CliRunner().invoke(main, ["evolve", "--output", str(tmp_path / "run"), *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+
+
+def test_cli_refuses_a_non_empty_run_folder_and_a_missing_one(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "x").write_text("")
+    r = CliRunner().invoke(main, ["evolve", "--output", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "--resume" in r.output
+    r = CliRunner().invoke(main, ["evolve", "--resume", str(tmp_path / "nothing")])
+    assert r.exit_code == 2 and "not a search run" in r.output
+
+
+def test_offspring_of_crossover_and_mutation_compile_and_score():
+    import random
+    from prunerzero import DegenerateMetricError, Metric
+    from prunerzero.compile import check_scores
+    from prunerzero.search.gp import primitive_set, toolbox, vary
+    random.seed(0)
+    pset = primitive_set()
+    tb = toolbox(pset)
+    pop = [tb.individual() for _ in range(60)]
+    torch.manual_seed(0)
+    prims = dict(W=torch.randn(8, 16), G=torch.rand(8, 16), X=torch.rand(1, 16) * 5, H=torch.rand(1, 16) * 20)
+    scored = 0
+    for _ in range(5):
+        pop = vary(pop, tb, 0.7, 0.3)
+        for ind in pop:
+            try:
+                m = Metric.parse(str(ind))
+            except DegenerateMetricError:
+                continue
+            scores = m.compile()(**{k: v for k, v in prims.items() if k in m.terminals or k == "W"})
+            assert scores.shape == (8, 16)
+            try:
+                check_scores(scores, where=str(ind))
+            except DegenerateMetricError:
+                continue
+            scored += 1
+    assert scored > 30
