@@ -92,12 +92,14 @@ def _common(f):
 @click.option("--one-shot", is_flag=True, help="Score every layer from the dense model's activations.")
 @click.option("--method", type=click.Choice(["metric", "sparsegpt"]), default="metric", show_default=True,
               help="sparsegpt: second-order reconstruction instead of a metric (--metric is ignored).")
+@click.option("--group", type=click.Choice(["row", "layer"]), default=None,
+              help="Unstructured comparison group (default: the metric's published one, else row).")
 def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, metric, sparsity, structure, output,
-          nsamples, calibration, seed, one_shot, method):
+          nsamples, calibration, seed, one_shot, method, group):
     """Prune a model with a metric (or SparseGPT), report perplexity, and save it."""
     from .pipeline import run_apply
     run_apply(model, metric, sparsity, structure, output, nsamples, seqlen, calibration, eval_data, eval_chunks,
-              seed, not one_shot, dtype, device, data_dir, method=method, log=click.echo)
+              seed, not one_shot, dtype, device, data_dir, method=method, group=group, log=click.echo)
 
 
 def _tuple(text, cast=str):

@@ -38,6 +38,16 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask
 
 
+def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the int(numel * sparsity) lowest scores of the whole matrix (one comparison group
+    per layer, as published magnitude pruning does); stable ties in row-major order."""
+    k = int(scores.numel() * sparsity)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k:
+        mask[torch.sort(scores.flatten(), stable=True).indices[:k]] = True
+    return mask.reshape(scores.shape)
+
+
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Prune the n lowest of every m consecutive input columns of each row (stable ties)."""
     rows, cols = scores.shape
@@ -49,9 +59,18 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
-def make_mask(scores: torch.Tensor, sparsity: float, structure: str = "unstructured") -> torch.Tensor:
+GROUPS = ("row", "layer")
+
+
+def make_mask(scores: torch.Tensor, sparsity: float, structure: str = "unstructured", group: str = "row") -> torch.Tensor:
+    """Unstructured masks compare scores within each output row (group="row", Wanda's choice)
+    or across the whole layer (group="layer"); N:M compares within each group of M."""
     nm = parse_structure(structure, sparsity)
-    return row_mask(scores, sparsity) if nm is None else nm_mask(scores, *nm)
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    if group not in GROUPS:
+        raise SparsityError(f"comparison group must be one of {GROUPS}, got {group!r}")
+    return row_mask(scores, sparsity) if group == "row" else layer_mask(scores, sparsity)
 
 
 def measured_sparsity(linears: dict) -> tuple[float, dict[str, float]]:

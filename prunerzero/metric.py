@@ -83,6 +83,11 @@ class Metric:
         return compile_cached(str(self.simplify()))
 
     @property
+    def group(self) -> str:
+        """Comparison group of unstructured masks: the catalog's for named metrics, else per row."""
+        return load_space().catalog[self.name].group if self.name else "row"
+
+    @property
     def terminals(self) -> frozenset[str]:
         return frozenset(s.name for s in self.simplify().expr.free_symbols)
 

@@ -74,7 +74,7 @@ def _model_identity(model_name) -> str:
 def run_apply(model_name=None, metric="pruner-zero", sparsity=0.5, structure="unstructured", output=None,
               nsamples=32, seqlen=512, calibration="wikipedia", eval_data=None, eval_chunks=None,
               seed=0, sequential=True, dtype="fp32", device="auto", data_dir=None, eval_dense=True,
-              method="metric", log=print) -> dict:
+              method="metric", group=None, log=print) -> dict:
     parse_structure(structure, sparsity)
     if method not in ("metric", "sparsegpt"):
         raise ValueError(f"method must be 'metric' or 'sparsegpt', got {method!r}")
@@ -102,7 +102,7 @@ def run_apply(model_name=None, metric="pruner-zero", sparsity=0.5, structure="un
         grads, x_norms, curvature = dense_primitives(model, m, samples, key, sequential)
         t_prims = time.perf_counter() - t1
         report = apply_metric(model, m, sparsity, structure, calibration=samples, sequential=sequential,
-                              grads=grads, x_norms=x_norms, curvature=curvature)
+                              grads=grads, x_norms=x_norms, curvature=curvature, group=group)
         report.timings["dense_primitives_s"] = t_prims
     ppl["pruned"] = perplexity(model, ev.chunks)
     log(f"pruned with {report.metric} ({report.canonical}) {structure} at {report.sparsity:.4f} measured sparsity: "

@@ -26,6 +26,7 @@ class PruneReport:
     sparsity: float                      # measured: zeros / weights over pruned layers
     layers: dict[str, float]             # measured, per layer
     sequential: bool
+    group: str = "row"                   # comparison group of the masks
     perplexity: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
@@ -34,26 +35,28 @@ class PruneReport:
         return asdict(self)
 
 
-def _prune_linear(name, linear, fn, prims, sparsity, structure):
+def _prune_linear(name, linear, fn, prims, sparsity, structure, group="row"):
     W = linear.weight.data
     scores = fn(W, **prims)
     check_scores(scores, where=name)
-    W[make_mask(scores, sparsity, structure)] = 0
+    W[make_mask(scores, sparsity, structure, group)] = 0
 
 
 def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstructured",
                  calibration: torch.Tensor | None = None, sequential: bool = True,
                  grads: dict | None = None, x_norms: dict | None = None, curvature: dict | None = None,
-                 progress: bool = True) -> PruneReport:
+                 group: str | None = None, progress: bool = True) -> PruneReport:
     """Prune `model` in place with `metric` (text, catalog name or Metric) and report.
 
     calibration: (nsamples, seqlen) token ids, needed for X (unless `x_norms` is given for
     one-shot) and for G when the metric uses it (unless `grads` is given); likewise H
-    (`curvature`, one-shot only).
+    (`curvature`, one-shot only). group: "row" or "layer" comparison for unstructured masks
+    (default: the catalog's for named metrics, else "row").
     """
     nm = parse_structure(structure, sparsity)
     m = Metric.parse(metric) if not isinstance(metric, Metric) else metric
     fn, uses = m.compile(), m.terminals
+    group = group or m.group
     timings = {}
     t0 = time.perf_counter()
     if "G" in uses and grads is None:
@@ -63,7 +66,7 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
     sequential = sequential and bool(uses & {"X", "H"})  # nothing to recompute otherwise
     t1 = time.perf_counter()
     if sequential:
-        _prune_sequential(model, fn, uses, _need(calibration, "X"), grads, sparsity, structure, progress)
+        _prune_sequential(model, fn, uses, _need(calibration, "X"), grads, sparsity, structure, group, progress)
     else:
         if "X" in uses and x_norms is None:
             x_norms = compute_x(model, _need(calibration, "X"))
@@ -71,12 +74,12 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
             curvature = compute_h(model, _need(calibration, "H"))
         stats = {"X": x_norms, "G": grads, "H": curvature}
         for name, lin in tqdm(all_prunable(model).items(), desc="pruning", disable=not progress, leave=False):
-            _prune_linear(name, lin, fn, _prims(name, uses, stats, n), sparsity, structure)
+            _prune_linear(name, lin, fn, _prims(name, uses, stats, n), sparsity, structure, group)
     timings["prune_s"] = time.perf_counter() - t1
     total, per = measured_sparsity(all_prunable(model))
     return PruneReport(metric=m.name or m.text, canonical=m.canonical(), structure=structure,
                        target_sparsity=_target(sparsity, nm), sparsity=total, layers=per, sequential=sequential,
-                       timings=timings)
+                       timings=timings, group=group if nm is None else f"{nm[1]} consecutive inputs")
 
 
 def _target(sparsity, nm):
@@ -94,7 +97,7 @@ def _prims(name, uses, stats, n):
     return {t: (n if t == "N" else stats[t][name]) for t in uses if t != "W"}
 
 
-def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, progress):
+def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, group, progress):
     # H needs the full input covariance; X alone only its diagonal, which is much cheaper
     recorder = Hessians if "H" in uses else input_norms
 
@@ -105,7 +108,7 @@ def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, 
             stats["H"] = {f"layers.{i}.{k}": v for k, v in rec.curvature().items()}
         for name, lin in linears.items():
             full = f"layers.{i}.{name}"
-            _prune_linear(full, lin, fn, _prims(full, uses, stats, len(calibration)), sparsity, structure)
+            _prune_linear(full, lin, fn, _prims(full, uses, stats, len(calibration)), sparsity, structure, group)
     blockwise(model, calibration, recorder, prune_block, progress)
 
 
@@ -130,4 +133,5 @@ def apply_sparsegpt(model, sparsity: float = 0.5, structure: str = "unstructured
     total, per = measured_sparsity(all_prunable(model))
     return PruneReport(metric="sparsegpt", canonical=f"SparseGPT (percdamp {percdamp}, blocksize {blocksize})",
                        structure=structure, target_sparsity=_target(sparsity, nm), sparsity=total, layers=per,
-                       sequential=sequential, timings=timings)
+                       sequential=sequential, timings=timings,
+                       group=f"{blocksize}-column blocks" if nm is None else f"{nm[1]} consecutive inputs")

@@ -58,6 +58,7 @@ class CatalogEntry:
     source: str
     doc: str
     figures: dict
+    group: str = "row"  # the comparison group the metric was published with (masks.GROUPS)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ def load_space(folder: str | None = None) -> SearchSpace:
         terminals[name] = Terminal(name, t["shape"], t["sign"], t.get("doc", ""))
     operators = {n: Operator(n, int(o["arity"]), o.get("doc", ""), o.get("infix"))
                  for n, o in raw["operators"].items()}
-    catalog = {n: CatalogEntry(n, c["expr"], c.get("source", ""), c.get("doc", ""), c.get("figures", {}))
+    catalog = {n: CatalogEntry(n, c["expr"], c.get("source", ""), c.get("doc", ""), c.get("figures", {}),
+                               c.get("group", "row"))
                for n, c in _read(root / "catalog.toml").items()}
     return SearchSpace(terminals, operators, raw.get("search", {}), catalog)

@@ -152,3 +152,15 @@ def test_sequential_pruning_with_h_uses_the_pruned_inputs():
     a, b = all_prunable(seq), all_prunable(one)
     assert all(torch.equal(a[k].weight, b[k].weight) for k in a if k.startswith("layers.0."))
     assert any(not torch.equal(a[k].weight, b[k].weight) for k in a if k.startswith("layers.1."))
+
+
+def test_magnitude_uses_its_published_layer_wide_threshold_unless_told_otherwise():
+    model = tiny_llama()
+    report = apply_metric(model, "magnitude", 0.5, progress=False)
+    assert report.group == "layer" and not report.sequential
+    per_row = [(lin.weight == 0).sum(1) for lin in all_prunable(model).values()]
+    assert all(int(z.sum()) == lin.weight.numel() // 2 for z, lin in zip(per_row, all_prunable(model).values()))
+    assert any(len(set(z.tolist())) > 1 for z in per_row)  # rows differ: one threshold per layer
+    row = tiny_llama()
+    assert apply_metric(row, "magnitude", 0.5, group="row", progress=False).group == "row"
+    assert all(((lin.weight == 0).sum(1) == lin.in_features // 2).all() for lin in all_prunable(row).values())

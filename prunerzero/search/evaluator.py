@@ -95,7 +95,7 @@ class Evaluator:
             prims = {t: (self.setup.nsamples if t == "N" else self.prims[t][name]) for t in m.terminals if t != "W"}
             scores = fn(W, **prims)
             check_scores(scores, where=name)
-            out[name] = make_mask(scores, self.setup.sparsity, self.setup.structure)
+            out[name] = make_mask(scores, self.setup.sparsity, self.setup.structure, m.group)
         return out
 
     def nll(self, masks, chunks: torch.Tensor) -> tuple[float, int]:
