@@ -54,10 +54,6 @@ class InputNorms(Recorder):
         return {name: s.sqrt().reshape(1, -1) for name, s in self.sq.items()}
 
 
-def input_norms(linears: dict) -> InputNorms:
-    return InputNorms(linears)
-
-
 class Hessians(Recorder):
     """H = sum over calibration tokens of x x^T (fp32) per hooked Linear. Linears that read the
     same input tensor (q/k/v, gate/up) share one H: a third of the work and memory."""
@@ -89,20 +85,23 @@ class Hessians(Recorder):
         super().remove()
         self._last = (None, None)
 
+    def per_layer(self, fn) -> dict:
+        """fn(H) for every recorded Linear, computed once per shared Hessian."""
+        done = {name: fn(H) for name, H in self.H.items()}
+        return {name: done[owner] for name, owner in self.owner.items()}
+
     def x_norms(self) -> dict[str, torch.Tensor]:
         """X (input l2 norm per channel) = sqrt(diag H): one recorder serves both."""
-        return {name: self.H[owner].diagonal().sqrt().reshape(1, -1) for name, owner in self.owner.items()}
+        return self.per_layer(lambda H: H.diagonal().sqrt().reshape(1, -1))
 
     def curvature(self, percdamp: float = 0.01) -> dict[str, torch.Tensor]:
         """The H terminal of every recorded Linear (see obs_curvature)."""
-        done = {name: obs_curvature(H, percdamp) for name, H in self.H.items()}
-        return {name: done[owner] for name, owner in self.owner.items()}
+        return self.per_layer(lambda H: obs_curvature(H, percdamp))
 
     def factors(self, percdamp: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(upper Cholesky factor of H^-1, dead input channels) for every recorded Linear."""
         from .sparsegpt import inverse_factor
-        done = {name: inverse_factor(H, percdamp) for name, H in self.H.items()}
-        return {name: done[owner] for name, owner in self.owner.items()}
+        return self.per_layer(lambda H: inverse_factor(H, percdamp))
 
 
 def obs_curvature(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
@@ -133,13 +132,19 @@ def compute_h(model, samples: torch.Tensor, percdamp: float = 0.01) -> dict[str,
 
 
 @torch.no_grad()
+def record_dense(model, samples: torch.Tensor, recorder, batch_size: int = 1, desc: str = "activations",
+                 progress: bool = True):
+    """One pass of the dense model over the samples with `recorder` on every prunable layer."""
+    device = next(model.parameters()).device
+    with recorder(all_prunable(model)) as rec:
+        for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress, leave=False):
+            model(samples[i:i + batch_size].to(device))
+    return rec
+
+
 def compute_x(model, samples: torch.Tensor, batch_size: int = 1) -> dict[str, torch.Tensor]:
     """X of every prunable layer of the dense model (one-shot: no pruning between layers)."""
-    device = next(model.parameters()).device
-    with input_norms(all_prunable(model)) as rec:
-        for i in tqdm(range(0, len(samples), batch_size), desc="activations", leave=False):
-            model(samples[i:i + batch_size].to(device))
-    return rec.norms()
+    return record_dense(model, samples, InputNorms, batch_size).norms()
 
 
 def compute_g(model, samples: torch.Tensor, scale: float = 1.0) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 evaluate, prune, save."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -71,6 +72,14 @@ def _model_identity(model_name) -> str:
     return model_name or "smollm2-135m (bundled)"
 
 
+def primitive_settings(model_name, calibration: str, samples: torch.Tensor, seed: int, dtype: str) -> dict:
+    """What cached dense primitives are keyed on, shared by `apply` and `evolve`: the model,
+    the calibration source and draw, and a hash of the very tokens used."""
+    return dict(model=_model_identity(model_name), calibration=calibration, nsamples=len(samples),
+                seqlen=samples.shape[1], seed=seed, dtype=dtype,
+                samples=hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:16])
+
+
 def run_apply(model_name=None, metric="pruner-zero", sparsity=0.5, structure="unstructured", output=None,
               nsamples=32, seqlen=512, calibration="wikipedia", eval_data=None, eval_chunks=None,
               seed=0, sequential=True, dtype="fp32", device="auto", data_dir=None, eval_dense=True,
@@ -94,8 +103,7 @@ def run_apply(model_name=None, metric="pruner-zero", sparsity=0.5, structure="un
         ppl["dense"] = perplexity(model, ev.chunks)
         log(f"dense perplexity ({ev.source}, {len(ev.chunks)} x {seqlen}): {ppl['dense']:.3f}")
     t1 = time.perf_counter()
-    key = dict(model=_model_identity(model_name), calibration=calibration, nsamples=nsamples, seqlen=seqlen,
-               seed=seed, dtype=dtype)
+    key = primitive_settings(model_name, calibration, samples, seed, dtype)
     if m is None:
         report = apply_sparsegpt(model, sparsity, structure, calibration=samples, sequential=sequential)
     else:

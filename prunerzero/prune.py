@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import Hessians, compute_g, compute_h, compute_x, input_norms
+from .calibration import Hessians, InputNorms, compute_g, compute_h, compute_x, record_dense
 from .blocks import blockwise
 from .compile import check_scores
 from .masks import make_mask, measured_sparsity, parse_structure
@@ -35,11 +35,16 @@ class PruneReport:
         return asdict(self)
 
 
-def _prune_linear(name, linear, fn, prims, sparsity, structure, group="row"):
-    W = linear.weight.data
+def metric_mask(name, W, fn, prims, sparsity, structure, group="row") -> torch.Tensor:
+    """The pruning mask (True = prune) of one layer's weights under a compiled metric."""
     scores = fn(W, **prims)
     check_scores(scores, where=name)
-    W[make_mask(scores, sparsity, structure, group)] = 0
+    return make_mask(scores, sparsity, structure, group)
+
+
+def _prune_linear(name, linear, fn, prims, sparsity, structure, group="row"):
+    W = linear.weight.data
+    W[metric_mask(name, W, fn, prims, sparsity, structure, group)] = 0
 
 
 def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstructured",
@@ -74,7 +79,7 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
             curvature = compute_h(model, _need(calibration, "H"))
         stats = {"X": x_norms, "G": grads, "H": curvature}
         for name, lin in tqdm(all_prunable(model).items(), desc="pruning", disable=not progress, leave=False):
-            _prune_linear(name, lin, fn, _prims(name, uses, stats, n), sparsity, structure, group)
+            _prune_linear(name, lin, fn, layer_primitives(name, uses, stats, n), sparsity, structure, group)
     timings["prune_s"] = time.perf_counter() - t1
     total, per = measured_sparsity(all_prunable(model))
     return PruneReport(metric=m.name or m.text, canonical=m.canonical(), structure=structure,
@@ -92,14 +97,14 @@ def _need(calibration, what):
     return calibration
 
 
-def _prims(name, uses, stats, n):
+def layer_primitives(name, uses, stats, n):
     """The primitives a metric uses for one layer: per-layer tensors from `stats`, N a number."""
     return {t: (n if t == "N" else stats[t][name]) for t in uses if t != "W"}
 
 
 def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, group, progress):
     # H needs the full input covariance; X alone only its diagonal, which is much cheaper
-    recorder = Hessians if "H" in uses else input_norms
+    recorder = Hessians if "H" in uses else InputNorms
 
     def prune_block(i, linears, rec):
         local = rec.x_norms() if "H" in uses else rec.norms()
@@ -108,7 +113,8 @@ def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, 
             stats["H"] = {f"layers.{i}.{k}": v for k, v in rec.curvature().items()}
         for name, lin in linears.items():
             full = f"layers.{i}.{name}"
-            _prune_linear(full, lin, fn, _prims(full, uses, stats, len(calibration)), sparsity, structure, group)
+            _prune_linear(full, lin, fn, layer_primitives(full, uses, stats, len(calibration)), sparsity, structure,
+                          group)
     blockwise(model, calibration, recorder, prune_block, progress)
 
 
@@ -123,12 +129,7 @@ def apply_sparsegpt(model, sparsity: float = 0.5, structure: str = "unstructured
     if sequential:
         blockwise(model, samples, Hessians, lambda i, linears, rec: prune(linears, rec), progress)
     else:
-        linears = all_prunable(model)
-        device = next(model.parameters()).device
-        with torch.no_grad(), Hessians(linears) as rec:
-            for s in samples:
-                model(s[None].to(device))
-        prune(linears, rec)
+        prune(all_prunable(model), record_dense(model, samples, Hessians, desc="hessians", progress=progress))
     timings = {"prune_s": time.perf_counter() - t0}
     total, per = measured_sparsity(all_prunable(model))
     return PruneReport(metric="sparsegpt", canonical=f"SparseGPT (percdamp {percdamp}, blocksize {blocksize})",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .calibration import Hessians
-from .masks import nm_mask
+from .masks import layer_mask, nm_mask
 
 
 class SparseGPTError(RuntimeError):
@@ -31,16 +31,6 @@ def inverse_factor(H: torch.Tensor, percdamp: float = 0.01, retries: int = 4):
                          "use more calibration samples")
 
 
-def _block_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Unstructured: the int(numel * sparsity) lowest OBS saliencies w^2 / [H^-1]_jj^2 of the
-    block, over all rows together (SparseGPT's choice); stable ties."""
-    score = (W1 * W1 / (d * d)).flatten()
-    k = int(score.numel() * sparsity)
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    mask[torch.sort(score, stable=True).indices[:k]] = True
-    return mask.reshape(W1.shape)
-
-
 @torch.no_grad()
 def sparsegpt_weights(W: torch.Tensor, U: torch.Tensor, dead: torch.Tensor, sparsity: float,
                       nm: tuple[int, int] | None = None, blocksize: int = 128) -> torch.Tensor:
@@ -55,7 +45,8 @@ def sparsegpt_weights(W: torch.Tensor, U: torch.Tensor, dead: torch.Tensor, spar
         i2 = min(i1 + blocksize, cols)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         d = U1.diagonal()
-        mask = _block_mask(W1, d, sparsity) if nm is None else torch.zeros_like(W1, dtype=torch.bool)
+        # unstructured: the lowest OBS saliencies w^2 / [H^-1]_jj^2 over the whole block (all rows)
+        mask = layer_mask(W1 * W1 / (d * d), sparsity) if nm is None else torch.zeros_like(W1, dtype=torch.bool)
         err = torch.zeros_like(W1)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:

@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ..compile import check_scores
 from ..evaluate import nll_sum
-from ..masks import make_mask
 from ..metric import Metric
 from ..models import all_prunable, load_model
+from ..prune import layer_primitives, metric_mask
 
 
 DENSE = "dense"  # task text that evaluates the unpruned model
@@ -90,13 +89,10 @@ class Evaluator:
     def masks(self, text: str) -> dict[str, torch.Tensor]:
         m = Metric.parse(text)
         fn = m.compile()
-        out = {}
-        for name, W in self.dense.items():
-            prims = {t: (self.setup.nsamples if t == "N" else self.prims[t][name]) for t in m.terminals if t != "W"}
-            scores = fn(W, **prims)
-            check_scores(scores, where=name)
-            out[name] = make_mask(scores, self.setup.sparsity, self.setup.structure, m.group)
-        return out
+        s = self.setup
+        return {name: metric_mask(name, W, fn, layer_primitives(name, m.terminals, self.prims, s.nsamples),
+                                  s.sparsity, s.structure, m.group)
+                for name, W in self.dense.items()}
 
     def nll(self, masks, chunks: torch.Tensor) -> tuple[float, int]:
         """NLL of the model with `masks` applied; the dense weights are put back after."""

@@ -157,6 +157,7 @@ class Search:
     def _measure(self, inds, k: int, desc: str, tag=None) -> dict:
         """Perplexity on the first k search chunks of every distinct key among `inds`."""
         out, tasks, keys = {}, [], []
+        known = self.cache.known()  # fingerprints measured before this batch, shared by its tasks
         for ind in inds:
             simplified, key, _ = self.cache.describe(str(ind))
             if key in out or key in keys:
@@ -170,7 +171,7 @@ class Search:
                 out[key] = m.perplexity(k)
             else:
                 keys.append(key)
-                tasks.append(Task(simplified, m.done if m else 0, k, "search", self.cache.known()))
+                tasks.append(Task(simplified, m.done if m else 0, k, "search", known))
         bar = tqdm(total=len(tasks), desc=desc.strip(), disable=self.quiet or not tasks, leave=False)
         results = self.pool.map(tasks, on_result=lambda r: bar.update())
         bar.close()

@@ -10,17 +10,22 @@ from .evaluator import Evaluator, Setup
 _worker: Evaluator | None = None
 
 
+def _gather(results, on_result):
+    """Results in task order, reporting each as it arrives."""
+    out = []
+    for r in results:
+        out.append(r)
+        if on_result:
+            on_result(r)
+    return out
+
+
 class InProcess:
     def __init__(self, setup: Setup, model=None):
         self.evaluator = Evaluator(setup, model)
 
     def map(self, tasks, on_result=None):
-        out = []
-        for t in tasks:
-            out.append(self.evaluator(t))
-            if on_result:
-                on_result(out[-1])
-        return out
+        return _gather(map(self.evaluator, tasks), on_result)
 
     def close(self):
         pass
@@ -42,12 +47,7 @@ class Processes:
         self.pool = mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(setup,))
 
     def map(self, tasks, on_result=None):
-        out = []
-        for r in self.pool.imap(_run, tasks, chunksize=1):
-            out.append(r)
-            if on_result:
-                on_result(r)
-        return out
+        return _gather(self.pool.imap(_run, tasks, chunksize=1), on_result)
 
     def close(self):
         self.pool.terminate()
@@ -74,12 +74,7 @@ class Ray:
         self.pool = ActorPool(self.actors)
 
     def map(self, tasks, on_result=None):
-        out = []
-        for r in self.pool.map(lambda a, t: a.evaluate.remote(t), tasks):
-            out.append(r)
-            if on_result:
-                on_result(r)
-        return out
+        return _gather(self.pool.map(lambda a, t: a.evaluate.remote(t), tasks), on_result)
 
     def close(self):
         for a in self.actors:

@@ -1,7 +1,6 @@
 """`run_evolve`: a whole search run from settings to the run directory, fresh or resumed."""
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict
 
@@ -12,7 +11,7 @@ from ..data import DataError
 from ..metric import Metric
 from ..models import load_model
 from ..space import load_space
-from ..pipeline import _model_identity, calibration_for, eval_data_for
+from ..pipeline import calibration_for, eval_data_for, primitive_settings
 from .config import SearchConfig
 from .evaluator import DENSE, Task
 from .gp import from_text, primitive_set
@@ -45,9 +44,7 @@ def terminals_needed(c: SearchConfig, pset_terminals) -> set[str]:
 
 def primitive_files(model, c: SearchConfig, samples: torch.Tensor, needed) -> dict[str, str]:
     """Dense X, G, H of the calibration samples, from the shared on-disk cache (computed once)."""
-    key = dict(model=_model_identity(c.model), calibration=c.calibration, nsamples=len(samples),
-               seqlen=samples.shape[1], seed=c.seed, dtype=c.dtype,
-               samples=hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:16])
+    key = primitive_settings(c.model, c.calibration, samples, c.seed, c.dtype)
     files = {}
     for kind in sorted(needed):
         cached(kind, key, lambda kind=kind: COMPUTE[kind](model, samples))
@@ -66,8 +63,7 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
     else:
         config = config or SearchConfig()
         run = RunDir(output)
-        if run.path.exists() and any(run.path.iterdir()):
-            run.create({})  # raises with the hint to resume
+        run.ensure_new()
     _check_metrics(config)
     model, tok = load_model(config.model, config.dtype, config.device, tokenizer=data is None)
     note = ""

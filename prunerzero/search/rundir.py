@@ -14,10 +14,13 @@ class RunDir:
     def __init__(self, path):
         self.path = Path(path)
 
-    def create(self, config: dict):
+    def ensure_new(self):
         if self.path.exists() and any(self.path.iterdir()):
             raise FileExistsError(f"run folder {self.path} exists and is not empty; "
                                   f"continue it with --resume {self.path}")
+
+    def create(self, config: dict):
+        self.ensure_new()
         self.path.mkdir(parents=True, exist_ok=True)
         self.write_json("config.json", config)
 
