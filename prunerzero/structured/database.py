@@ -1,0 +1,179 @@
+"""The level database of DarwinLM: for every decoder block and every sparsity level of its
+attention (query heads) and MLP (channels), which units are kept and the compensated
+output projection (o_proj / down_proj columns), found by greedy structured OBS (ZipLM).
+
+Removing a set S of input columns of W with curvature H = sum x x^T costs
+tr(W_S [H^-1]_SS^-1 W_S^T) of output error; the other columns absorb it through
+dW = -W_S [H^-1]_SS^-1 [H^-1]_S:, and H^-1 loses S by the same Schur step. One greedy pass
+per block visits every level, so the levels are nested. Only kept columns are stored, one
+safetensors file per block, so an interrupted build resumes at the block it stopped in.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..blocks import block_inputs, run_block
+from ..calibration import Hessians
+from ..models import decoder_layers
+from .units import Anatomy, StructureError, anatomy, attention_of, mlp_of
+
+DEFAULT_LADDER = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+@dataclass(frozen=True)
+class Level:
+    kept: tuple[int, ...]      # kept query heads (attention) or channels (MLP), ascending
+    params: int                # parameters of the module at this level
+    error: float               # ||(W - W_level) X||^2 / ||W X||^2 on the calibration tokens
+
+
+def kept_counts(total: int, ladder, multiple: int = 1) -> list[int]:
+    """Distinct unit counts, most first, for removed fractions `ladder` (0 = dense, 1 = none)."""
+    counts = {max(0, min(total, multiple * round(total * (1 - f) / multiple))) for f in ladder}
+    return sorted(counts | {total}, reverse=True)
+
+
+def greedy_obs(W: torch.Tensor, H: torch.Tensor, groups: list[list[int]], stops: list[int],
+               percdamp: float = 0.01, step: int = 1):
+    """Remove column groups of W one (or `step`) at a time by least OBS cost, updating the rest.
+
+    Returns {kept group count: (kept group ids, W restricted to their columns, relative error)}
+    for every count in `stops`."""
+    H = H.double()
+    W = W.double().clone()
+    dead = H.diagonal() == 0
+    Hd = H.clone()
+    Hd.diagonal().add_(percdamp * H.diagonal().mean().clamp_min(1e-12))
+    Hd.diagonal()[dead] = 1.0
+    Hinv = torch.linalg.inv(Hd)
+    W0, base = W.clone(), abs(float(((W @ H) * W).sum())) or 1.0
+    alive = list(range(len(groups)))
+    out, stops = {}, sorted(set(stops), reverse=True)
+
+    def snapshot():
+        cols = [c for g in alive for c in groups[g]]
+        dW = W - W0
+        err = float(((dW @ H) * dW).sum()) / base
+        out[len(alive)] = (tuple(alive), W[:, cols].float().contiguous(), err)
+
+    single = all(len(g) == 1 for g in groups)
+    while True:
+        if len(alive) in stops:
+            snapshot()
+        if not alive or len(alive) <= stops[-1]:
+            return out
+        next_stop = max(s for s in stops if s < len(alive))
+        n = min(step, len(alive) - next_stop)
+        if single:
+            cols = torch.tensor([groups[g][0] for g in alive])
+            sal = W[:, cols].square().sum(0) / Hinv[cols, cols]
+            pick = [alive[i] for i in torch.argsort(sal, stable=True)[:n].tolist()]
+        else:
+            sal = []
+            for g in alive:
+                S = groups[g]
+                sal.append(float((W[:, S] @ torch.linalg.inv(Hinv[S][:, S]) * W[:, S]).sum()))
+            order = sorted(range(len(alive)), key=lambda i: sal[i])
+            pick = [alive[i] for i in order[:n]]
+        S = [c for g in pick for c in groups[g]]
+        inv_SS = torch.linalg.inv(Hinv[S][:, S])
+        W -= W[:, S] @ inv_SS @ Hinv[S, :]
+        Hinv -= Hinv[:, S] @ inv_SS @ Hinv[S, :]
+        W[:, S] = 0
+        Hinv[S, :] = 0
+        Hinv[:, S] = 0
+        Hinv[S, S] = 1.0  # keeps removed columns inert in later Schur steps
+        alive = [g for g in alive if g not in set(pick)]
+
+
+class Database:
+    """Reads a built database folder: `levels[kind][layer]` lists Level entries, densest first;
+    `weights(kind, layer, index)` loads the compensated output-projection columns."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        meta = json.loads((self.path / "meta.json").read_text())
+        self.settings = meta["settings"]
+        self.ladder = tuple(meta["ladder"])
+        self.anatomy = Anatomy(**meta["anatomy"])
+        self.levels = {kind: [[Level(tuple(e["kept"]), e["params"], e["error"]) for e in layer]
+                              for layer in meta[kind]] for kind in ("attn", "mlp")}
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.levels["attn"])
+
+    def weights(self, kind: str, layer: int, index: int) -> torch.Tensor | None:
+        """Output-projection columns at a level; None for the dense level (use the model's)."""
+        if index == 0:
+            return None
+        with safe_open(str(self.path / f"layer_{layer:03d}.safetensors"), "pt") as f:
+            key = f"{kind}.{index}"
+            return f.get_tensor(key) if key in f.keys() else None
+
+
+def database_settings(model_name, calibration, nsamples, seqlen, seed, ladder, multiple, percdamp, dtype) -> dict:
+    return dict(model=model_name, calibration=calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                ladder=list(ladder), multiple=multiple, percdamp=percdamp, dtype=str(dtype), version=1)
+
+
+@torch.no_grad()
+def build_database(model, samples: torch.Tensor, path, settings: dict, ladder=DEFAULT_LADDER,
+                   multiple: int = 8, percdamp: float = 0.01, mlp_step: int | None = None,
+                   progress: bool = True) -> Database:
+    """Build (or finish building) the database of `model` in folder `path` from calibration
+    `samples` passed through the dense blocks; a finished folder is reused as it is."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        db = Database(path)
+        if db.settings != settings:
+            raise StructureError(f"{path} holds a database built with other settings; use another folder")
+        return db
+    path.mkdir(parents=True, exist_ok=True)
+    an = anatomy(model)
+    head_counts = kept_counts(an.heads, ladder)
+    chan_counts = kept_counts(an.channels, ladder, multiple)
+    step = mlp_step or max(1, an.channels // 1024)
+    inputs, call = block_inputs(model, samples)
+    meta = {"settings": settings, "ladder": list(ladder), "anatomy": an.__dict__, "attn": [], "mlp": []}
+    for i, block in enumerate(tqdm(decoder_layers(model), desc="level database", disable=not progress)):
+        file = path / f"layer_{i:03d}.safetensors"
+        if not file.is_file():
+            _build_block(block, inputs, call, an, head_counts, chan_counts, percdamp, step, file)
+        with safe_open(str(file), "pt") as f:
+            entry = json.loads(f.metadata()["levels"])
+        meta["attn"].append(entry["attn"])
+        meta["mlp"].append(entry["mlp"])
+        inputs = run_block(block, inputs, call)
+    (path / "meta.json.partial").write_text(json.dumps(meta))
+    (path / "meta.json.partial").rename(path / "meta.json")
+    return Database(path)
+
+
+def _build_block(block, inputs, call, an: Anatomy, head_counts, chan_counts, percdamp, step, file):
+    attn, mlp = attention_of(block), mlp_of(block)
+    with Hessians({"o": attn.o_proj, "down": mlp.down_proj}) as rec:
+        run_block(block, inputs, call)
+    d = an.head_dim
+    heads = greedy_obs(attn.o_proj.weight, rec.H["o"], [list(range(h * d, (h + 1) * d)) for h in range(an.heads)],
+                       head_counts, percdamp)
+    chans = greedy_obs(mlp.down_proj.weight, rec.H["down"], [[c] for c in range(an.channels)],
+                       chan_counts, percdamp, step)
+    tensors, levels = {}, {"attn": [], "mlp": []}
+    for kind, found, counts, params in (("attn", heads, head_counts, an.attn_params),
+                                        ("mlp", chans, chan_counts, lambda k: an.mlp_params(len(k)))):
+        for index, count in enumerate(counts):
+            kept, W, err = found[count]
+            levels[kind].append({"kept": list(kept), "params": params(kept), "error": err})
+            if 0 < index and count > 0:  # columns are in ascending unit order already
+                tensors[f"{kind}.{index}"] = W.to(attn.o_proj.weight.dtype).contiguous()
+    tmp = file.with_suffix(".partial")
+    save_file(tensors, str(tmp), metadata={"levels": json.dumps(levels)})
+    tmp.rename(file)

@@ -1,0 +1,172 @@
+"""`run_darwin`: a whole DarwinLM run, fresh or resumed: database, search, the final smaller
+model (and the baselines at the same parameter count), post-training, perplexity, speed,
+saved model, report.json and plots in the run folder."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..calibration import cache_key
+from ..data import calibration_samples
+from ..evaluate import perplexity
+from ..models import cache_dir, load_model
+from ..pipeline import _model_identity, calibration_for, eval_data_for
+from ..search.rundir import RunDir
+from .config import DarwinConfig
+from .database import build_database, database_settings
+from .fitness import DenseReference, light_train
+from .genome import LevelSpace
+from .search import DarwinSearch, FitnessData, run_loop
+from .shrink import materialize, save_structured, structure_of
+from .speed import latency
+
+
+@dataclass
+class DarwinData:
+    calibration: torch.Tensor      # windows for the database Hessians
+    fitness: torch.Tensor          # windows for selection: first half scored, second half trained on
+    evaluation: torch.Tensor       # perplexity chunks of the final models
+    source: str = "given"
+    note: str = ""
+
+
+def darwin_data(tok, c: DarwinConfig) -> DarwinData:
+    samples, ids, starts = calibration_for(tok, c.calibration, c.nsamples, c.seqlen, c.seed, c.data_dir)
+    fitness, fstarts = calibration_samples(ids, c.fitness_windows, c.seqlen, c.seed + 1)
+    ev = eval_data_for(tok, c.eval_data, c.seqlen, c.eval_chunks, c.data_dir, c.calibration, ids,
+                       list(starts) + list(fstarts))
+    return DarwinData(samples, fitness, ev.chunks, ev.source, ev.note)
+
+
+def database_path(c: DarwinConfig, samples: torch.Tensor):
+    settings = database_settings(_model_identity(c.model), c.calibration, len(samples), samples.shape[1], c.seed,
+                                 c.ladder, c.multiple, c.percdamp, c.dtype)
+    path = c.database or cache_dir() / "darwin" / cache_key(**settings)
+    return path, settings
+
+
+def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, data: DarwinData | None = None,
+               generations: int | None = None, log=print, quiet: bool = False) -> dict:
+    """Run (or continue, with resume=RUN) a structured search; returns the report."""
+    if resume:
+        run = RunDir(resume)
+        config = DarwinConfig.from_dict(run.config())
+        if generations is not None:
+            config.generations = generations
+    else:
+        config = config or DarwinConfig()
+        run = RunDir(output)
+        run.ensure_new()
+    c = config
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    model, tok = load_model(c.model, c.dtype, c.device, tokenizer=data is None)
+    data = data or darwin_data(tok, c)
+    if data.note:
+        log("NOTE: " + data.note)
+    t0 = time.perf_counter()
+    path, settings = database_path(c, data.calibration)
+    db = build_database(model, data.calibration, path, settings, c.ladder, c.multiple, c.percdamp,
+                        progress=not quiet)
+    t_db = time.perf_counter() - t0
+    space = LevelSpace(db)
+    start = space.uniform(c.target)
+    half = len(data.fitness) // 2
+    fit = FitnessData(DenseReference(model, data.fitness[:half]), data.fitness[half:])
+    search = DarwinSearch(c, model, space, fit, run, log, quiet)
+    state = run.load_checkpoint() if resume else None
+    if state:
+        search.restore(state)
+        run.truncate_log("log.jsonl", search.gen)
+        log(f"resuming {run.path} at generation {search.gen}")
+    else:
+        run.create(dict(c.to_dict(), database=str(path), data=dict(source=data.source, note=data.note),
+                        params=dict(prunable=space.total, target=space.target_params(c.target),
+                                    start=space.params(start))))
+        log(f"{space.total:,} prunable parameters; keeping {space.params(start):,} "
+            f"({space.params(start) / space.total:.3f}) from the uniform start")
+        search.start(start)
+    run_loop(search)
+    return finish(search, model, tok, data, c, run, start, t_db, log, quiet)
+
+
+def finish(search: DarwinSearch, model, tok, data: DarwinData, c: DarwinConfig, run: RunDir, uniform, t_db,
+           log, quiet) -> dict:
+    space = search.space
+    configs = {"evolved": search.parent}
+    if c.baselines:
+        configs["uniform"] = uniform
+        configs["per-layer error"] = space.by_error(space.params(search.parent))
+    ppl = {"dense": perplexity(model, data.evaluation, progress=not quiet)}
+    models = {}
+    for name, genome in configs.items():
+        models[name] = materialize(model, space.db, genome)
+        ppl[name] = perplexity(models[name], data.evaluation, progress=not quiet)
+        log(f"{name:16} {space.params(genome):>12,} params  perplexity {ppl[name]:.3f}")
+    if c.finetune_tokens:
+        for name, m in models.items():
+            finetune(m, data.fitness, c, progress=not quiet)
+            ppl[f"{name} + finetune"] = perplexity(m, data.evaluation, progress=not quiet)
+            log(f"{name + ' + finetune':28} perplexity {ppl[name + ' + finetune']:.3f}")
+    final = models["evolved"]
+    report = _report(search, model, final, configs, ppl, data, c, t_db)
+    if c.speed:
+        report["speed"] = {"dense": latency(model, 1, c.seqlen), "evolved": latency(final, 1, c.seqlen)}
+        report["speed"]["speedup"] = report["speed"]["dense"]["median_s"] / report["speed"]["evolved"]["median_s"]
+        log(f"forward latency batch 1 x {c.seqlen}: dense {report['speed']['dense']['median_s']:.3f} s, "
+            f"evolved {report['speed']['evolved']['median_s']:.3f} s ({report['speed']['speedup']:.2f}x)")
+    save_structured(final, run.path / "model", tok, extra={"report": "../report.json"})
+    run.write_json("report.json", report)
+    plot_allocation(run.path / "allocation.png", space, configs)
+    log(f"saved the smaller model to {run.path / 'model'} "
+        f"(reload: prunerzero.load_structured('{run.path / 'model'}'))")
+    return report
+
+
+def finetune(model, windows: torch.Tensor, c: DarwinConfig, progress=True):
+    """Post-training on calibration windows, cycling through them, for c.finetune_tokens tokens."""
+    steps = -(-c.finetune_tokens // c.seqlen)
+    order = torch.arange(steps) % len(windows)
+    torch.manual_seed(c.seed)
+    return light_train(model, windows[order], c.finetune_lr, progress=progress, desc="post-training")
+
+
+def _report(search, dense, final, configs, ppl, data, c, t_db) -> dict:
+    space = search.space
+    total_params = sum(p.numel() for p in final.parameters())
+    layers = []
+    for i, spec in enumerate(structure_of(space.db, search.parent)):
+        n = space.n_layers
+        layers.append(dict(layer=i, heads=len(spec["heads"]), kv_heads=len(spec["kv_heads"]),
+                           channels=len(spec["channels"]), attn_params=space.cost[i][search.parent[i]],
+                           mlp_params=space.cost[n + i][search.parent[n + i]]))
+    return dict(
+        params=dict(prunable_dense=space.total, prunable_kept=space.params(search.parent),
+                    kept_fraction=space.params(search.parent) / space.total, target=c.target,
+                    model_total=total_params, dense_total=sum(p.numel() for p in dense.parameters())),
+        perplexity=ppl, eval=dict(source=data.source, chunks=len(data.evaluation), seqlen=data.evaluation.shape[1],
+                                  note=data.note),
+        genomes={k: list(v) for k, v in configs.items()},
+        layers=layers, generations=search.gen, evaluations=search.evaluations,
+        timings=dict(database_s=t_db, search_s=search.elapsed), settings=c.to_dict())
+
+
+def plot_allocation(path, space: LevelSpace, configs: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = space.n_layers
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, kind, off in ((axes[0], "attention", 0), (axes[1], "MLP", n)):
+        for name, g in configs.items():
+            kept = [space.cost[off + i][g[off + i]] / space.cost[off + i][0] for i in range(n)]
+            ax.plot(range(n), kept, marker="o", ms=3, label=name)
+        ax.set(title=f"{kind}: parameters kept per layer", xlabel="layer")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("kept fraction")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
