@@ -18,7 +18,7 @@ class _Group(click.Group):
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted; a search continues with: prunerzero evolve --resume RUN", err=True)
+            click.echo("interrupted; a search continues with: prunerzero evolve (or darwin) --resume RUN", err=True)
             sys.exit(130)
 
 
@@ -161,6 +161,61 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
                        time_limit=time_limit, workers=workers, threads=threads, ray=use_ray, ray_address=ray_address,
                        gpus_per_worker=gpus_per_worker, dtype=dtype, device=device)
     run_evolve(cfg, output, log=log, quiet=quiet)
+
+
+@main.command()
+@click.option("--model", default=None, help="HF id or folder; default: bundled SmolLM2-135M.")
+@click.option("--output", default=None, help="Run folder (config, log, checkpoint, database link, model, report).")
+@click.option("--resume", default=None, help="Continue the run in this folder where it stopped.")
+@click.option("--target-params", "target", default=0.6, show_default=True,
+              help="Prunable parameters kept: a fraction in (0, 1] or an absolute count.")
+@click.option("--generations", default=10, show_default=True, help="With --resume: extend the run to this many.")
+@click.option("--offspring", default=8, show_default=True)
+@click.option("--stages", default="512:1024:4,1024:2048:2,2048:4096:1", show_default=True,
+              help="Selection stages as train tokens:scoring tokens:survivors.")
+@click.option("--lr", default=1e-5, show_default=True, help="Learning rate of the light training in selection.")
+@click.option("--ladder", default=None, help="Removed fractions per module, e.g. 0,0.25,0.5,0.75,1 (default tenths).")
+@click.option("--multiple", default=8, show_default=True, help="MLP channel counts are multiples of this.")
+@click.option("--database", default=None, help="Level database folder (default: the cache, keyed by settings).")
+@click.option("--finetune-tokens", default=0, show_default=True, help="Post-train the final models on this many tokens.")
+@click.option("--finetune-lr", default=1e-5, show_default=True)
+@click.option("--no-baselines", is_flag=True, help="Skip the uniform and per-layer-error models.")
+@click.option("--nsamples", default=32, show_default=True)
+@click.option("--seqlen", default=512, show_default=True)
+@click.option("--calibration", default="wikipedia", show_default=True)
+@click.option("--eval-data", default=None, help="Perplexity text (default WikiText-2 test).")
+@click.option("--eval-chunks", type=int, default=64, show_default=True, help="Perplexity on the first K chunks.")
+@click.option("--eval-full", is_flag=True, help="Also perplexity on the whole split (slow on a CPU).")
+@click.option("--data-dir", default=None, envvar="PRUNERZERO_DATA_DIR")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--time-limit", type=float, default=None, help="Seconds; stop after the generation that passes it.")
+@click.option("--threads", type=int, default=None)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No live lines or progress bars; the run folder has the logs.")
+def darwin(model, output, resume, target, generations, offspring, stages, lr, ladder, multiple, database,
+           finetune_tokens, finetune_lr, no_baselines, nsamples, seqlen, calibration, eval_data, eval_chunks,
+           eval_full, data_dir, seed, time_limit, threads, dtype, device, quiet):
+    """Evolve per-layer head and channel counts (DarwinLM) into a smaller, faster dense model."""
+    from .structured.config import DarwinConfig, parse_stages
+    from .structured.database import DEFAULT_LADDER
+    from .structured.run import run_darwin
+    if not output and not resume:
+        raise click.UsageError("give --output RUN for a new search, or --resume RUN")
+    log = (lambda *a: None) if quiet else click.echo
+    if resume:
+        ctx = click.get_current_context()
+        extend = generations if ctx.get_parameter_source("generations").name == "COMMANDLINE" else None
+        run_darwin(resume=resume, generations=extend, log=log, quiet=quiet)
+        return
+    cfg = DarwinConfig(model=model, target=target, generations=generations, offspring=offspring,
+                       stages=parse_stages(stages), lr=lr, ladder=_tuple(ladder, float) or DEFAULT_LADDER,
+                       multiple=multiple, database=database, finetune_tokens=finetune_tokens,
+                       finetune_lr=finetune_lr, baselines=not no_baselines, nsamples=nsamples, seqlen=seqlen,
+                       calibration=calibration, eval_data=eval_data, eval_chunks=eval_chunks, eval_full=eval_full,
+                       data_dir=data_dir, seed=seed, time_limit=time_limit, threads=threads, dtype=dtype,
+                       device=device)
+    run_darwin(cfg, output, log=log, quiet=quiet)
 
 
 @main.command("eval")

@@ -83,6 +83,9 @@ def load_model(name: str | None = None, dtype="fp32", device: str | None = "auto
     path = default_model_path() if name in (None, DEFAULT_MODEL) else name
     try:
         tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
+        if (Path(path) / "prunerzero_structure.json").is_file():  # a `prunerzero darwin` model
+            from .structured.shrink import load_structured
+            return load_structured(path, resolve_dtype(dtype), resolve_device(device)), tok
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), attn_implementation="sdpa")
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load model '{name}': {e}".split("\n")[0] +

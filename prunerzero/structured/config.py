@@ -46,7 +46,8 @@ class DarwinConfig:
     time_limit: float | None = None           # seconds; stop after the generation that passes it
     # the final model
     eval_data: str | None = None              # None: WikiText-2 test (held-out Wikipedia if missing)
-    eval_chunks: int | None = 64              # None: the whole split
+    eval_chunks: int = 64                     # perplexity on the first chunks of seqlen tokens
+    eval_full: bool = False                   # also on the whole split (one pass gives both)
     data_dir: str | None = None
     finetune_tokens: int = 0                  # post-training of the final models on calibration text
     finetune_lr: float = 1e-5

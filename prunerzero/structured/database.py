@@ -64,6 +64,8 @@ def greedy_obs(W: torch.Tensor, H: torch.Tensor, groups: list[list[int]], stops:
         out[len(alive)] = (tuple(alive), W[:, cols].float().contiguous(), err)
 
     single = all(len(g) == 1 for g in groups)
+    col_group = {g[0]: i for i, g in enumerate(groups)} if single else {}
+    removed = torch.zeros(W.shape[1], dtype=torch.bool, device=W.device)
     while True:
         if len(alive) in stops:
             snapshot()
@@ -72,9 +74,9 @@ def greedy_obs(W: torch.Tensor, H: torch.Tensor, groups: list[list[int]], stops:
         next_stop = max(s for s in stops if s < len(alive))
         n = min(step, len(alive) - next_stop)
         if single:
-            cols = torch.tensor([groups[g][0] for g in alive])
-            sal = W[:, cols].square().sum(0) / Hinv[cols, cols]
-            pick = [alive[i] for i in torch.argsort(sal, stable=True)[:n].tolist()]
+            sal = W.square().sum(0) / Hinv.diagonal()
+            sal[removed] = torch.inf
+            pick = [col_group[c] for c in torch.argsort(sal, stable=True)[:n].tolist()]
         else:
             sal = []
             for g in alive:
@@ -87,10 +89,12 @@ def greedy_obs(W: torch.Tensor, H: torch.Tensor, groups: list[list[int]], stops:
         W -= W[:, S] @ inv_SS @ Hinv[S, :]
         Hinv -= Hinv[:, S] @ inv_SS @ Hinv[S, :]
         W[:, S] = 0
+        removed[S] = True
         Hinv[S, :] = 0
         Hinv[:, S] = 0
         Hinv[S, S] = 1.0  # keeps removed columns inert in later Schur steps
-        alive = [g for g in alive if g not in set(pick)]
+        picked = set(pick)
+        alive = [g for g in alive if g not in picked]
 
 
 class Database:
@@ -121,7 +125,7 @@ class Database:
 
 def database_settings(model_name, calibration, nsamples, seqlen, seed, ladder, multiple, percdamp, dtype) -> dict:
     return dict(model=model_name, calibration=calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                ladder=list(ladder), multiple=multiple, percdamp=percdamp, dtype=str(dtype), version=1)
+                ladder=list(ladder), multiple=multiple, percdamp=percdamp, dtype=str(dtype), version=2)
 
 
 @torch.no_grad()
@@ -140,27 +144,28 @@ def build_database(model, samples: torch.Tensor, path, settings: dict, ladder=DE
     an = anatomy(model)
     head_counts = kept_counts(an.heads, ladder)
     chan_counts = kept_counts(an.channels, ladder, multiple)
-    step = mlp_step or max(1, an.channels // 1024)
+    step = mlp_step or max(1, an.channels // 256)  # a few channels per OBS step: same levels, fewer steps
     inputs, call = block_inputs(model, samples)
     meta = {"settings": settings, "ladder": list(ladder), "anatomy": an.__dict__, "attn": [], "mlp": []}
     for i, block in enumerate(tqdm(decoder_layers(model), desc="level database", disable=not progress)):
         file = path / f"layer_{i:03d}.safetensors"
-        if not file.is_file():
-            _build_block(block, inputs, call, an, head_counts, chan_counts, percdamp, step, file)
+        if file.is_file():  # built before an interruption
+            inputs = run_block(block, inputs, call)
+        else:
+            attn, mlp = attention_of(block), mlp_of(block)
+            with Hessians({"o": attn.o_proj, "down": mlp.down_proj}) as rec:
+                inputs = run_block(block, inputs, call)  # the dense outputs feed the next block
+            _build_block(attn, mlp, rec, an, head_counts, chan_counts, percdamp, step, file)
         with safe_open(str(file), "pt") as f:
             entry = json.loads(f.metadata()["levels"])
         meta["attn"].append(entry["attn"])
         meta["mlp"].append(entry["mlp"])
-        inputs = run_block(block, inputs, call)
     (path / "meta.json.partial").write_text(json.dumps(meta))
     (path / "meta.json.partial").rename(path / "meta.json")
     return Database(path)
 
 
-def _build_block(block, inputs, call, an: Anatomy, head_counts, chan_counts, percdamp, step, file):
-    attn, mlp = attention_of(block), mlp_of(block)
-    with Hessians({"o": attn.o_proj, "down": mlp.down_proj}) as rec:
-        run_block(block, inputs, call)
+def _build_block(attn, mlp, rec: Hessians, an: Anatomy, head_counts, chan_counts, percdamp, step, file):
     d = an.head_dim
     heads = greedy_obs(attn.o_proj.weight, rec.H["o"], [list(range(h * d, (h + 1) * d)) for h in range(an.heads)],
                        head_counts, percdamp)

@@ -3,6 +3,7 @@ model (and the baselines at the same parameter count), post-training, perplexity
 saved model, report.json and plots in the run folder."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ import torch
 
 from ..calibration import cache_key
 from ..data import calibration_samples
-from ..evaluate import perplexity
+from ..evaluate import nll_sum
 from ..models import cache_dir, load_model
 from ..pipeline import _model_identity, calibration_for, eval_data_for
 from ..search.rundir import RunDir
@@ -35,7 +36,7 @@ class DarwinData:
 def darwin_data(tok, c: DarwinConfig) -> DarwinData:
     samples, ids, starts = calibration_for(tok, c.calibration, c.nsamples, c.seqlen, c.seed, c.data_dir)
     fitness, fstarts = calibration_samples(ids, c.fitness_windows, c.seqlen, c.seed + 1)
-    ev = eval_data_for(tok, c.eval_data, c.seqlen, c.eval_chunks, c.data_dir, c.calibration, ids,
+    ev = eval_data_for(tok, c.eval_data, c.seqlen, None if c.eval_full else c.eval_chunks, c.data_dir, c.calibration, ids,
                        list(starts) + list(fstarts))
     return DarwinData(samples, fitness, ev.chunks, ev.source, ev.note)
 
@@ -99,19 +100,26 @@ def finish(search: DarwinSearch, model, tok, data: DarwinData, c: DarwinConfig, 
     if c.baselines:
         configs["uniform"] = uniform
         configs["per-layer error"] = space.by_error(space.params(search.parent))
-    ppl = {"dense": perplexity(model, data.evaluation, progress=not quiet)}
+    ppl, full = {}, {}
+
+    def measure(name, m):
+        ppl[name], whole = perplexities(m, data.evaluation, c.eval_chunks, progress=not quiet)
+        if c.eval_full:
+            full[name] = whole
+        log(f"{name:28} perplexity {ppl[name]:.3f}" + (f"  (whole split {whole:.3f})" if c.eval_full else ""))
+    measure("dense", model)
     models = {}
     for name, genome in configs.items():
         models[name] = materialize(model, space.db, genome)
-        ppl[name] = perplexity(models[name], data.evaluation, progress=not quiet)
-        log(f"{name:16} {space.params(genome):>12,} params  perplexity {ppl[name]:.3f}")
+        measure(name, models[name])
     if c.finetune_tokens:
         for name, m in models.items():
             finetune(m, data.fitness, c, progress=not quiet)
-            ppl[f"{name} + finetune"] = perplexity(m, data.evaluation, progress=not quiet)
-            log(f"{name + ' + finetune':28} perplexity {ppl[name + ' + finetune']:.3f}")
+            measure(f"{name} + finetune", m)
     final = models["evolved"]
     report = _report(search, model, final, configs, ppl, data, c, t_db)
+    if c.eval_full:
+        report["perplexity_full"] = full
     if c.speed:
         report["speed"] = {"dense": latency(model, 1, c.seqlen), "evolved": latency(final, 1, c.seqlen)}
         report["speed"]["speedup"] = report["speed"]["dense"]["median_s"] / report["speed"]["evolved"]["median_s"]
@@ -123,6 +131,13 @@ def finish(search: DarwinSearch, model, tok, data: DarwinData, c: DarwinConfig, 
     log(f"saved the smaller model to {run.path / 'model'} "
         f"(reload: prunerzero.load_structured('{run.path / 'model'}'))")
     return report
+
+
+def perplexities(model, chunks: torch.Tensor, first: int, progress=True) -> tuple[float, float]:
+    """Perplexity on the first `first` chunks and on all of them, from one pass."""
+    a, na = nll_sum(model, chunks[:first], progress=progress)
+    b, nb = nll_sum(model, chunks[first:], progress=progress) if len(chunks) > first else (0.0, 0)
+    return math.exp(a / na), math.exp((a + b) / (na + nb))
 
 
 def finetune(model, windows: torch.Tensor, c: DarwinConfig, progress=True):
@@ -146,8 +161,8 @@ def _report(search, dense, final, configs, ppl, data, c, t_db) -> dict:
         params=dict(prunable_dense=space.total, prunable_kept=space.params(search.parent),
                     kept_fraction=space.params(search.parent) / space.total, target=c.target,
                     model_total=total_params, dense_total=sum(p.numel() for p in dense.parameters())),
-        perplexity=ppl, eval=dict(source=data.source, chunks=len(data.evaluation), seqlen=data.evaluation.shape[1],
-                                  note=data.note),
+        perplexity=ppl, eval=dict(source=data.source, chunks=min(c.eval_chunks, len(data.evaluation)),
+                                  split_chunks=len(data.evaluation), seqlen=data.evaluation.shape[1], note=data.note),
         genomes={k: list(v) for k, v in configs.items()},
         layers=layers, generations=search.gen, evaluations=search.evaluations,
         timings=dict(database_s=t_db, search_s=search.elapsed), settings=c.to_dict())
