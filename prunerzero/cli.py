@@ -102,6 +102,21 @@ def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, metric
               seed, not one_shot, dtype, device, data_dir, method=method, group=group, log=click.echo)
 
 
+def _log(quiet):
+    return (lambda *a: None) if quiet else click.echo
+
+
+def _resumed(run_fn, output, resume, generations, log, quiet) -> bool:
+    """Continue a run when --resume is given (extending it only if --generations was typed)."""
+    if not output and not resume:
+        raise click.UsageError("give --output RUN for a new search, or --resume RUN")
+    if not resume:
+        return False
+    typed = click.get_current_context().get_parameter_source("generations").name == "COMMANDLINE"
+    run_fn(resume=resume, generations=generations if typed else None, log=log, quiet=quiet)
+    return True
+
+
 def _tuple(text, cast=str):
     return tuple(cast(x) for x in text.split(",") if x.strip()) if text else ()
 
@@ -145,13 +160,8 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
     """Search for a pruning metric by genetic programming (Pruner-Zero)."""
     from .search.config import SearchConfig
     from .search.run import run_evolve
-    if not output and not resume:
-        raise click.UsageError("give --output RUN for a new search, or --resume RUN")
-    log = (lambda *a: None) if quiet else click.echo
-    if resume:
-        ctx = click.get_current_context()
-        extend = generations if ctx.get_parameter_source("generations").name == "COMMANDLINE" else None
-        run_evolve(resume=resume, generations=extend, log=log, quiet=quiet)
+    log = _log(quiet)
+    if _resumed(run_evolve, output, resume, generations, log, quiet):
         return
     cfg = SearchConfig(model=model, sparsity=sparsity, structure=structure, strategy=strategy, population=population,
                        generations=generations, elite=elite, tournament=tournament, stages=_tuple(stages, int),
@@ -200,13 +210,8 @@ def darwin(model, output, resume, target, generations, offspring, stages, lr, la
     from .structured.config import DarwinConfig, parse_stages
     from .structured.database import DEFAULT_LADDER
     from .structured.run import run_darwin
-    if not output and not resume:
-        raise click.UsageError("give --output RUN for a new search, or --resume RUN")
-    log = (lambda *a: None) if quiet else click.echo
-    if resume:
-        ctx = click.get_current_context()
-        extend = generations if ctx.get_parameter_source("generations").name == "COMMANDLINE" else None
-        run_darwin(resume=resume, generations=extend, log=log, quiet=quiet)
+    log = _log(quiet)
+    if _resumed(run_darwin, output, resume, generations, log, quiet):
         return
     cfg = DarwinConfig(model=model, target=target, generations=generations, offspring=offspring,
                        stages=parse_stages(stages), lr=lr, ladder=_tuple(ladder, float) or DEFAULT_LADDER,

@@ -24,3 +24,31 @@ def primitives(out=16, inp=32, seed=0, dtype=torch.float64):
     X = torch.rand(1, inp, generator=g, dtype=dtype) * 10 + 0.1
     return {"W": W, "G": G, "X": X, "N": 32}
 
+
+
+def kill_and_resume(script, tmp_path, finished_file: str, sig=None, lines: int = 2):
+    """Run `script new whole` to the end; run `script new cut`, send it `sig` (SIGKILL by default)
+    once cut/log.jsonl has `lines` lines, then `script resume cut`. Returns the resume's
+    CompletedProcess; fails if the killed run had already written `finished_file`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = dict(os.environ, PRUNERZERO_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1")
+    subprocess.run([sys.executable, str(script), "new", str(tmp_path / "whole")], env=env, check=True,
+                   capture_output=True)
+    proc = subprocess.Popen([sys.executable, str(script), "new", str(tmp_path / "cut")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "cut" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < lines):
+        time.sleep(0.02)
+    proc.send_signal(sig or signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (tmp_path / "cut" / finished_file).exists(), "the run finished before it was killed"
+    r = subprocess.run([sys.executable, str(script), "resume", str(tmp_path / "cut")], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming" in r.stdout
+    return r

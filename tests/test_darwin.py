@@ -2,12 +2,7 @@
 (4 query heads sharing 2 key-value heads): database, mutation, selection, shrinking,
 save/reload, resume and bad input."""
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +19,7 @@ from prunerzero.structured.search import select
 from prunerzero.structured.shrink import apply_masked, load_structured, materialize, save_structured
 from prunerzero.structured.units import StructureError, anatomy
 
+from helpers import kill_and_resume
 from tiny import tiny_llama, token_samples
 
 LAYERS = 3
@@ -198,27 +194,13 @@ else:
 def test_a_killed_run_resumes_to_the_same_result(tiny_dir, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), model=str(tiny_dir)))
-    env = dict(os.environ, PRUNERZERO_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1")
-    subprocess.run([sys.executable, str(script), "new", str(tmp_path / "whole")], env=env, check=True,
-                   capture_output=True)
-    proc = subprocess.Popen([sys.executable, str(script), "new", str(tmp_path / "cut")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = tmp_path / "cut" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 2):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert not (tmp_path / "cut" / "report.json").exists(), "the run finished before it was killed"
-    r = subprocess.run([sys.executable, str(script), "resume", str(tmp_path / "cut")], env=env, capture_output=True,
-                       text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "resuming" in r.stdout
+    kill_and_resume(script, tmp_path, "report.json")
     whole = json.loads((tmp_path / "whole" / "report.json").read_text())
     cut = json.loads((tmp_path / "cut" / "report.json").read_text())
     assert cut["genomes"] == whole["genomes"]
     assert cut["perplexity"] == pytest.approx(whole["perplexity"])
-    assert [json.loads(x)["gen"] for x in log.read_text().splitlines()] == list(range(8))
+    log = (tmp_path / "cut" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["gen"] for x in log] == list(range(8))
 
 
 def test_bad_targets_and_models_are_clear_errors(space, tmp_path):

@@ -1,11 +1,7 @@
 """`prunerzero evolve` on a tiny random Llama: files, staging, caches, failures, resume, workers."""
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ from prunerzero.search.config import SearchConfig
 from prunerzero.search.evolve import SearchData
 from prunerzero.search.run import run_evolve
 
+from helpers import kill_and_resume
 from tiny import tiny_llama, token_samples
 
 FILES = ["config.json", "log.jsonl", "evaluations.jsonl", "checkpoint.pkl", "hall_of_fame.json", "fitness.png"]
@@ -134,24 +131,9 @@ else:
 def test_a_killed_search_resumes_to_the_same_hall_of_fame(tiny_dir, tmp_path, sig):
     script = tmp_path / "search.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), model=str(tiny_dir)))
-    env = dict(os.environ, PRUNERZERO_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1")
-    subprocess.run([sys.executable, str(script), "new", str(tmp_path / "whole")], env=env, check=True,
-                   capture_output=True)
-    proc = subprocess.Popen([sys.executable, str(script), "new", str(tmp_path / "cut")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = tmp_path / "cut" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 2):
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    proc.wait(timeout=60)
-    assert not (tmp_path / "cut" / "hall_of_fame.json").exists(), "the run finished before it was killed"
-    r = subprocess.run([sys.executable, str(script), "resume", str(tmp_path / "cut")], env=env, capture_output=True,
-                       text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "resuming" in r.stdout
+    kill_and_resume(script, tmp_path, "hall_of_fame.json", sig)
     assert fame(tmp_path / "cut") == fame(tmp_path / "whole")
-    gens = [json.loads(line)["gen"] for line in log.read_text().splitlines()]
+    gens = [json.loads(line)["gen"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert gens == list(range(6))
 
 

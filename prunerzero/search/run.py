@@ -83,12 +83,7 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
         pool = make_pool(setup_for(config, data, files), config.workers, config.ray, config.ray_address,
                          config.gpus_per_worker, model=model)
         search = Search(config, run, pool, log, quiet)
-        state = run.load_checkpoint() if resume else None
-        if state:
-            search.restore(state)
-            run.truncate_log("log.jsonl", search.gen)
-            log(f"resuming {run.path} at generation {search.gen}")
-        else:
+        if not (resume and run.resume(search, log)):
             search.seed_rngs()
             search.reference = reference_fitness(search, config)
             search.checkpoint()

@@ -53,6 +53,17 @@ class RunDir:
         f = self.path / "checkpoint.pkl"
         return pickle.loads(f.read_bytes()) if f.is_file() else None
 
+    def resume(self, search, log) -> bool:
+        """Restore `search` from the checkpoint, if there is one, dropping log lines of the
+        generation in progress when the run was killed."""
+        state = self.load_checkpoint()
+        if not state:
+            return False
+        search.restore(state)
+        self.truncate_log("log.jsonl", search.gen)
+        log(f"resuming {self.path} at generation {search.gen}")
+        return True
+
     def _atomic(self, name, data: bytes):
         tmp = self.path / (name + ".partial")
         tmp.write_bytes(data)

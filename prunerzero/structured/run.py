@@ -77,12 +77,7 @@ def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, dat
     half = len(data.fitness) // 2
     fit = FitnessData(DenseReference(model, data.fitness[:half]), data.fitness[half:])
     search = DarwinSearch(c, model, space, fit, run, log, quiet)
-    state = run.load_checkpoint() if resume else None
-    if state:
-        search.restore(state)
-        run.truncate_log("log.jsonl", search.gen)
-        log(f"resuming {run.path} at generation {search.gen}")
-    else:
+    if not (resume and run.resume(search, log)):
         run.create(dict(c.to_dict(), database=str(path), data=dict(source=data.source, note=data.note),
                         params=dict(prunable=space.total, target=space.target_params(c.target),
                                     start=space.params(start))))
