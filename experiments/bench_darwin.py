@@ -4,7 +4,7 @@ post-training, and the speed of the saved smaller model against the dense one.
 
     python experiments/bench_darwin.py [--targets 0.6,0.4] [--generations 10] [--finetune-tokens 32768] [--full]
 
-Each target is one `prunerzero darwin` run in --runs (default ~/.cache/prunerzero/bench_darwin);
+Each target is one `prunerzero darwin` run in --runs (default experiments/runs/bench_darwin, git-ignored);
 a rerun resumes an unfinished run and reuses finished ones. Latency is measured here, dense and
 pruned alternating in the same process (batch 1 and 8, seqlen 512), and reported as a ratio.
 Writes results/bench_darwin.{json,md} and results/bench_darwin_allocation.png.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from prunerzero.models import cache_dir, load_model
+from prunerzero.models import load_model
 from prunerzero.structured.config import DarwinConfig
 from prunerzero.structured.run import run_darwin
 from prunerzero.structured.shrink import load_structured
@@ -119,7 +119,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--runs", default=str(cache_dir() / "bench_darwin"))
+    ap.add_argument("--runs", default=str(Path(__file__).parent / "runs" / "bench_darwin"))
     ap.add_argument("--out", default=str(RESULTS / "bench_darwin"))
     args = ap.parse_args()
     from prunerzero.structured.database import Database
