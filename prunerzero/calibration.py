@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .models import all_prunable, cache_dir
+from .models import all_prunable, cache_dir, grads_only_for
 
 
 class Recorder:
@@ -155,26 +155,21 @@ def compute_g(model, samples: torch.Tensor, scale: float = 1.0) -> dict[str, tor
     """
     layers = all_prunable(model)
     acc = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in layers.items()}
-    wanted = {id(m.weight) for m in layers.values()}
-    saved = {p: p.requires_grad for p in model.parameters()}
     hooks = []
     for name, m in layers.items():
         def hook(param, name=name):
             acc[name].add_(param.grad.float().mul(scale).square_())
             param.grad = None
         hooks.append(m.weight.register_post_accumulate_grad_hook(hook))
-    for p in model.parameters():
-        p.requires_grad_(id(p) in wanted)
     device = next(model.parameters()).device
     try:
-        for i in tqdm(range(len(samples)), desc="gradients", leave=False):
-            ids = samples[i:i + 1].to(device)
-            model(input_ids=ids, labels=ids).loss.backward()
+        with grads_only_for(model, [m.weight for m in layers.values()]):
+            for i in tqdm(range(len(samples)), desc="gradients", leave=False):
+                ids = samples[i:i + 1].to(device)
+                model(input_ids=ids, labels=ids).loss.backward()
     finally:
         for h in hooks:
             h.remove()
-        for p, r in saved.items():
-            p.requires_grad_(r)
     return {name: a.sqrt_() for name, a in acc.items()}
 
 

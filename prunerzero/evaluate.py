@@ -26,3 +26,11 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, progress: bool 
     """Perplexity over (k, seqlen) token chunks: exp(total NLL / (k * (seqlen - 1)))."""
     nll, count = nll_sum(model, chunks, batch_size, progress)
     return math.exp(nll / count)
+
+
+def perplexities(model, chunks: torch.Tensor, first: int, batch_size: int = 4,
+                 progress: bool = True) -> tuple[float, float]:
+    """Perplexity on the first `first` chunks and on all of them, from one pass."""
+    a, na = nll_sum(model, chunks[:first], batch_size, progress)
+    b, nb = nll_sum(model, chunks[first:], batch_size, progress) if len(chunks) > first else (0.0, 0)
+    return math.exp(a / na), math.exp((a + b) / (na + nb))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -94,6 +95,20 @@ def load_model(name: str | None = None, dtype="fp32", device: str | None = "auto
     model.to(resolve_device(device)).eval()
     model.config.use_cache = False
     return model, tok
+
+
+@contextmanager
+def grads_only_for(model: nn.Module, params):
+    """Within the block, only `params` of `model` require gradients; restored on exit."""
+    wanted = {id(p) for p in params}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    try:
+        yield
+    finally:
+        for p, r in saved.items():
+            p.requires_grad_(r)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -63,7 +63,7 @@ def dense_primitives(model, metric: Metric, samples, settings: dict, sequential:
     return grads, x, h
 
 
-def _model_identity(model_name) -> str:
+def model_identity(model_name) -> str:
     """What the primitive cache is keyed on: the id, or a local folder and when its weights changed."""
     path = Path(model_name) if model_name else None
     if path is not None and path.is_dir():
@@ -75,7 +75,7 @@ def _model_identity(model_name) -> str:
 def primitive_settings(model_name, calibration: str, samples: torch.Tensor, seed: int, dtype: str) -> dict:
     """What cached dense primitives are keyed on, shared by `apply` and `evolve`: the model,
     the calibration source and draw, and a hash of the very tokens used."""
-    return dict(model=_model_identity(model_name), calibration=calibration, nsamples=len(samples),
+    return dict(model=model_identity(model_name), calibration=calibration, nsamples=len(samples),
                 seqlen=samples.shape[1], seed=seed, dtype=dtype,
                 samples=hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:16])
 

@@ -128,6 +128,16 @@ def test_materialised_model_equals_masked_model(model, db, space):
         assert module_params(model) - module_params(small) == removed
 
 
+def test_materialising_and_training_a_candidate_leave_the_dense_model_untouched(model, db, space):
+    from prunerzero.structured.fitness import light_train
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = materialize(model, db, space.dense)
+    light_train(small, token_samples(2, 32, seed=9), lr=1e-2)
+    assert not torch.equal(small.model.layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_save_and_reload_give_identical_logits(model, db, space, tmp_path):
     g = (1, 3, 4, 2, 0, 7)
     small = materialize(model, db, g)

@@ -1,10 +1,11 @@
 """Settings of a metric search, every default written to RUN/config.json."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 from ..errors import PrunerZeroError
 from ..masks import parse_structure
+from ..settings import Settings
 
 
 class SearchConfigError(PrunerZeroError, ValueError):
@@ -12,7 +13,7 @@ class SearchConfigError(PrunerZeroError, ValueError):
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(Settings):
     # what is pruned, and how fitness is measured
     model: str | None = None                 # HF id or folder; None: the bundled SmolLM2-135M
     sparsity: float = 0.5
@@ -74,11 +75,3 @@ class SearchConfig:
             raise SearchConfigError(f"elite must be in [0, population), got {self.elite}")
         if self.population < 2 or self.generations < 1 or self.workers < 1:
             raise SearchConfigError("population >= 2, generations >= 1 and workers >= 1 are needed")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SearchConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})

@@ -3,9 +3,10 @@ Defaults are sized for the bundled SmolLM2-135M on a 2-core CPU (about 2-3 minut
 generation); on a GPU raise `offspring`, `generations` and the stage token counts."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 from ..errors import PrunerZeroError
+from ..settings import Settings
 from .database import DEFAULT_LADDER
 
 
@@ -23,7 +24,7 @@ def parse_stages(text: str) -> tuple[tuple[int, int, int], ...]:
 
 
 @dataclass
-class DarwinConfig:
+class DarwinConfig(Settings):
     model: str | None = None                  # HF id or folder; None: the bundled SmolLM2-135M
     target: float = 0.6                       # prunable parameters kept: a fraction in (0, 1] or a count
     # the level database
@@ -80,11 +81,3 @@ class DarwinConfig:
         if windows > self.fitness_windows // 2:
             raise DarwinConfigError(f"the last stage scores {windows} windows of {self.seqlen} tokens but only "
                                     f"{self.fitness_windows // 2} are set aside for scoring; raise fitness_windows")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DarwinConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})

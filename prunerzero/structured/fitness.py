@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..models import decoder_layers
+from ..models import decoder_layers, grads_only_for
 
 
 class DenseReference:
@@ -54,22 +54,15 @@ def light_train(model, windows: torch.Tensor, lr: float, progress: bool = False,
     if not len(windows):
         return model
     params = trainable(model)
-    saved = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     try:
-        for i in tqdm(range(len(windows)), desc=desc, disable=not progress, leave=False):
-            ids = windows[i:i + 1].to(_device(model))
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        with grads_only_for(model, params):
+            for i in tqdm(range(len(windows)), desc=desc, disable=not progress, leave=False):
+                ids = windows[i:i + 1].to(_device(model))
+                model(input_ids=ids, labels=ids).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
     finally:
         model.eval()
-        for p, r in saved.items():
-            p.requires_grad_(r)
     return model

@@ -3,7 +3,6 @@ model (and the baselines at the same parameter count), post-training, perplexity
 saved model, report.json and plots in the run folder."""
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -11,16 +10,16 @@ import torch
 
 from ..calibration import cache_key
 from ..data import calibration_samples
-from ..evaluate import nll_sum
+from ..evaluate import perplexities
 from ..models import cache_dir, load_model
-from ..pipeline import _model_identity, calibration_for, eval_data_for
+from ..pipeline import model_identity, calibration_for, eval_data_for
 from ..search.rundir import RunDir
 from .config import DarwinConfig
 from .database import build_database, database_settings
 from .fitness import DenseReference, light_train
 from .genome import LevelSpace
 from .search import DarwinSearch, FitnessData, run_loop
-from .shrink import materialize, save_structured, structure_of
+from .shrink import materialize, save_structured
 from .speed import latency
 
 
@@ -42,7 +41,7 @@ def darwin_data(tok, c: DarwinConfig) -> DarwinData:
 
 
 def database_path(c: DarwinConfig, samples: torch.Tensor):
-    settings = database_settings(_model_identity(c.model), c.calibration, len(samples), samples.shape[1], c.seed,
+    settings = database_settings(model_identity(c.model), c.calibration, len(samples), samples.shape[1], c.seed,
                                  c.ladder, c.multiple, c.percdamp, c.dtype)
     path = c.database or cache_dir() / "darwin" / cache_key(**settings)
     return path, settings
@@ -128,13 +127,6 @@ def finish(search: DarwinSearch, model, tok, data: DarwinData, c: DarwinConfig, 
     return report
 
 
-def perplexities(model, chunks: torch.Tensor, first: int, progress=True) -> tuple[float, float]:
-    """Perplexity on the first `first` chunks and on all of them, from one pass."""
-    a, na = nll_sum(model, chunks[:first], progress=progress)
-    b, nb = nll_sum(model, chunks[first:], progress=progress) if len(chunks) > first else (0.0, 0)
-    return math.exp(a / na), math.exp((a + b) / (na + nb))
-
-
 def finetune(model, windows: torch.Tensor, c: DarwinConfig, progress=True):
     """Post-training on calibration windows, cycling through them, for c.finetune_tokens tokens."""
     steps = -(-c.finetune_tokens // c.seqlen)
@@ -146,9 +138,8 @@ def finetune(model, windows: torch.Tensor, c: DarwinConfig, progress=True):
 def _report(search, dense, final, configs, ppl, data, c, t_db) -> dict:
     space = search.space
     total_params = sum(p.numel() for p in final.parameters())
-    layers = []
-    for i, spec in enumerate(structure_of(space.db, search.parent)):
-        n = space.n_layers
+    layers, n = [], space.n_layers
+    for i, spec in enumerate(final.prunerzero_structure):
         layers.append(dict(layer=i, heads=len(spec["heads"]), kv_heads=len(spec["kv_heads"]),
                            channels=len(spec["channels"]), attn_params=space.cost[i][search.parent[i]],
                            mlp_params=space.cost[n + i][search.parent[n + i]]))

@@ -140,15 +140,19 @@ def _shrink_mlp(block, i, spec, db, level):
 
 
 @torch.no_grad()
-def materialize(model, db: Database, genome, copy_model: bool = True):
-    """A physically smaller model for `genome` (a copy of the dense `model` unless told)."""
-    if copy_model:
-        model = copy.deepcopy(model)
-    n = db.n_layers
-    for i, (block, spec) in enumerate(zip(decoder_layers(model), structure_of(db, genome))):
+def materialize(model, db: Database, genome):
+    """A physically smaller copy of the dense `model` for `genome`."""
+    # Every attention/MLP Linear is rebuilt below, so the copy shares the dense ones instead
+    # of duplicating them first (this runs once per candidate in a search).
+    memo = {id(p): p for block in decoder_layers(model) for name in (*ATTN, *MLP)
+            for m in block.modules() if isinstance(getattr(m, name, None), nn.Linear)
+            for p in getattr(m, name).parameters()}
+    model = copy.deepcopy(model, memo)
+    n, structure = db.n_layers, structure_of(db, genome)
+    for i, (block, spec) in enumerate(zip(decoder_layers(model), structure)):
         _shrink_attention(block, i, spec, db, genome[i])
         _shrink_mlp(block, i, spec, db, genome[n + i])
-    model.prunerzero_structure = structure_of(db, genome)
+    model.prunerzero_structure = structure
     return model
 
 
