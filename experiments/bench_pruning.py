@@ -7,7 +7,9 @@ Parts (each result is saved as soon as it is measured; a rerun skips what is don
           SparseGPT at 50% unstructured, 2:4 and 4:8, on the first --chunks chunks;
   sweeps  wanda and pruner-zero at sparsity 0.1 ... 0.7, and with 4 ... 64 calibration
           samples at 50% (Pruner-Zero's Figure 3);
-  full    the 50% unstructured row of the table on the whole WikiText-2 test split.
+  full    the 50% unstructured row of the table on the whole WikiText-2 test split;
+  times   prune every table row again, without evaluating, and keep that prune time: run this
+          part alone on a quiet machine (the other parts may share the CPU with other work).
 
 Calibration: --nsamples x --seqlen tokens of `wikipedia` (Wanda's sampler, --seed). Prune
 time covers the pruning call (calibration forward passes, statistics, masks, weight updates);
@@ -93,6 +95,16 @@ class Bench:
         self.save()
         return row
 
+    def retime(self, method, structure, sparsity):
+        """Prune a measured table row again and keep this prune time (and G's time)."""
+        row = self.data["results"].get(f"{method}|{structure}|{sparsity}|{self.args.nsamples}|{self.args.chunks}")
+        if row is None or row.get("timed_alone") or method == "dense":
+            return
+        self.restore()
+        row.update(self.prune(method, structure, sparsity, self.args.nsamples), timed_alone=True)
+        print(f"{method:20} {structure:12} prune {row['prune_s']:6.1f} s", flush=True)
+        self.save()
+
     def prune(self, method, structure, sparsity, nsamples):
         samples = self.calibration(nsamples)[0]
         extra = {}
@@ -130,7 +142,8 @@ def report(data, out):
              f"Calibration {s.get('nsamples')} x {s.get('seqlen')} tokens of wikipedia, seed {s.get('seed')}; "
              f"{s.get('dtype')}, {s.get('device')}, {s.get('threads')} threads, torch {s.get('torch')}. "
              "Prune time: the pruning call (calibration passes, statistics, masks, updates); "
-             "G for gblm and pruner-zero is computed once, its time shown apart.", ""]
+             "G for gblm and pruner-zero is computed once, its time shown apart. Times marked * were taken "
+             "while the CPU was shared with other work (rerun with --parts times on a quiet machine).", ""]
     table = [r for r in rows if r["nsamples"] == s.get("nsamples") and r["sparsity_target"] == 0.5]
     evals = sorted({(r["eval"], r["eval_chunks"]) for r in table}, key=lambda e: e[1])
     head = " | ".join(f"ppl {src} {k}x{s.get('seqlen')}" for src, k in evals)
@@ -144,6 +157,7 @@ def report(data, out):
         ppl = " | ".join(f"{found[e]['perplexity']:.3f}" if e in found else "" for e in evals)
         t = any_row.get("prune_s")
         g = f" (+{any_row['gradients_s']:.0f} G)" if "gradients_s" in any_row else ""
+        g += "" if any_row.get("timed_alone") or t is None else "*"
         label = "0% (dense)" if method == "dense" else ("50%" if pattern == "unstructured" else pattern)
         lines.append(f"| {label} | {method} | {any_row.get('sparsity', 0):.4f} | {ppl} | "
                      f"{'' if t is None else f'{t:.1f}{g}'} |")
@@ -196,7 +210,7 @@ def _plot(rows, s, out):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="table,sweeps,full")
+    ap.add_argument("--parts", default="table,sweeps,full", help="any of table,sweeps,full,times")
     ap.add_argument("--model", default=None)
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -224,6 +238,10 @@ def main():
             for n in SWEEP_NSAMPLES:
                 bench.run(metric, "unstructured", 0.5, nsamples=n)
             report(bench.data, out)
+    if "times" in parts:
+        for structure, sparsity in PATTERNS:
+            for method in METHODS:
+                bench.retime(method, structure, sparsity)
     if "full" in parts:
         bench.run("dense", full=True)
         for method in METHODS:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prunerzero.masks import SparsityError, make_mask, nm_mask, parse_structure, row_mask
+from prunerzero.masks import SparsityError, layer_mask, make_mask, nm_mask, parse_structure, row_mask
 
 
 def test_row_mask_prunes_exactly_k_per_row():
@@ -15,6 +15,23 @@ def test_row_mask_prunes_exactly_k_per_row():
 def test_ties_break_by_lower_index_first():
     s = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.5, 2.0]])
     assert row_mask(s, 0.5).tolist() == [[True, True, False, False, True, False]]
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.97])
+def test_selection_masks_equal_a_stable_sort_on_tied_scores(sparsity):
+    # scores on a coarse grid (like the bundled model's 4-bit weights) tie often, and zeros
+    # and negative zeros compare equal: the selection must pick what a stable sort picks
+    g = torch.Generator().manual_seed(1)
+    s = (torch.randn(33, 57, generator=g) * 2).round()
+    s[0] = 0.0
+    s[1, ::2] = -0.0
+    k = int(57 * sparsity)
+    by_sort = torch.zeros_like(s, dtype=torch.bool).scatter_(1, torch.sort(s, dim=1, stable=True).indices[:, :k], True)
+    assert torch.equal(row_mask(s, sparsity), by_sort)
+    k = int(s.numel() * sparsity)
+    flat = torch.zeros(s.numel(), dtype=torch.bool)
+    flat[torch.sort(s.flatten(), stable=True).indices[:k]] = True
+    assert torch.equal(layer_mask(s, sparsity), flat.reshape(s.shape))
 
 
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
