@@ -160,8 +160,8 @@ def plot(data, out: Path):
                 ax.step(t, best, where="post", marker=".", color=f"C{i}", label=f"{s}: best so far")
         wanda = runs["evolution"]["baselines"]["wanda"]["search_perplexity"]
         ax.axhline(wanda, ls="--", color="C3", label="wanda")
-        ax.set(title=f"{st}, sparsity 0.5", xlabel="search time (min)", ylabel="search perplexity (16 chunks)",
-               yscale="log")
+        ax.set(title=f"{st}, sparsity 0.5", xlabel="search time (min)", ylabel="best search perplexity (16 chunks)")
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -227,7 +227,12 @@ def main():
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--runs", default=str(Path(__file__).parent / "runs" / "bench_evolve"))
     ap.add_argument("--out", default=str(RESULTS / "bench_evolve"))
+    ap.add_argument("--report-only", action="store_true", help="Rewrite the markdown and plot from the JSON.")
     args = ap.parse_args()
+    if args.report_only:
+        data = json.loads(Path(args.out + ".json").read_text())
+        report(data, Path(args.out + ".md"))
+        return plot(data, Path(args.out + ".png"))
     structures = args.structures.split(",")
     cfg = config(args, structures[0], "evolution")
     data = dict(settings=dict(budget=args.budget, threads=args.threads, seed=args.seed, nsamples=cfg.nsamples,

@@ -13,7 +13,7 @@ Parts (each result is saved as soon as it is measured; a rerun skips what is don
 
 Calibration: --nsamples x --seqlen tokens of `wikipedia` (Wanda's sampler, --seed). Prune
 time covers the pruning call (calibration forward passes, statistics, masks, weight updates);
-G, which gblm and pruner-zero need, is computed once per calibration set from the dense model
+G, which gblm, pruner-zero and the evolved metric need, is computed once per calibration set from the dense model
 and its time is reported on its own. Writes results/bench_pruning.{json,md} and
 results/bench_pruning_sweeps.png.
 """
@@ -29,10 +29,11 @@ import torch
 
 from prunerzero import apply_metric, apply_sparsegpt, perplexity
 from prunerzero.calibration import compute_g
+from prunerzero.metric import Metric
 from prunerzero.models import load_model
 from prunerzero.pipeline import calibration_for, eval_data_for
 
-METHODS = ["magnitude", "wanda", "wanda (one-shot)", "ria", "gblm", "pruner-zero", "sparsegpt"]
+METHODS = ["magnitude", "wanda", "wanda (one-shot)", "ria", "gblm", "pruner-zero", "sparsegpt", "evolved-smollm2-50"]
 PATTERNS = [("unstructured", 0.5), ("2:4", 0.5), ("4:8", 0.5)]
 SWEEP_SPARSITY = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 SWEEP_NSAMPLES = [4, 8, 16, 32, 64]
@@ -114,7 +115,7 @@ class Bench:
         else:
             metric, sequential = method.replace(" (one-shot)", ""), "one-shot" not in method
             grads = None
-            if metric in ("gblm", "pruner-zero"):
+            if "G" in Metric.parse(metric).terminals:  # G is computed once per calibration set
                 grads, extra["gradients_s"] = self.gradients(nsamples)
                 self.restore()
             t0 = time.perf_counter()
@@ -142,7 +143,7 @@ def report(data, out):
              f"Calibration {s.get('nsamples')} x {s.get('seqlen')} tokens of wikipedia, seed {s.get('seed')}; "
              f"{s.get('dtype')}, {s.get('device')}, {s.get('threads')} threads, torch {s.get('torch')}. "
              "Prune time: the pruning call (calibration passes, statistics, masks, updates); "
-             "G for gblm and pruner-zero is computed once, its time shown apart. Times marked * were taken "
+             "G (for metrics that use it) is computed once, its time shown apart. Times marked * were taken "
              "while the CPU was shared with other work (rerun with --parts times on a quiet machine).", ""]
     table = [r for r in rows if r["nsamples"] == s.get("nsamples") and r["sparsity_target"] == 0.5]
     evals = sorted({(r["eval"], r["eval_chunks"]) for r in table}, key=lambda e: e[1])

@@ -42,7 +42,7 @@ def _emit(e: sympy.Expr) -> str:
         return f"torch.abs({_emit(e.args[0])})"
     if type(e) in LANG_OF:
         name = LANG_OF[type(e)]
-        args = ", ".join(_emit(a) if a.free_symbols else f"torch.tensor({_emit(a)})" for a in e.args)
+        args = ", ".join(_emit(a) if a.free_symbols else f"torch.as_tensor({_emit(a)})" for a in e.args)
         return f"ops.{name}({args}, shape)" if name in ops.NEEDS_SHAPE else f"ops.{name}({args})"
     raise TypeError(f"cannot compile {sympy.srepr(e)}")
 
