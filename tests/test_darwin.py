@@ -67,6 +67,7 @@ def test_database_levels_have_exact_sizes(model, db, space):
                     unit = an.head_dim if kind == "attn" else 1
                     assert W.shape == (an.hidden, len(level.kept) * unit)
     assert space.params(space.dense) == module_params(model.model.layers) - 2 * LAYERS * an.hidden
+    assert db.build_s > 0  # the build time is kept with the database, for reports of runs that reuse it
 
 
 def test_obs_update_beats_dropping_the_same_columns():
@@ -186,6 +187,7 @@ def test_a_run_writes_its_files_and_keeps_the_parameter_count(tiny_dir, tmp_path
     assert report["perplexity"]["dense"] != report["perplexity_full"]["dense"]  # 2 of 4 chunks vs all 4
     saved = load_structured(tmp_path / "run" / "model")
     assert module_params(saved) == report["params"]["model_total"]
+    assert report["timings"]["database_build_s"] > 0
 
 
 SCRIPT = """

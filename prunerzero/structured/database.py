@@ -11,6 +11,7 @@ safetensors file per block, so an interrupted build resumes at the block it stop
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,7 @@ class Database:
         self.path = Path(path)
         meta = json.loads((self.path / "meta.json").read_text())
         self.settings = meta["settings"]
+        self.build_s = meta.get("build_s")  # seconds the blocks took to build (None: built by a version that did not keep it)
         self.ladder = tuple(meta["ladder"])
         self.anatomy = Anatomy(**meta["anatomy"])
         self.levels = {kind: [[Level(tuple(e["kept"]), e["params"], e["error"]) for e in layer]
@@ -152,20 +154,22 @@ def build_database(model, samples: torch.Tensor, path, settings: dict, ladder=DE
         if file.is_file():  # built before an interruption
             inputs = run_block(block, inputs, call)
         else:
+            t0 = time.perf_counter()
             attn, mlp = attention_of(block), mlp_of(block)
             with Hessians({"o": attn.o_proj, "down": mlp.down_proj}) as rec:
                 inputs = run_block(block, inputs, call)  # the dense outputs feed the next block
-            _build_block(attn, mlp, rec, an, head_counts, chan_counts, percdamp, step, file)
+            _build_block(attn, mlp, rec, an, head_counts, chan_counts, percdamp, step, file, t0)
         with safe_open(str(file), "pt") as f:
             entry = json.loads(f.metadata()["levels"])
         meta["attn"].append(entry["attn"])
         meta["mlp"].append(entry["mlp"])
+        meta["build_s"] = meta.get("build_s", 0.0) + entry.get("seconds", 0.0)
     (path / "meta.json.partial").write_text(json.dumps(meta))
     (path / "meta.json.partial").rename(path / "meta.json")
     return Database(path)
 
 
-def _build_block(attn, mlp, rec: Hessians, an: Anatomy, head_counts, chan_counts, percdamp, step, file):
+def _build_block(attn, mlp, rec: Hessians, an: Anatomy, head_counts, chan_counts, percdamp, step, file, t0):
     d = an.head_dim
     heads = greedy_obs(attn.o_proj.weight, rec.H["o"], [list(range(h * d, (h + 1) * d)) for h in range(an.heads)],
                        head_counts, percdamp)
@@ -180,5 +184,6 @@ def _build_block(attn, mlp, rec: Hessians, an: Anatomy, head_counts, chan_counts
             if 0 < index and count > 0:  # columns are in ascending unit order already
                 tensors[f"{kind}.{index}"] = W.to(attn.o_proj.weight.dtype).contiguous()
     tmp = file.with_suffix(".partial")
+    levels["seconds"] = time.perf_counter() - t0  # kept with the block, so a resumed build still adds up
     save_file(tensors, str(tmp), metadata={"levels": json.dumps(levels)})
     tmp.rename(file)

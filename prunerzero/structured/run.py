@@ -151,7 +151,8 @@ def _report(search, dense, final, configs, ppl, data, c, t_db) -> dict:
                                   split_chunks=len(data.evaluation), seqlen=data.evaluation.shape[1], note=data.note),
         genomes={k: list(v) for k, v in configs.items()},
         layers=layers, generations=search.gen, evaluations=search.evaluations,
-        timings=dict(database_s=t_db, search_s=search.elapsed), settings=c.to_dict())
+        timings=dict(database_s=t_db, database_build_s=search.space.db.build_s, search_s=search.elapsed),
+        settings=c.to_dict())
 
 
 def plot_allocation(path, space: LevelSpace, configs: dict):
