@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
+from common import common_options
 from prunerzero.models import load_model
 from prunerzero.structured.config import DarwinConfig
 from prunerzero.structured.run import run_darwin
 from prunerzero.structured.shrink import load_structured
 from prunerzero.structured.speed import latency
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def one_run(args, target) -> dict:
@@ -124,11 +124,7 @@ def main():
     ap.add_argument("--finetune-lr", type=float, default=1e-5)
     ap.add_argument("--full", action="store_true", help="Also the whole WikiText-2 test split.")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--runs", default=str(Path(__file__).parent / "runs" / "bench_darwin"))
-    ap.add_argument("--out", default=str(RESULTS / "bench_darwin"))
-    ap.add_argument("--report-only", action="store_true", help="Rewrite the markdown and plot from the JSON.")
+    common_options(ap, "bench_darwin")
     args = ap.parse_args()
     if args.report_only:
         return report(json.loads(Path(args.out).with_suffix(".json").read_text()), Path(args.out))

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import RESULTS, common_options
 from prunerzero.models import load_model
 from prunerzero.search.config import SearchConfig
 from prunerzero.search.evaluator import Evaluator, Task
@@ -36,7 +37,6 @@ from prunerzero.search.rundir import RunDir
 from prunerzero.search.run import primitive_files, run_evolve, search_data, terminals_needed
 from prunerzero.space import load_space
 
-RESULTS = Path(__file__).parent / "results"
 STRATEGIES = ("evolution", "random")
 # Baselines re-evaluated on the held-out chunks by the evolution run (one-shot, like the search);
 # the random run only needs Wanda, its reference for "time to beat Wanda".
@@ -223,11 +223,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads per search process")
     ap.add_argument("--check", type=int, default=8, help="candidates stopped by staging to re-check in full")
     ap.add_argument("--heldout-chunks", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--runs", default=str(Path(__file__).parent / "runs" / "bench_evolve"))
-    ap.add_argument("--out", default=str(RESULTS / "bench_evolve"))
-    ap.add_argument("--report-only", action="store_true", help="Rewrite the markdown and plot from the JSON.")
+    common_options(ap, "bench_evolve")
     args = ap.parse_args()
     if args.report_only:
         data = json.loads(Path(args.out + ".json").read_text())
