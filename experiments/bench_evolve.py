@@ -29,13 +29,10 @@ import numpy as np
 import torch
 
 from common import RESULTS, common_options
-from prunerzero.models import load_model
 from prunerzero.search.config import SearchConfig
-from prunerzero.search.evaluator import Evaluator, Task
-from prunerzero.search.evolve import setup_for
+from prunerzero.search.evaluator import Task
 from prunerzero.search.rundir import RunDir
-from prunerzero.search.run import primitive_files, run_evolve, search_data, terminals_needed
-from prunerzero.space import load_space
+from prunerzero.search.run import run_evolve, search_evaluator
 
 STRATEGIES = ("evolution", "random")
 # Baselines re-evaluated on the held-out chunks by the evolution run (one-shot, like the search);
@@ -72,14 +69,14 @@ def staged_runs(args, structure) -> dict:
         return {s: f.result() for s, f in futures.items()}
 
 
-def first_and_full(run: RunDir, k_full: int):
-    """Per canonical key: perplexity after the first stage (1 chunk) and on all search chunks."""
+def first_and_full(run: RunDir, k_first: int, k_full: int):
+    """Per canonical key: perplexity after the first stage and on all search chunks."""
     first, full = {}, {}
     for r in run.read_lines("evaluations.jsonl"):
         if r.get("gen") == "baselines" or r["perplexity"] is None:
             continue
         hi = r["chunks"][1]
-        (first if hi == 1 else full if hi == k_full else {})[r["key"]] = (r["metric"], r["perplexity"])
+        (first if hi == k_first else full if hi == k_full else {})[r["key"]] = (r["metric"], r["perplexity"])
     return first, full
 
 
@@ -97,17 +94,14 @@ def staging_check(args, structure) -> dict:
     run = RunDir(path)
     cfg = SearchConfig.from_dict(run.config())
     k = cfg.stages[-1]
-    first, full = first_and_full(run, k)
+    first, full = first_and_full(run, cfg.stages[0], k)
     stopped = sorted((p, key, text) for key, (text, p) in first.items() if key not in full)[:args.check]
-    model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
-    data, _ = search_data(tok, cfg)
-    files = primitive_files(model, cfg, data.calibration, terminals_needed(cfg, load_space().search["terminals"]))
     cfg.threads = None  # the check runs alone: all threads
-    ev = Evaluator(setup_for(cfg, data, files), model=model)
+    ev, _ = search_evaluator(cfg)
     checked = []
     for p1, key, text in stopped:
-        r = ev(Task(text, 0, k))
-        checked.append(dict(metric=text, first_stage=p1, all_chunks=math.exp(r.nll / r.tokens) if r.tokens else None))
+        ppl = ev(Task(text, 0, k)).perplexity
+        checked.append(dict(metric=text, first_stage=p1, all_chunks=ppl if math.isfinite(ppl) else None))
     pairs = [(first[key][1], full[key][1]) for key in full if key in first]
     best_staged = min(p for _, p in full.values())
     best_checked = min((c["all_chunks"] for c in checked if c["all_chunks"]), default=math.inf)

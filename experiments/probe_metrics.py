@@ -17,11 +17,9 @@ import time
 from pathlib import Path
 
 from prunerzero.metric import Metric
-from prunerzero.models import load_model
 from prunerzero.search.config import SearchConfig
-from prunerzero.search.evaluator import Evaluator, Task
-from prunerzero.search.evolve import setup_for
-from prunerzero.search.run import COMPUTE, primitive_files, search_data
+from prunerzero.search.evaluator import Task
+from prunerzero.search.run import COMPUTE, search_evaluator
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -39,18 +37,15 @@ def main():
     cfg = SearchConfig(sparsity=args.sparsity, structure=args.structure, stages=(args.chunks,), heldout_chunks=0,
                        seed=args.seed, data_dir=args.data_dir)
     metrics = [Metric.parse(m) for m in args.metrics]
-    model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
-    data, note = search_data(tok, cfg)
-    if note:
-        print("NOTE: " + note)
-    needed = set().union(*(m.terminals for m in metrics)) & set(COMPUTE)
-    ev = Evaluator(setup_for(cfg, data, primitive_files(model, cfg, data.calibration, needed)), model=model)
+    ev, data = search_evaluator(cfg, set().union(*(m.terminals for m in metrics)) & set(COMPUTE))
+    if data.note:
+        print("NOTE: " + data.note)
     with open(args.out, "a") as f:
         for text, m in zip(args.metrics, metrics):
             t0 = time.perf_counter()
             r = ev(Task(text, 0, args.chunks))
-            ppl = math.exp(r.nll / r.tokens) if r.tokens and not r.error else None
-            print(f"{ppl or math.inf:10.3f}  {text}" + (f"  ({r.error})" if r.error else ""), flush=True)
+            print(f"{r.perplexity:10.3f}  {text}" + (f"  ({r.error})" if r.error else ""), flush=True)
+            ppl = r.perplexity if math.isfinite(r.perplexity) else None
             f.write(json.dumps(dict(metric=text, simplified=m.simplify().text, search_perplexity=ppl, error=r.error,
                                     sparsity=args.sparsity, structure=args.structure, chunks=args.chunks,
                                     seed=args.seed, source=data.source, seconds=round(time.perf_counter() - t0, 1)))

@@ -63,6 +63,11 @@ class Result:
     cached: bool = False               # masks already measured: nothing evaluated
     seconds: float = 0.0
 
+    @property
+    def perplexity(self) -> float:
+        """exp(mean NLL) of the chunks this task evaluated; inf when it failed or evaluated none."""
+        return math.exp(self.nll / self.tokens) if not self.error and self.tokens else math.inf
+
 
 def fingerprint(masks: dict[str, torch.Tensor]) -> str:
     """A hash of every layer's mask: equal fingerprints mean the same pruned model."""

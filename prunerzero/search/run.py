@@ -13,7 +13,7 @@ from ..models import load_model
 from ..space import load_space
 from ..pipeline import calibration_for, eval_data_for, primitive_settings
 from .config import SearchConfig
-from .evaluator import DENSE, Task
+from .evaluator import DENSE, Evaluator, Task
 from .gp import from_text, primitive_set
 from .evolve import Search, SearchData, _finite, setup_for
 from .pools import make_pool
@@ -50,6 +50,15 @@ def primitive_files(model, c: SearchConfig, samples: torch.Tensor, needed) -> di
         cached(kind, key, lambda kind=kind: COMPUTE[kind](model, samples))
         files[kind] = str(cache_path(kind, key))
     return files
+
+
+def search_evaluator(c: SearchConfig, needed: set[str] | None = None) -> tuple[Evaluator, SearchData]:
+    """One in-process evaluator of `c`'s search (model, primitives, chunks), for scoring metrics
+    outside a search; `needed` primitives default to those of the search terminals."""
+    model, tok = load_model(c.model, c.dtype, c.device)
+    data, _ = search_data(tok, c)
+    needed = terminals_needed(c, c.terminals or load_space().search["terminals"]) if needed is None else needed
+    return Evaluator(setup_for(c, data, primitive_files(model, c, data.calibration, needed)), model=model), data
 
 
 def run_evolve(config: SearchConfig | None = None, output=None, resume=None, data: SearchData | None = None,
@@ -131,7 +140,7 @@ def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir, log) 
     for name in sets:
         n = len(data.heldout if name == "heldout" else data.full)
         results = search.pool.map([Task(r[0], 0, n, name) for r in rows])
-        measured[name] = [math.exp(r.nll / r.tokens) if not r.error and r.tokens else math.inf for r in results]
+        measured[name] = [r.perplexity for r in results]
 
     def row(i, r):
         simplified, expr, key, fit = r

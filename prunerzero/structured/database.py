@@ -106,7 +106,8 @@ class Database:
         self.path = Path(path)
         meta = json.loads((self.path / "meta.json").read_text())
         self.settings = meta["settings"]
-        self.build_s = meta.get("build_s")  # seconds the blocks took to build (None: built by a version that did not keep it)
+        # seconds the blocks took to build; None for a database built before this was kept
+        self.build_s = meta.get("build_s")
         self.ladder = tuple(meta["ladder"])
         self.anatomy = Anatomy(**meta["anatomy"])
         self.levels = {kind: [[Level(tuple(e["kept"]), e["params"], e["error"]) for e in layer]
@@ -148,7 +149,7 @@ def build_database(model, samples: torch.Tensor, path, settings: dict, ladder=DE
     chan_counts = kept_counts(an.channels, ladder, multiple)
     step = mlp_step or max(1, an.channels // 256)  # a few channels per OBS step: same levels, fewer steps
     inputs, call = block_inputs(model, samples)
-    meta = {"settings": settings, "ladder": list(ladder), "anatomy": an.__dict__, "attn": [], "mlp": []}
+    meta = {"settings": settings, "ladder": list(ladder), "anatomy": an.__dict__, "attn": [], "mlp": [], "build_s": 0.0}
     for i, block in enumerate(tqdm(decoder_layers(model), desc="level database", disable=not progress)):
         file = path / f"layer_{i:03d}.safetensors"
         if file.is_file():  # built before an interruption
@@ -163,7 +164,7 @@ def build_database(model, samples: torch.Tensor, path, settings: dict, ladder=DE
             entry = json.loads(f.metadata()["levels"])
         meta["attn"].append(entry["attn"])
         meta["mlp"].append(entry["mlp"])
-        meta["build_s"] = meta.get("build_s", 0.0) + entry.get("seconds", 0.0)
+        meta["build_s"] += entry.get("seconds", 0.0)
     (path / "meta.json.partial").write_text(json.dumps(meta))
     (path / "meta.json.partial").rename(path / "meta.json")
     return Database(path)
