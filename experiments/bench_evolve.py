@@ -2,7 +2,7 @@
 
     python experiments/bench_evolve.py [--structures unstructured,2:4] [--budget 3600] [--threads 1] [--check 8]
 
-For each structure (sparsity 0.5), the two strategies run side by side, one process and
+For each structure (sparsity 0.5), the two strategies (--strategies) run side by side, one process and
 --threads torch threads each, for --budget seconds of search (the generation in progress is
 finished), then re-evaluate their hall of fame on the held-out chunks (the first 64 chunks of
 the WikiText-2 test split, the protocol of bench_pruning; the search chunks are the last 16).
@@ -62,8 +62,8 @@ def one_search(cfg: dict, path: str) -> dict:
     return run_evolve(SearchConfig.from_dict(cfg), path, log=log, quiet=True)
 
 
-def staged_runs(args, structure) -> dict:
-    jobs = {s: (config(args, structure, s).to_dict(), str(run_dir(args, structure, s))) for s in STRATEGIES}
+def staged_runs(args, structure, strategies) -> dict:
+    jobs = {s: (config(args, structure, s).to_dict(), str(run_dir(args, structure, s))) for s in strategies}
     with ProcessPoolExecutor(len(jobs), mp_context=get_context("spawn")) as pool:
         futures = {s: pool.submit(one_search, *job) for s, job in jobs.items()}
         return {s: f.result() for s, f in futures.items()}
@@ -214,6 +214,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--structures", default="unstructured,2:4")
     ap.add_argument("--budget", type=float, default=3600.0, help="seconds of search per run")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help="which of evolution,random to run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per search process")
     ap.add_argument("--check", type=int, default=8, help="candidates stopped by staging to re-check in full")
     ap.add_argument("--heldout-chunks", type=int, default=64)
@@ -223,16 +224,19 @@ def main():
         data = json.loads(Path(args.out + ".json").read_text())
         report(data, Path(args.out + ".md"))
         return plot(data, Path(args.out + ".png"))
-    structures = args.structures.split(",")
+    structures, strategies = args.structures.split(","), args.strategies.split(",")
     cfg = config(args, structures[0], "evolution")
-    data = dict(settings=dict(budget=args.budget, threads=args.threads, seed=args.seed, nsamples=cfg.nsamples,
-                              seqlen=cfg.seqlen, population=cfg.population, stages=list(cfg.stages),
-                              promote=cfg.promote, torch=torch.__version__, cpu=platform.processor() or "cpu"),
-                runs={}, staging={}, sparsegpt={})
+    # Results of structures and strategies not run this time are kept from the last run.
+    old = Path(args.out + ".json")
+    data = json.loads(old.read_text()) if old.is_file() else dict(runs={}, staging={}, sparsegpt={})
+    data["settings"] = dict(budget=args.budget, threads=args.threads, seed=args.seed, nsamples=cfg.nsamples,
+                            seqlen=cfg.seqlen, population=cfg.population, stages=list(cfg.stages),
+                            promote=cfg.promote, torch=torch.__version__, cpu=platform.processor() or "cpu")
     for st in structures:
-        hofs = staged_runs(args, st)
-        data["runs"][st] = {s: summary(args, st, s, hofs[s]) for s in STRATEGIES}
-        data["staging"][st] = staging_check(args, st)
+        hofs = staged_runs(args, st, strategies)
+        data["runs"].setdefault(st, {}).update({s: summary(args, st, s, hofs[s]) for s in strategies})
+        if "evolution" in strategies:
+            data["staging"][st] = staging_check(args, st)
         data["sparsegpt"][st] = sparsegpt_heldout(st, args.heldout_chunks)
         Path(args.out + ".json").write_text(json.dumps(data, indent=2))
         report(data, Path(args.out + ".md"))

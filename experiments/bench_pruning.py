@@ -38,6 +38,14 @@ PATTERNS = [("unstructured", 0.5), ("2:4", 0.5), ("4:8", 0.5)]
 SWEEP_SPARSITY = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 SWEEP_NSAMPLES = [4, 8, 16, 32, 64]
 RESULTS = Path(__file__).parent / "results"
+# WT2-512x64 perplexity of the published code (locuslab/wanda, pprp/Pruner-Zero) on the default
+# model with the same calibration draws, from ../shared/REFERENCE.md: the bar these rows must meet.
+PUBLISHED = {("dense", "unstructured"): 29.935,
+             ("magnitude", "unstructured"): 515.908, ("wanda", "unstructured"): 67.207,
+             ("sparsegpt", "unstructured"): 61.965, ("pruner-zero", "unstructured"): 77.160,
+             ("magnitude", "2:4"): 1631.300, ("wanda", "2:4"): 207.715, ("sparsegpt", "2:4"): 118.788,
+             ("pruner-zero", "2:4"): 256.572, ("magnitude", "4:8"): 857.345, ("wanda", "4:8"): 109.227,
+             ("sparsegpt", "4:8"): 84.524, ("pruner-zero", "4:8"): 129.765}
 
 
 class Bench:
@@ -155,11 +163,14 @@ def report(data, out):
              f"{s.get('dtype')}, {s.get('device')}, {s.get('threads')} threads, torch {s.get('torch')}. "
              "Prune time: the pruning call (calibration passes, statistics, masks, updates); "
              "G (for metrics that use it) is computed once, its time shown apart. Times marked * were taken "
-             "while the CPU was shared with other work (rerun with --parts times on a quiet machine).", ""]
+             "while the CPU was shared with other work (rerun with --parts times on a quiet machine). "
+             "'published code': the same method run by its authors' code on the same calibration draws "
+             "(../shared/REFERENCE.md); magnitude differs through tie-breaking on the model's 4-bit weight grid.", ""]
     table = [r for r in rows if r["nsamples"] == s.get("nsamples") and r["sparsity_target"] == 0.5]
     evals = sorted({(r["eval"], r["eval_chunks"]) for r in table}, key=lambda e: e[1])
     head = " | ".join(f"ppl {src} {k}x{s.get('seqlen')}" for src, k in evals)
-    lines += [f"| pattern | method | measured sparsity | {head} | prune s |", "|---|---|---:|" + "---:|" * len(evals) + "---:|"]
+    lines += [f"| pattern | method | measured sparsity | {head} | published code | prune s |",
+              "|---|---|---:|" + "---:|" * len(evals) + "---:|---:|"]
     order = [("dense", "unstructured")] + [(m, p) for p, _ in PATTERNS for m in METHODS]
     for method, pattern in order:
         found = {(r["eval"], r["eval_chunks"]): r for r in table if r["method"] == method and r["structure"] == pattern}
@@ -171,8 +182,9 @@ def report(data, out):
         g = f" (+{any_row['gradients_s']:.0f} G)" if "gradients_s" in any_row else ""
         g += "" if any_row.get("timed_alone") or t is None else "*"
         label = "0% (dense)" if method == "dense" else ("50%" if pattern == "unstructured" else pattern)
+        pub = PUBLISHED.get((method, pattern))
         lines.append(f"| {label} | {method} | {any_row.get('sparsity', 0):.4f} | {ppl} | "
-                     f"{'' if t is None else f'{t:.1f}{g}'} |")
+                     f"{'' if pub is None else f'{pub:.3f}'} | {'' if t is None else f'{t:.1f}{g}'} |")
     lines += _sweep_tables(rows, s)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(rows, s, out)
