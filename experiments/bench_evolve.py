@@ -155,7 +155,11 @@ def plot(data, out: Path):
         wanda = runs["evolution"]["baselines"]["wanda"]["search_perplexity"]
         ax.axhline(wanda, ls="--", color="C3", label="wanda")
         ax.set(title=f"{st}, sparsity 0.5", xlabel="search time (min)", ylabel="best search perplexity (16 chunks)")
-        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+        lo, hi = ax.get_ylim()
+        if hi > 3 * lo:  # a wide descent (2:4 starts near magnitude): log scale keeps the end readable
+            ax.set_yscale("log")
+        else:
+            ax.ticklabel_format(axis="y", style="plain", useOffset=False)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -180,6 +184,9 @@ def report(data, out: Path):
             lines.append(f"| {st} | {name} | {r['generations']} | {r['candidates_per_h']:.0f} | "
                          f"{r['distinct_masks_per_h']:.0f} | {r['cache_hit_rate']:.1%} | {r['staging_saved']:.1%} | "
                          f"{beat} | `{r['best_metric']}` | {_f(r['best_search'])} | {_f(r['best_heldout'])} |")
+    alone = [st for st, runs in data["runs"].items() if set(runs) != set(STRATEGIES)]
+    if alone:
+        lines += ["", "Only " + "; ".join(f"{', '.join(data['runs'][st])} ran at {st}" for st in alone) + "."]
     lines += ["", "Held-out perplexity (first 64 chunks of WikiText-2 test, 512 tokens each):", "",
               "| structure | dense | magnitude (per row) | wanda | ria | pruner-zero | SparseGPT* | best evolved | best random |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

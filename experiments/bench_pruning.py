@@ -33,7 +33,8 @@ from prunerzero.metric import Metric
 from prunerzero.models import load_model
 from prunerzero.pipeline import calibration_for, eval_data_for, primitive_settings
 
-METHODS = ["magnitude", "wanda", "wanda (one-shot)", "ria", "gblm", "pruner-zero", "sparsegpt", "evolved-smollm2-50"]
+METHODS = ["magnitude", "wanda", "wanda (one-shot)", "ria", "gblm", "pruner-zero", "sparsegpt", "evolved-smollm2-50",
+           "evolved-smollm2-2of4"]
 PATTERNS = [("unstructured", 0.5), ("2:4", 0.5), ("4:8", 0.5)]
 SWEEP_SPARSITY = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 SWEEP_NSAMPLES = [4, 8, 16, 32, 64]
