@@ -184,7 +184,7 @@ def report(data, out):
         g += "" if any_row.get("timed_alone") or t is None else "*"
         label = "0% (dense)" if method == "dense" else ("50%" if pattern == "unstructured" else pattern)
         pub = PUBLISHED.get((method, pattern))
-        lines.append(f"| {label} | {method} | {any_row.get('sparsity', 0):.4f} | {ppl} | "
+        lines.append(f"| {label} | {method} | {any_row.get('sparsity', 0):.6f} | {ppl} | "
                      f"{'' if pub is None else f'{pub:.3f}'} | {'' if t is None else f'{t:.1f}{g}'} |")
     lines += _sweep_tables(rows, s)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
