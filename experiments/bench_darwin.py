@@ -27,7 +27,6 @@ from prunerzero.structured.shrink import load_structured
 from prunerzero.structured.speed import latency
 
 
-
 def one_run(args, target) -> dict:
     run = Path(args.runs) / f"target-{target}"
     if (run / "report.json").is_file():

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_pruning import row_key
 from common import RESULTS, common_options
 from prunerzero.search.config import SearchConfig
 from prunerzero.search.evaluator import Task
@@ -136,7 +137,7 @@ def sparsegpt_heldout(structure, chunks: int) -> float | None:
     f = RESULTS / "bench_pruning.json"
     if not f.is_file():
         return None
-    r = json.loads(f.read_text())["results"].get(f"sparsegpt|{structure}|0.5|32|{chunks}")
+    r = json.loads(f.read_text())["results"].get(row_key("sparsegpt", structure, 0.5, 32, chunks))
     return r["perplexity"] if r else None
 
 

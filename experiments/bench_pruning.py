@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from common import common_options
 from prunerzero import apply_metric, apply_sparsegpt, perplexity
 from prunerzero.calibration import cache_path, cached, compute_g
 from prunerzero.metric import Metric
@@ -38,7 +39,6 @@ METHODS = ["magnitude", "wanda", "wanda (one-shot)", "ria", "gblm", "pruner-zero
 PATTERNS = [("unstructured", 0.5), ("2:4", 0.5), ("4:8", 0.5)]
 SWEEP_SPARSITY = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 SWEEP_NSAMPLES = [4, 8, 16, 32, 64]
-RESULTS = Path(__file__).parent / "results"
 # WT2-512x64 perplexity of the published code (locuslab/wanda, pprp/Pruner-Zero) on the default
 # model with the same calibration draws, from ../shared/REFERENCE.md: the bar these rows must meet.
 PUBLISHED = {("dense", "unstructured"): 29.935,
@@ -47,6 +47,11 @@ PUBLISHED = {("dense", "unstructured"): 29.935,
              ("magnitude", "2:4"): 1631.300, ("wanda", "2:4"): 207.715, ("sparsegpt", "2:4"): 118.788,
              ("pruner-zero", "2:4"): 256.572, ("magnitude", "4:8"): 857.345, ("wanda", "4:8"): 109.227,
              ("sparsegpt", "4:8"): 84.524, ("pruner-zero", "4:8"): 129.765}
+
+
+def row_key(method, structure, sparsity, nsamples, chunks) -> str:
+    """A result's key in bench_pruning.json; chunks is the chunk count or "full"."""
+    return f"{method}|{structure}|{sparsity}|{nsamples}|{chunks}"
 
 
 class Bench:
@@ -98,7 +103,7 @@ class Bench:
 
     def run(self, method, structure="unstructured", sparsity=0.5, nsamples=None, full=False):
         nsamples = nsamples or self.args.nsamples
-        key = f"{method}|{structure}|{sparsity}|{nsamples}|{'full' if full else self.args.chunks}"
+        key = row_key(method, structure, sparsity, nsamples, "full" if full else self.args.chunks)
         if key in self.data["results"]:
             return self.data["results"][key]
         ev = self.chunks(full)
@@ -118,7 +123,7 @@ class Bench:
 
     def retime(self, method, structure, sparsity):
         """Prune a measured table row again and keep this prune time (and G's time)."""
-        row = self.data["results"].get(f"{method}|{structure}|{sparsity}|{self.args.nsamples}|{self.args.chunks}")
+        row = self.data["results"].get(row_key(method, structure, sparsity, self.args.nsamples, self.args.chunks))
         if row is None or row.get("timed_alone") or method == "dense":
             return
         self.restore()
@@ -239,11 +244,8 @@ def main():
     ap.add_argument("--model", default=None)
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunks", type=int, default=64)
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--out", default=str(RESULTS / "bench_pruning"))
-    ap.add_argument("--report-only", action="store_true", help="Rewrite the markdown and plot from the JSON.")
+    common_options(ap, "bench_pruning", runs=False)
     args = ap.parse_args()
     out = Path(args.out)
     if args.report_only:

@@ -14,14 +14,13 @@ import argparse
 import json
 import math
 import time
-from pathlib import Path
 
+from common import RESULTS
 from prunerzero.metric import Metric
 from prunerzero.search.config import SearchConfig
 from prunerzero.search.evaluator import Task
 from prunerzero.search.run import COMPUTE, search_evaluator
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def main():
