@@ -22,7 +22,6 @@ from prunerzero.search.evaluator import Task
 from prunerzero.search.run import COMPUTE, search_evaluator
 
 
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("metrics", nargs="+")
