@@ -31,7 +31,7 @@ def one_run(args, target) -> dict:
     run = Path(args.runs) / f"target-{target}"
     if (run / "report.json").is_file():
         return json.loads((run / "report.json").read_text())
-    if (run / "checkpoint.pkl").is_file():
+    if (run / "checkpoint.json").is_file():
         return run_darwin(resume=run)
     cfg = DarwinConfig(target=target, generations=args.generations, offspring=args.offspring,
                        finetune_tokens=args.finetune_tokens, finetune_lr=args.finetune_lr, eval_full=args.full,

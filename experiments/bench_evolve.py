@@ -58,7 +58,7 @@ def one_search(cfg: dict, path: str) -> dict:
         return json.loads((path / "hall_of_fame.json").read_text())
     torch.set_num_threads(cfg["threads"])
     log = lambda s: print(f"[{path.name}] {s}", flush=True)
-    if (path / "checkpoint.pkl").is_file():
+    if (path / "checkpoint.json").is_file():
         return run_evolve(resume=path, log=log, quiet=True)
     return run_evolve(SearchConfig.from_dict(cfg), path, log=log, quiet=True)
 
@@ -93,7 +93,7 @@ def staging_check(args, structure) -> dict:
     if out_file.is_file():
         return json.loads(out_file.read_text())
     run = RunDir(path)
-    cfg = SearchConfig.from_dict(run.config())
+    cfg = SearchConfig.from_dict(run.config("evolve"))
     k = cfg.stages[-1]
     first, full = first_and_full(run, cfg.stages[0], k)
     stopped = sorted((p, key, text) for key, (text, p) in first.items() if key not in full)[:args.check]

@@ -15,32 +15,51 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def block_inputs(model, samples: torch.Tensor):
-    """Hidden states entering the first decoder block for each sample, and its call kwargs."""
-    first = decoder_layers(model)[0]
+    """Hidden states entering the first decoder block for each sample, and the call arguments
+    of every block (a list, one (args, kwargs) per block).
+
+    Blocks may receive arguments of their own: Gemma-2/3 alternate sliding-window and global
+    attention with their own masks and rotary tables, so one block's arguments replayed for
+    all would compute a different function. Each block's are captured from one forward pass
+    of the first sample; the others stop at block 0. The arguments do not depend on the
+    tokens (positions, masks, rotary tables of a given length), so they serve every sample."""
+    blocks = decoder_layers(model)
     device = next(model.parameters()).device
-    inputs, call = [], {}
+    inputs, calls = [], [None] * len(blocks)
+    state = {"all": True}
 
-    def grab(module, args, kwargs):
-        inputs.append(args[0] if args else kwargs.pop("hidden_states"))
-        call.update(kwargs)
-        raise _Stop
+    def grab(i):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            x = args[0] if args else kwargs.pop("hidden_states")
+            if i == 0:
+                inputs.append(x)
+            if state["all"]:
+                calls[i] = (tuple(args[1:]), kwargs)
+            if i == len(blocks) - 1 or not state["all"]:
+                raise _Stop
+        return hook
 
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [b.register_forward_pre_hook(grab(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
         for i in range(len(samples)):
+            state["all"] = i == 0
             try:
-                model(samples[i:i + 1].to(device))
+                model(samples[i:i + 1].to(device), use_cache=False)
             except _Stop:
                 pass
     finally:
-        handle.remove()
-    return inputs, call
+        for h in handles:
+            h.remove()
+    return inputs, calls
 
 
 def run_block(block, inputs, call):
+    """The block's outputs for each input, called with that block's own (args, kwargs)."""
+    args, kwargs = call
     outs = []
     for x in inputs:
-        y = block(x, **call)
+        y = block(x, *args, **kwargs)
         outs.append(y[0] if isinstance(y, tuple) else y)
     return outs
 
@@ -49,12 +68,12 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
     """Sequential pruning: record each block's inputs statistics with `recorder`, prune it with
     `prune_block(index, linears, recorder)`, and pass the calibration activations through the
     pruned block to the next one."""
-    inputs, call = block_inputs(model, calibration)
+    inputs, calls = block_inputs(model, calibration)
     blocks = decoder_layers(model)
     for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, leave=False)):
         linears = prunable_linears(block)
         with torch.no_grad(), recorder(linears) as rec:
-            run_block(block, inputs, call)
+            run_block(block, inputs, calls[i])
         prune_block(i, linears, rec)
         with torch.no_grad():
-            inputs = run_block(block, inputs, call)
+            inputs = run_block(block, inputs, calls[i])

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .layers import as_matrix, in_features, matrix
 from .models import all_prunable, cache_dir, grads_only_for
 
 
@@ -42,7 +43,7 @@ class InputNorms(Recorder):
     """sum_t x_tj^2 over tokens for each hooked Linear; X = its square root."""
 
     def __init__(self, linears: dict):
-        self.sq = {name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)
+        self.sq = {name: torch.zeros(in_features(m), dtype=torch.float32, device=m.weight.device)
                    for name, m in linears.items()}
         super().__init__(linears)
 
@@ -154,22 +155,26 @@ def compute_g(model, samples: torch.Tensor, scale: float = 1.0) -> dict[str, tor
     and then freed, so memory holds one extra copy of the prunable weights, not several.
     """
     layers = all_prunable(model)
-    acc = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in layers.items()}
+    acc = {name: torch.zeros(matrix(m).shape, dtype=torch.float32, device=m.weight.device)
+           for name, m in layers.items()}
     hooks = []
-    for name, m in layers.items():
-        def hook(param, name=name):
-            acc[name].add_(param.grad.float().mul(scale).square_())
-            param.grad = None
-        hooks.append(m.weight.register_post_accumulate_grad_hook(hook))
+
+    def hook(param, name, m):
+        acc[name].add_(as_matrix(m, param.grad).float().mul(scale).square_())
+        param.grad = None
     device = next(model.parameters()).device
-    try:
-        with grads_only_for(model, [m.weight for m in layers.values()]):
+    # the hooks go on once gradients are on: per-expert views start without them
+    with grads_only_for(model, [m.weight for m in layers.values()]):
+        try:
+            for name, m in layers.items():
+                hooks.append(m.weight.register_post_accumulate_grad_hook(
+                    lambda p, name=name, m=m: hook(p, name, m)))
             for i in tqdm(range(len(samples)), desc="gradients", leave=False):
                 ids = samples[i:i + 1].to(device)
                 model(input_ids=ids, labels=ids).loss.backward()
-    finally:
-        for h in hooks:
-            h.remove()
+        finally:
+            for h in hooks:
+                h.remove()
     return {name: a.sqrt_() for name, a in acc.items()}
 
 

@@ -64,6 +64,12 @@ def metrics(operators):
             click.echo(f"  {o.name:8} arity {o.arity}  {o.doc}")
 
 
+def _bos_option():
+    return click.option("--bos", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+                        help="A BOS token at the start of every chunk and calibration window: auto does what "
+                             "the tokenizer does to a text; never is the published Wanda/SparseGPT protocol.")
+
+
 def _common(f):
     opts = [
         click.option("--model", default=None, help="HF id or folder; default: bundled SmolLM2-135M."),
@@ -74,6 +80,7 @@ def _common(f):
         click.option("--eval-chunks", type=int, default=None, help="Use the first K chunks (default: all)."),
         click.option("--data-dir", default=None, envvar="PRUNERZERO_DATA_DIR",
                      help="Folder holding wikitext-2-raw/wiki.test.raw."),
+        _bos_option(),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -94,12 +101,12 @@ def _common(f):
               help="sparsegpt: second-order reconstruction instead of a metric (--metric is ignored).")
 @click.option("--group", type=click.Choice(["row", "layer"]), default=None,
               help="Unstructured comparison group (default: the metric's published one, else row).")
-def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, metric, sparsity, structure, output,
+def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, bos, metric, sparsity, structure, output,
           nsamples, calibration, seed, one_shot, method, group):
     """Prune a model with a metric (or SparseGPT), report perplexity, and save it."""
     from .pipeline import run_apply
     run_apply(model, metric, sparsity, structure, output, nsamples, seqlen, calibration, eval_data, eval_chunks,
-              seed, not one_shot, dtype, device, data_dir, method=method, group=group, log=click.echo)
+              seed, not one_shot, dtype, device, data_dir, method=method, group=group, bos=bos, log=click.echo)
 
 
 def _log(quiet):
@@ -144,6 +151,7 @@ def _tuple(text, cast=str):
 @click.option("--calibration", default="wikipedia", show_default=True)
 @click.option("--search-data", default=None, help="Evaluation text (default WikiText-2 test).")
 @click.option("--data-dir", default=None, envvar="PRUNERZERO_DATA_DIR")
+@_bos_option()
 @click.option("--seed", default=0, show_default=True)
 @click.option("--time-limit", type=float, default=None, help="Seconds; stop after the generation that passes it.")
 @click.option("--workers", default=1, show_default=True, help="Local evaluation processes, one model each.")
@@ -156,7 +164,7 @@ def _tuple(text, cast=str):
 @click.option("--quiet", is_flag=True, help="No live lines or progress bars; the run folder has the logs.")
 def evolve(model, output, resume, sparsity, structure, strategy, population, generations, elite, tournament, stages,
            promote, heldout_chunks, heldout_full, seed_metrics, terminals, nsamples, seqlen, calibration, search_data,
-           data_dir, seed, time_limit, workers, threads, use_ray, ray_address, gpus_per_worker, dtype, device, quiet):
+           data_dir, bos, seed, time_limit, workers, threads, use_ray, ray_address, gpus_per_worker, dtype, device, quiet):
     """Search for a pruning metric by genetic programming (Pruner-Zero)."""
     from .search.config import SearchConfig
     from .search.run import run_evolve
@@ -167,7 +175,8 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
                        generations=generations, elite=elite, tournament=tournament, stages=_tuple(stages, int),
                        promote=promote, heldout_chunks=heldout_chunks, heldout_full=heldout_full,
                        seed_metrics=_tuple(seed_metrics), terminals=_tuple(terminals) or None, nsamples=nsamples,
-                       seqlen=seqlen, calibration=calibration, search_data=search_data, data_dir=data_dir, seed=seed,
+                       seqlen=seqlen, calibration=calibration, search_data=search_data, data_dir=data_dir, bos=bos,
+                       seed=seed,
                        time_limit=time_limit, workers=workers, threads=threads, ray=use_ray, ray_address=ray_address,
                        gpus_per_worker=gpus_per_worker, dtype=dtype, device=device)
     run_evolve(cfg, output, log=log, quiet=quiet)
@@ -197,6 +206,7 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
 @click.option("--eval-chunks", type=int, default=64, show_default=True, help="Perplexity on the first K chunks.")
 @click.option("--eval-full", is_flag=True, help="Also perplexity on the whole split (slow on a CPU).")
 @click.option("--data-dir", default=None, envvar="PRUNERZERO_DATA_DIR")
+@_bos_option()
 @click.option("--seed", default=0, show_default=True)
 @click.option("--time-limit", type=float, default=None, help="Seconds; stop after the generation that passes it.")
 @click.option("--threads", type=int, default=None)
@@ -205,7 +215,7 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
 @click.option("--quiet", is_flag=True, help="No live lines or progress bars; the run folder has the logs.")
 def darwin(model, output, resume, target, generations, offspring, stages, lr, ladder, multiple, database,
            finetune_tokens, finetune_lr, no_baselines, nsamples, seqlen, calibration, eval_data, eval_chunks,
-           eval_full, data_dir, seed, time_limit, threads, dtype, device, quiet):
+           eval_full, data_dir, bos, seed, time_limit, threads, dtype, device, quiet):
     """Evolve per-layer head and channel counts (DarwinLM) into a smaller, faster dense model."""
     from .structured.config import DarwinConfig, parse_stages
     from .structured.database import DEFAULT_LADDER
@@ -218,17 +228,17 @@ def darwin(model, output, resume, target, generations, offspring, stages, lr, la
                        multiple=multiple, database=database, finetune_tokens=finetune_tokens,
                        finetune_lr=finetune_lr, baselines=not no_baselines, nsamples=nsamples, seqlen=seqlen,
                        calibration=calibration, eval_data=eval_data, eval_chunks=eval_chunks, eval_full=eval_full,
-                       data_dir=data_dir, seed=seed, time_limit=time_limit, threads=threads, dtype=dtype,
+                       data_dir=data_dir, bos=bos, seed=seed, time_limit=time_limit, threads=threads, dtype=dtype,
                        device=device)
     run_darwin(cfg, output, log=log, quiet=quiet)
 
 
 @main.command("eval")
 @_common
-def eval_(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir):
+def eval_(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, bos):
     """Print a model's perplexity (SparseGPT/Wanda protocol)."""
     from .pipeline import run_eval
-    ppl = run_eval(model, eval_data, seqlen, eval_chunks, dtype, device, data_dir, log=click.echo)
+    ppl = run_eval(model, eval_data, seqlen, eval_chunks, dtype, device, data_dir, bos, log=click.echo)
     click.echo(f"perplexity: {ppl:.3f}")
 
 

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,8 +72,57 @@ def load_text(source: str, data_dir_=None) -> str:
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of the whole text, (1, n), without special tokens (SmolLM2's BOS is a chat token)."""
+    """Token ids of the whole text, (1, n), without special tokens: a BOS, where the model
+    wants one, is put at the start of each sequence instead (see `Sequences`)."""
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+
+BOS_CHOICES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """The sequence protocol: every evaluation chunk and calibration window of `seqlen`
+    tokens starts with token `bos` followed by seqlen - 1 text tokens, or (bos None) is
+    seqlen text tokens, as the published Wanda/SparseGPT code cuts them. The scored tokens
+    are the same in number either way: seqlen - 1 per chunk (the BOS is never predicted)."""
+    bos: int | None
+    why: str
+
+    def text_len(self, seqlen: int) -> int:
+        return seqlen - (self.bos is not None)
+
+    def describe(self) -> str:
+        return (f"BOS token {self.bos} at the start of every chunk and calibration window ({self.why})"
+                if self.bos is not None else f"no BOS token ({self.why})")
+
+    def frame(self, windows: torch.Tensor) -> torch.Tensor:
+        """(k, seqlen - 1) text windows with the BOS put in front, or the windows unchanged."""
+        if self.bos is None:
+            return windows
+        return torch.cat([torch.full((len(windows), 1), self.bos, dtype=windows.dtype), windows], 1)
+
+
+NO_BOS = Sequences(None, "--bos never")
+
+
+def sequences_for(tokenizer, choice: str = "auto") -> Sequences:
+    """The protocol for a tokenizer: `auto` puts a BOS in front of every sequence exactly when
+    the tokenizer itself adds one to a text (Gemma, Llama-2/3, Mistral, OPT; not SmolLM2,
+    whose BOS is a chat token, GPT-2 or Qwen); `always` / `never` force it."""
+    if choice not in BOS_CHOICES:
+        raise DataError(f"--bos must be one of {', '.join(BOS_CHOICES)}, got {choice!r}")
+    if choice == "never":
+        return NO_BOS
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if choice == "always":
+        if bos is None:
+            raise DataError("--bos always: this tokenizer has no BOS token; use --bos auto or never")
+        return Sequences(bos, "--bos always")
+    first = tokenizer("a", add_special_tokens=True).input_ids[:1]
+    if bos is not None and first == [bos]:
+        return Sequences(bos, "auto: the tokenizer adds it to every text")
+    return Sequences(None, "auto: the tokenizer adds none to a text")
 
 
 def calibration_windows(n_tokens: int, nsamples: int, seqlen: int, seed: int) -> list[int]:
@@ -83,20 +133,24 @@ def calibration_windows(n_tokens: int, nsamples: int, seqlen: int, seed: int) ->
     return [rng.randint(0, n_tokens - seqlen - 1) for _ in range(nsamples)]
 
 
-def calibration_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> tuple[torch.Tensor, list[int]]:
-    """(nsamples, seqlen) windows of `ids` drawn by Wanda's sampler, and their start offsets."""
-    starts = calibration_windows(ids.shape[1], nsamples, seqlen, seed)
-    return torch.cat([ids[:, i:i + seqlen] for i in starts], 0), starts
+def calibration_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int,
+                        seq: Sequences = NO_BOS) -> tuple[torch.Tensor, list[int]]:
+    """(nsamples, seqlen) windows of `ids` drawn by Wanda's sampler (over windows of the
+    protocol's text length), and their start offsets."""
+    n = seq.text_len(seqlen)
+    starts = calibration_windows(ids.shape[1], nsamples, n, seed)
+    return seq.frame(torch.cat([ids[:, i:i + n] for i in starts], 0)), starts
 
 
 def chunks(ids: torch.Tensor, seqlen: int, limit: int | None = None, skip: int = 0,
-           exclude: list[tuple[int, int]] = ()) -> torch.Tensor:
+           exclude: list[tuple[int, int]] = (), seq: Sequences = NO_BOS) -> torch.Tensor:
     """Non-overlapping (k, seqlen) chunks from the start, after `skip` chunks, leaving out
-    chunks that overlap any [start, end) range of `exclude`."""
-    n = ids.shape[1] // seqlen
+    chunks whose text overlaps any [start, end) range of `exclude`."""
+    step = seq.text_len(seqlen)
+    n = ids.shape[1] // step
     picked = []
     for c in range(skip, n):
-        lo, hi = c * seqlen, (c + 1) * seqlen
+        lo, hi = c * step, (c + 1) * step
         if any(lo < e and s < hi for s, e in exclude):
             continue
         picked.append(ids[:, lo:hi])
@@ -104,4 +158,4 @@ def chunks(ids: torch.Tensor, seqlen: int, limit: int | None = None, skip: int =
             break
     if not picked:
         raise DataError(f"no evaluation chunk of {seqlen} tokens is left in {ids.shape[1]} tokens")
-    return torch.cat(picked, 0)
+    return seq.frame(torch.cat(picked, 0))

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import PrunerZeroError
+from .layers import block_layers, skipped_outside_blocks
 
 DEFAULT_MODEL = "smollm2-135m"
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -87,7 +88,7 @@ def load_model(name: str | None = None, dtype="fp32", device: str | None = "auto
         if (Path(path) / "prunerzero_structure.json").is_file():  # a `prunerzero darwin` model
             from .structured.shrink import load_structured
             return load_structured(path, resolve_dtype(dtype), resolve_device(device)), tok
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), attn_implementation="sdpa")
+        model = _from_pretrained(AutoModelForCausalLM, path, resolve_dtype(dtype))
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load model '{name}': {e}".split("\n")[0] +
                          " (give a Hugging Face id, a local folder with config.json, or omit --model "
@@ -97,13 +98,28 @@ def load_model(name: str | None = None, dtype="fp32", device: str | None = "auto
     return model, tok
 
 
+def _from_pretrained(auto, path, dtype):
+    """SDPA attention where the family has it (the published protocol's), else its default
+    (Gemma-2, say, whose soft-capping SDPA cannot do)."""
+    try:
+        return auto.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except ValueError as e:
+        if "attention implementation" not in str(e):
+            raise
+        return auto.from_pretrained(path, dtype=dtype)
+
+
 @contextmanager
 def grads_only_for(model: nn.Module, params):
-    """Within the block, only `params` of `model` require gradients; restored on exit."""
+    """Within the block, only `params` require gradients (also views that the model does not
+    register, such as per-expert weights); every flag is restored on exit."""
+    params = list(params)
     wanted = {id(p) for p in params}
-    saved = {p: p.requires_grad for p in model.parameters()}
+    saved = {p: p.requires_grad for p in [*model.parameters(), *params]}
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)
+    for p in params:
+        p.requires_grad_(True)
     try:
         yield
     finally:
@@ -121,12 +137,32 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                      "no ModuleList with config.num_hidden_layers entries")
 
 
-def prunable_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """The Linear layers of one decoder block (attention and MLP projections), by name."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+def prunable_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """The prunable projections of one decoder block by name: Linear and Conv1D layers and
+    each MoE expert's projections; never routers or gates (see layers.py)."""
+    return block_layers(block)[0]
 
 
-def all_prunable(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every prunable Linear of the model, named `layers.{i}.{path}`."""
+def all_prunable(model: nn.Module) -> dict[str, nn.Module]:
+    """Every prunable projection of the model, named `layers.{i}.{path}`."""
     return {f"layers.{i}.{name}": m for i, block in enumerate(decoder_layers(model))
             for name, m in prunable_linears(block).items()}
+
+
+def skipped_layers(model: nn.Module) -> dict[str, str]:
+    """Weights that pruning leaves alone, with the reason: embeddings, the output head, MoE
+    routers and gates, expert layouts it cannot split."""
+    blocks = decoder_layers(model)
+    out = skipped_outside_blocks(model, blocks)
+    for i, block in enumerate(blocks):
+        out.update({f"layers.{i}.{name}": why for name, why in block_layers(block)[1].items()})
+    return out
+
+
+def require_prunable(model: nn.Module) -> dict[str, nn.Module]:
+    """all_prunable(model), or a clear error before any work when there is nothing to prune."""
+    layers = all_prunable(model)
+    if not layers:
+        raise ModelError(f"{type(model).__name__} has no prunable layer in its decoder blocks "
+                         "(no nn.Linear, Conv1D or MoE expert projections found); nothing would be pruned")
+    return layers

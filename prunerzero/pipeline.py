@@ -16,8 +16,8 @@ from .calibration import cached, compute_g, compute_h, compute_x
 from .evaluate import perplexity
 from .masks import parse_structure
 from .metric import Metric
-from .models import load_model
-from .prune import apply_metric, apply_sparsegpt
+from .models import load_model, require_prunable
+from .prune import PruneError, apply_metric, apply_sparsegpt
 
 
 @dataclass
@@ -27,30 +27,32 @@ class EvalData:
     note: str = ""
 
 
-def calibration_for(tokenizer, source="wikipedia", nsamples=32, seqlen=512, seed=0, data_dir=None):
+def calibration_for(tokenizer, source="wikipedia", nsamples=32, seqlen=512, seed=0, data_dir=None,
+                    seq: data.Sequences = data.NO_BOS):
     """Calibration samples, the tokenized source they came from, and their start offsets."""
     ids = data.tokenize(tokenizer, data.load_text(source, data_dir))
-    samples, starts = data.calibration_samples(ids, nsamples, seqlen, seed)
+    samples, starts = data.calibration_samples(ids, nsamples, seqlen, seed, seq)
     return samples, ids, starts
 
 
 def eval_data_for(tokenizer, source=None, seqlen=512, chunks=None, data_dir=None,
-                  calibration_source="wikipedia", calib_ids=None, calib_starts=()):
+                  calibration_source="wikipedia", calib_ids=None, calib_starts=(),
+                  seq: data.Sequences = data.NO_BOS):
     """WikiText-2 test chunks; if the user named no source and WikiText-2 cannot be found,
     held-out Wikipedia chunks disjoint from the calibration windows, said plainly."""
     try:
         ids = data.tokenize(tokenizer, data.load_text(source or "wikitext2", data_dir))
-        return EvalData(data.chunks(ids, seqlen, chunks), source or "wikitext2")
+        return EvalData(data.chunks(ids, seqlen, chunks, seq=seq), source or "wikitext2")
     except data.DataError as e:
         if source is not None:
             raise
         if calib_ids is None or calibration_source != "wikipedia":
             calib_ids = data.tokenize(tokenizer, data.wikipedia_text())
             calib_starts = ()
-        exclude = [(s, s + seqlen) for s in calib_starts]
+        exclude = [(s, s + seq.text_len(seqlen)) for s in calib_starts]
         note = (f"WikiText-2 was not found ({str(e).split(':')[0]}); perplexity is measured on held-out "
                 "Wikipedia summaries (chunks disjoint from the calibration windows), NOT on WikiText-2")
-        return EvalData(data.chunks(calib_ids, seqlen, chunks, exclude=exclude), "wikipedia-heldout", note)
+        return EvalData(data.chunks(calib_ids, seqlen, chunks, exclude=exclude, seq=seq), "wikipedia-heldout", note)
 
 
 def dense_primitives(model, metric: Metric, samples, settings: dict, sequential: bool):
@@ -83,7 +85,7 @@ def primitive_settings(model_name, calibration: str, samples: torch.Tensor, seed
 def run_apply(model_name=None, metric="pruner-zero", sparsity=0.5, structure="unstructured", output=None,
               nsamples=32, seqlen=512, calibration="wikipedia", eval_data=None, eval_chunks=None,
               seed=0, sequential=True, dtype="fp32", device="auto", data_dir=None, eval_dense=True,
-              method="metric", group=None, log=print) -> dict:
+              method="metric", group=None, bos="auto", log=print) -> dict:
     parse_structure(structure, sparsity)
     if method not in ("metric", "sparsegpt"):
         raise ValueError(f"method must be 'metric' or 'sparsegpt', got {method!r}")
@@ -93,9 +95,12 @@ def run_apply(model_name=None, metric="pruner-zero", sparsity=0.5, structure="un
         raise FileExistsError(f"output folder {out} exists and is not empty")
     t0 = time.perf_counter()
     model, tok = load_model(model_name, dtype=dtype, device=device)
+    require_prunable(model)
     t_load = time.perf_counter() - t0
-    samples, cal_ids, starts = calibration_for(tok, calibration, nsamples, seqlen, seed, data_dir)
-    ev = eval_data_for(tok, eval_data, seqlen, eval_chunks, data_dir, calibration, cal_ids, starts)
+    seq = data.sequences_for(tok, bos)
+    log(f"sequences: {seq.describe()}")
+    samples, cal_ids, starts = calibration_for(tok, calibration, nsamples, seqlen, seed, data_dir, seq)
+    ev = eval_data_for(tok, eval_data, seqlen, eval_chunks, data_dir, calibration, cal_ids, starts, seq)
     if ev.note:
         log("NOTE: " + ev.note)
     ppl = {}
@@ -118,13 +123,24 @@ def run_apply(model_name=None, metric="pruner-zero", sparsity=0.5, structure="un
     report.perplexity = ppl
     report.settings = dict(model=model_name or "smollm2-135m (bundled)", nsamples=nsamples, seqlen=seqlen,
                            calibration=calibration, eval_data=ev.source, eval_chunks=len(ev.chunks), seed=seed,
-                           dtype=dtype, device=str(next(model.parameters()).device), method=method, note=ev.note)
+                           dtype=dtype, device=str(next(model.parameters()).device), method=method,
+                           bos=seq.describe(), note=ev.note)
     report.timings["load_s"] = t_load
     result = report.to_dict()
+    _check_sparsity(report)
     if out is not None:
         _save(model, tok, out, result)
         log(f"saved pruned model and report.json to {out}")
     return result
+
+
+def _check_sparsity(report):
+    """Refuse a result that pruned clearly less than asked (layers the engine did not reach):
+    saving it as "pruned" would be a silent wrong result. More zeros than asked is fine (a
+    model that was sparse already)."""
+    if report.sparsity < report.target_sparsity - 0.01:
+        raise PruneError(f"measured sparsity {report.sparsity:.4f} is below the target {report.target_sparsity:.4f}; "
+                         f"nothing was saved (skipped layers: {', '.join(report.skipped) or 'none'})")
 
 
 def _save(model, tok, out: Path, result: dict):
@@ -140,9 +156,11 @@ def _save(model, tok, out: Path, result: dict):
 
 
 def run_eval(model_name=None, eval_data=None, seqlen=512, eval_chunks=None, dtype="fp32", device="auto",
-             data_dir=None, log=print) -> float:
+             data_dir=None, bos="auto", log=print) -> float:
     model, tok = load_model(model_name, dtype=dtype, device=device)
-    ev = eval_data_for(tok, eval_data, seqlen, eval_chunks, data_dir)
+    seq = data.sequences_for(tok, bos)
+    log(f"sequences: {seq.describe()}")
+    ev = eval_data_for(tok, eval_data, seqlen, eval_chunks, data_dir, seq=seq)
     if ev.note:
         log("NOTE: " + ev.note)
     return perplexity(model, ev.chunks)

@@ -13,8 +13,14 @@ from .blocks import blockwise
 from .compile import check_scores
 from .masks import make_mask, measured_sparsity, parse_structure
 from .metric import Metric
-from .models import all_prunable
+from .layers import matrix
+from .errors import PrunerZeroError
+from .models import all_prunable, require_prunable, skipped_layers
 from .sparsegpt import prune_with_sparsegpt
+
+
+class PruneError(PrunerZeroError):
+    """A pruning result that must not be used (or saved)."""
 
 
 @dataclass
@@ -27,6 +33,7 @@ class PruneReport:
     layers: dict[str, float]             # measured, per layer
     sequential: bool
     group: str = "row"                   # comparison group of the masks
+    skipped: dict = field(default_factory=dict)   # weights left alone, with the reason
     perplexity: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
@@ -43,7 +50,7 @@ def metric_mask(name, W, fn, prims, sparsity, structure, group="row") -> torch.T
 
 
 def _prune_linear(name, linear, fn, prims, sparsity, structure, group="row"):
-    W = linear.weight.data
+    W = matrix(linear)
     W[metric_mask(name, W, fn, prims, sparsity, structure, group)] = 0
 
 
@@ -59,6 +66,7 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
     (default: the catalog's for named metrics, else "row").
     """
     nm = parse_structure(structure, sparsity)
+    require_prunable(model)
     m = Metric.parse(metric) if not isinstance(metric, Metric) else metric
     fn, uses = m.compile(), m.terminals
     group = group or m.group
@@ -84,7 +92,8 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
     total, per = measured_sparsity(all_prunable(model))
     return PruneReport(metric=m.name or m.text, canonical=m.canonical(), structure=structure,
                        target_sparsity=_target(sparsity, nm), sparsity=total, layers=per, sequential=sequential,
-                       timings=timings, group=group if nm is None else f"{nm[1]} consecutive inputs")
+                       timings=timings, group=group if nm is None else f"{nm[1]} consecutive inputs",
+                       skipped=skipped_layers(model))
 
 
 def _target(sparsity, nm):
@@ -123,6 +132,7 @@ def apply_sparsegpt(model, sparsity: float = 0.5, structure: str = "unstructured
                     percdamp: float = 0.01, blocksize: int = 128, progress: bool = True) -> PruneReport:
     """Prune `model` in place with SparseGPT (OBS weight reconstruction) and report."""
     nm = parse_structure(structure, sparsity)
+    require_prunable(model)
     samples = _need(calibration, "the layer Hessians")
     t0 = time.perf_counter()
     prune = lambda linears, rec: prune_with_sparsegpt(linears, rec, sparsity, nm, percdamp, blocksize)  # noqa: E731
@@ -135,4 +145,5 @@ def apply_sparsegpt(model, sparsity: float = 0.5, structure: str = "unstructured
     return PruneReport(metric="sparsegpt", canonical=f"SparseGPT (percdamp {percdamp}, blocksize {blocksize})",
                        structure=structure, target_sparsity=_target(sparsity, nm), sparsity=total, layers=per,
                        sequential=sequential, timings=timings,
-                       group=f"{blocksize}-column blocks" if nm is None else f"{nm[1]} consecutive inputs")
+                       group=f"{blocksize}-column blocks" if nm is None else f"{nm[1]} consecutive inputs",
+                       skipped=skipped_layers(model))

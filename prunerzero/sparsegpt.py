@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .calibration import Hessians
+from .layers import matrix
 from .masks import layer_mask, nm_mask
 
 
@@ -20,6 +21,10 @@ def inverse_factor(H: torch.Tensor, percdamp: float = 0.01, retries: int = 4):
     not positive definite, the damping grows tenfold per retry."""
     H = H.clone()
     dead = H.diagonal() == 0
+    if dead.all():
+        # a layer that saw no calibration token (an MoE expert no sample was routed to): no
+        # curvature to go by, so prune by magnitude without an update rather than drop it all
+        H, dead = torch.eye(len(H), dtype=H.dtype, device=H.device), torch.zeros_like(dead)
     H[dead, dead] = 1
     damp = percdamp * H.diagonal().mean()
     for _ in range(retries + 1):
@@ -69,5 +74,5 @@ def prune_with_sparsegpt(linears: dict, hessians: Hessians, sparsity: float, nm=
     factors = hessians.factors(percdamp)
     for name, lin in linears.items():
         U, dead = factors[name]
-        W = sparsegpt_weights(lin.weight.data, U, dead, sparsity, nm, blocksize)
-        lin.weight.data.copy_(W.to(lin.weight.dtype))
+        W = sparsegpt_weights(matrix(lin), U, dead, sparsity, nm, blocksize)
+        matrix(lin).copy_(W.to(lin.weight.dtype))

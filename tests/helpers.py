@@ -52,3 +52,17 @@ def kill_and_resume(script, tmp_path, finished_file: str, sig=None, lines: int =
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming" in r.stdout
     return r
+
+
+def layer_inputs(model, samples, layers) -> dict:
+    """Every input row each of `layers` (name -> module) sees over the samples, one sample per
+    forward: an independent record, without the library's recorders."""
+    xs = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: xs.setdefault(n, []).append(i[0].reshape(-1, i[0].shape[-1])))
+             for n, m in layers.items()]
+    with torch.no_grad():
+        for s in samples:
+            model(s[None])
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(v) for n, v in xs.items()}

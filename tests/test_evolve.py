@@ -11,13 +11,14 @@ from click.testing import CliRunner
 from prunerzero.cli import main
 from prunerzero.search import run as run_mod
 from prunerzero.search.config import SearchConfig
+from prunerzero.search.rundir import RunDir
 from prunerzero.search.evolve import SearchData
 from prunerzero.search.run import run_evolve
 
 from helpers import kill_and_resume
 from tiny import tiny_llama, token_samples
 
-FILES = ["config.json", "log.jsonl", "evaluations.jsonl", "checkpoint.pkl", "hall_of_fame.json", "fitness.png"]
+FILES = ["config.json", "log.jsonl", "evaluations.jsonl", "checkpoint.json", "hall_of_fame.json", "fitness.png"]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from tiny import token_samples
 from prunerzero.search.config import SearchConfig
+from prunerzero.search.rundir import RunDir
 from prunerzero.search.evolve import SearchData
 from prunerzero.search.run import run_evolve
 data = SearchData(token_samples(4, 32, 0), token_samples(4, 32, 1), token_samples(4, 32, 2))
@@ -135,6 +137,9 @@ def test_a_killed_search_resumes_to_the_same_hall_of_fame(tiny_dir, tmp_path, si
     assert fame(tmp_path / "cut") == fame(tmp_path / "whole")
     gens = [json.loads(line)["gen"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert gens == list(range(6))
+    # the killed generation's evaluations were dropped and redone once: the same rows as the whole run's
+    rows = lambda run: [(r["gen"], r["metric"], r["chunks"]) for r in RunDir(run).read_lines("evaluations.jsonl")]  # noqa: E731
+    assert rows(tmp_path / "cut") == rows(tmp_path / "whole")
 
 
 def test_two_workers_give_the_same_results_as_one(tiny_dir, tmp_path):
@@ -181,7 +186,7 @@ def test_cli_refuses_a_non_empty_run_folder_and_a_missing_one(tmp_path):
     r = CliRunner().invoke(main, ["evolve", "--output", str(tmp_path / "run")])
     assert r.exit_code == 2 and "--resume" in r.output
     r = CliRunner().invoke(main, ["evolve", "--resume", str(tmp_path / "nothing")])
-    assert r.exit_code == 2 and "not a search run" in r.output
+    assert r.exit_code == 2 and "not a run folder" in r.output
 
 
 def test_offspring_of_crossover_and_mutation_compile_and_score():

@@ -10,6 +10,7 @@ from prunerzero.evaluate import perplexity
 from prunerzero.models import all_prunable
 from prunerzero.prune import apply_metric
 
+from helpers import layer_inputs
 from tiny import tiny_llama, token_samples
 
 
@@ -17,14 +18,7 @@ def test_wanda_one_shot_equals_a_straightforward_computation():
     model, ref = tiny_llama(), tiny_llama()
     samples = token_samples()
     # independent: hook every Linear, sum x^2 over tokens, |W| * sqrt(sum), prune lowest half per row
-    sq = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: sq.__setitem__(n, sq.get(n, 0) + (i[0].reshape(-1, i[0].shape[-1]) ** 2).sum(0)))
-             for n, m in all_prunable(ref).items()]
-    with torch.no_grad():
-        for s in samples:
-            ref(s[None])
-    for h in hooks:
-        h.remove()
+    sq = {n: (x ** 2).sum(0) for n, x in layer_inputs(ref, samples, all_prunable(ref)).items()}
     apply_metric(model, "wanda", 0.5, calibration=samples, sequential=False, progress=False)
     for name, lin in all_prunable(ref).items():
         score = lin.weight.abs() * sq[name].sqrt()

@@ -9,21 +9,14 @@ from prunerzero.models import all_prunable, decoder_layers, prunable_linears
 from prunerzero.blocks import block_inputs, run_block
 from prunerzero.sparsegpt import Hessians, SparseGPTError, inverse_factor, sparsegpt_weights
 
+from helpers import layer_inputs
 from tiny import tiny_llama, token_samples
 
 
 def _block0_inputs(model, samples):
     """The inputs of every Linear of block 0, concatenated over samples and tokens."""
-    xs = {}
     linears = prunable_linears(decoder_layers(model)[0])
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: xs.setdefault(n, []).append(i[0].reshape(-1, i[0].shape[-1])))
-             for n, m in linears.items()]
-    with torch.no_grad():
-        for s in samples:
-            model(s[None])
-    for h in hooks:
-        h.remove()
-    return linears, {n: torch.cat(v) for n, v in xs.items()}
+    return linears, layer_inputs(model, samples, linears)
 
 
 @pytest.mark.parametrize("structure", ["unstructured", "2:4", "4:8"])
@@ -97,9 +90,9 @@ def test_sequential_and_one_shot_agree_on_the_first_block_only():
 def test_sparsegpt_lowers_the_block_output_error_against_magnitude():
     samples = token_samples(n=8)
     dense = tiny_llama()
-    inputs, call = block_inputs(dense, samples)
+    inputs, calls = block_inputs(dense, samples)
     with torch.no_grad():
-        target = run_block(decoder_layers(dense)[0], inputs, call)
+        target = run_block(decoder_layers(dense)[0], inputs, calls[0])
     errors = {}
     for method in ("sparsegpt", "magnitude"):
         model = tiny_llama()
@@ -109,6 +102,6 @@ def test_sparsegpt_lowers_the_block_output_error_against_magnitude():
             from prunerzero import apply_metric
             apply_metric(model, "magnitude", 0.5, progress=False, sequential=False)
         with torch.no_grad():
-            out = run_block(decoder_layers(model)[0], inputs, call)
+            out = run_block(decoder_layers(model)[0], inputs, calls[0])
         errors[method] = sum(((o - t) ** 2).sum() for o, t in zip(out, target))
     assert errors["sparsegpt"] < errors["magnitude"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..data import BOS_CHOICES
 from ..errors import PrunerZeroError
 from ..masks import parse_structure
 from ..settings import Settings
@@ -23,6 +24,7 @@ class SearchConfig(Settings):
     calibration: str = "wikipedia"
     search_data: str | None = None           # None: WikiText-2 test (held-out Wikipedia if missing)
     data_dir: str | None = None
+    bos: str = "auto"                        # BOS per sequence: auto (as the tokenizer does), always, never
     stages: tuple[int, ...] = (1, 4, 16)     # search chunks seen by candidates reaching each stage
     promote: float = 0.25                    # fraction of a stage's candidates that go on to the next
     heldout_chunks: int = 64                 # final re-evaluation, disjoint from the search chunks
@@ -65,6 +67,8 @@ class SearchConfig(Settings):
 
     def validate(self):
         parse_structure(self.structure, self.sparsity)
+        if self.bos not in BOS_CHOICES:
+            raise SearchConfigError(f"bos must be one of {', '.join(BOS_CHOICES)}, got {self.bos!r}")
         if not self.stages or any(b <= a for a, b in zip(self.stages, self.stages[1:])) or self.stages[0] < 1:
             raise SearchConfigError(f"stages must be increasing chunk counts >= 1, got {self.stages}")
         if not 0 < self.promote <= 1:

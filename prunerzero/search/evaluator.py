@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from ..evaluate import nll_sum
 from ..metric import Metric
+from ..layers import matrix, set_matrix
 from ..models import all_prunable, load_model
 from ..prune import layer_primitives, metric_mask
 
@@ -86,7 +87,7 @@ class Evaluator:
         self.model = model if model is not None else load_model(setup.model, setup.dtype, setup.device,
                                                                 tokenizer=False)[0]
         self.layers = all_prunable(self.model)
-        self.dense = {name: lin.weight.data for name, lin in self.layers.items()}
+        self.dense = {name: matrix(lin) for name, lin in self.layers.items()}
         device = next(self.model.parameters()).device
         self.prims = {t: {k: v.to(device) for k, v in load_file(path).items()}
                       for t, path in setup.primitives.items()}
@@ -103,11 +104,11 @@ class Evaluator:
         """NLL of the model with `masks` applied; the dense weights are put back after."""
         try:
             for name, lin in self.layers.items():
-                lin.weight.data = self.dense[name].masked_fill(masks[name], 0)
+                set_matrix(lin, self.dense[name].masked_fill(masks[name], 0))
             return nll_sum(self.model, chunks, self.setup.batch_size, progress=False)
         finally:
             for name, lin in self.layers.items():
-                lin.weight.data = self.dense[name]
+                set_matrix(lin, self.dense[name])
 
     def __call__(self, task: Task) -> Result:
         t0 = time.perf_counter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from deap import tools
 from tqdm.auto import tqdm
 
 from .cache import Cache, Measured
+from .checkpoint import individual_from, individual_record, rng_state, set_rng_state
 from .config import SearchConfig
 from .evaluator import Setup, Task
 from .gp import from_text, primitive_set, toolbox, vary
@@ -34,6 +35,7 @@ class SearchData:
     full: torch.Tensor | None = None
     source: str = "wikitext2"
     note: str = ""
+    sequences: str = ""                  # the BOS protocol, as data.Sequences.describe() says it
 
 
 @dataclass
@@ -252,19 +254,31 @@ class Search:
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
-        return dict(gen=self.gen, population=self.population, hof=self.hof, logbook=self.logbook,
-                    cache=self.cache, counters=self.counters, reference=self.reference,
-                    rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
+        """Everything a resumed run needs, as plain JSON data (see checkpoint.py)."""
+        c = self.cache
+        return dict(gen=self.gen, population=[individual_record(i) for i in self.population],
+                    hof=[individual_record(i) for i in self.hof.items], logbook=list(self.logbook),
+                    cache=dict(meta=c.meta, by_key=c.by_key, by_fp={fp: m.segments for fp, m in c.by_fp.items()}),
+                    counters=asdict(self.counters), reference=self.reference, rng=rng_state())
 
     def restore(self, state: dict):
-        for name in ("gen", "population", "hof", "logbook", "cache", "counters", "reference"):
-            setattr(self, name, state[name])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
+        self.gen = state["gen"]
+        self.population = [individual_from(r, self.pset) for r in state["population"]]
+        items = [individual_from(r, self.pset) for r in state["hof"]]
+        # DEAP's HallOfFame keeps its items best first and their fitnesses in ascending order
+        self.hof.items, self.hof.keys = items, [i.fitness for i in reversed(items)]
+        self.logbook = tools.Logbook()
+        for record in state["logbook"]:
+            self.logbook.record(**record)
+        c = state["cache"]
+        self.cache = Cache(meta={t: tuple(v) for t, v in c["meta"].items()}, by_key=dict(c["by_key"]),
+                           by_fp={fp: Measured([tuple(s) for s in segs]) for fp, segs in c["by_fp"].items()})
+        self.counters = Counters(**state["counters"])
+        self.reference = dict(state["reference"])
+        set_rng_state(state["rng"])
 
     def checkpoint(self):
-        self.run.save_checkpoint(self.state())
+        self.run.save_checkpoint("evolve", self.state())
         self.run.plot(self.run.read_lines("log.jsonl"), self.reference)
 
     def seed_rngs(self):

@@ -7,7 +7,7 @@ from dataclasses import asdict
 import torch
 
 from ..calibration import cache_path, cached, compute_g, compute_h, compute_x
-from ..data import DataError
+from ..data import DataError, sequences_for
 from ..metric import Metric
 from ..models import load_model
 from ..space import load_space
@@ -25,14 +25,15 @@ COMPUTE = {"X": compute_x, "G": compute_g, "H": compute_h}
 def search_data(tok, c: SearchConfig) -> tuple[SearchData, str]:
     """Calibration windows, and evaluation chunks split into the search set (the last
     stages[-1] chunks) and the held-out set (the first heldout_chunks), which never overlap."""
-    samples, ids, starts = calibration_for(tok, c.calibration, c.nsamples, c.seqlen, c.seed, c.data_dir)
-    ev = eval_data_for(tok, c.search_data, c.seqlen, None, c.data_dir, c.calibration, ids, starts)
+    seq = sequences_for(tok, c.bos)
+    samples, ids, starts = calibration_for(tok, c.calibration, c.nsamples, c.seqlen, c.seed, c.data_dir, seq)
+    ev = eval_data_for(tok, c.search_data, c.seqlen, None, c.data_dir, c.calibration, ids, starts, seq)
     k, h = c.stages[-1], c.heldout_chunks
     if len(ev.chunks) < k + h:
         raise DataError(f"{ev.source} has {len(ev.chunks)} chunks of {c.seqlen} tokens: too few for "
                         f"{k} search + {h} held-out chunks; lower --stages or --heldout-chunks")
     full = ev.chunks if c.heldout_full else None
-    return SearchData(samples, ev.chunks[-k:], ev.chunks[:h], full, ev.source, ev.note), ev.note
+    return SearchData(samples, ev.chunks[-k:], ev.chunks[:h], full, ev.source, ev.note, seq.describe()), ev.note
 
 
 def terminals_needed(c: SearchConfig, pset_terminals) -> set[str]:
@@ -66,13 +67,15 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
     """Run (or continue, with resume=RUN) a metric search; returns the final summary."""
     if resume:
         run = RunDir(resume)
-        config = SearchConfig.from_dict(run.config())
+        config = SearchConfig.from_dict(run.config("evolve"))
+        state = run.load_checkpoint("evolve")  # validated now, before any model or data is loaded
         if generations:
             config.generations = generations
     else:
         config = config or SearchConfig()
-        run = RunDir(output)
+        run = RunDir(output, "evolve")
         run.ensure_new()
+        state = None
     _check_metrics(config)
     model, tok = load_model(config.model, config.dtype, config.device, tokenizer=data is None)
     note = ""
@@ -80,6 +83,8 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
         data, note = search_data(tok, config)
     if note:
         log("NOTE: " + note)
+    if data.sequences:
+        log(f"sequences: {data.sequences}")
     search = None
     pool = None
     try:
@@ -87,12 +92,13 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
         files = primitive_files(model, config, data.calibration, needed)
         if not resume:
             run.create(dict(config.to_dict(), data=dict(source=data.source, note=data.note or note,
+                                                         sequences=data.sequences,
                                                          search_chunks=len(data.search),
                                                          heldout_chunks=len(data.heldout))))
         pool = make_pool(setup_for(config, data, files), config.workers, config.ray, config.ray_address,
                          config.gpus_per_worker, model=model)
         search = Search(config, run, pool, log, quiet)
-        if not (resume and run.resume(search, log)):
+        if not (resume and run.resume(search, log, state)):
             search.seed_rngs()
             search.reference = reference_fitness(search, config)
             search.checkpoint()
@@ -152,7 +158,7 @@ def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir, log) 
                baselines={b[1]: row(1 + i, b) for i, b in enumerate(baselines)},
                hall_of_fame=[row(1 + len(baselines) + i, e) for i, e in enumerate(entries)],
                heldout=dict(source=data.source, chunks=len(data.heldout), seqlen=data.heldout.shape[1],
-                            note=data.note),
+                            note=data.note, sequences=data.sequences),
                counters=asdict(search.counters), generations=search.gen, settings=c.to_dict())
     run.write_json("hall_of_fame.json", out)
     _print_summary(out, log)

@@ -1,18 +1,21 @@
 """The run directory of a search: config.json, log.jsonl (one line per generation),
-evaluations.jsonl, failures.jsonl, checkpoint.pkl (after every generation, written
-atomically), hall_of_fame.json and fitness.png."""
+evaluations.jsonl, failures.jsonl, checkpoint.json (after every generation, written
+atomically; data only, see checkpoint.py), hall_of_fame.json and fitness.png."""
 from __future__ import annotations
 
 import json
 import math
 import os
-import pickle
 from pathlib import Path
+
+from .checkpoint import FILE, LEGACY, CheckpointError, decode, encode
+
+LOGS = ("log.jsonl", "evaluations.jsonl", "failures.jsonl")  # rows carry the generation "gen"
 
 
 class RunDir:
-    def __init__(self, path):
-        self.path = Path(path)
+    def __init__(self, path, kind: str | None = None):
+        self.path, self.kind = Path(path), kind
 
     def ensure_new(self):
         if self.path.exists() and any(self.path.iterdir()):
@@ -22,13 +25,25 @@ class RunDir:
     def create(self, config: dict):
         self.ensure_new()
         self.path.mkdir(parents=True, exist_ok=True)
-        self.write_json("config.json", config)
+        self.write_json("config.json", dict(config, run_kind=self.kind) if self.kind else config)
 
-    def config(self) -> dict:
+    def config(self, kind: str) -> dict:
+        """The run's settings, checked to belong to a `kind` run (evolve or darwin)."""
+        self.kind = kind
         f = self.path / "config.json"
         if not f.is_file():
-            raise FileNotFoundError(f"{self.path} is not a search run (no config.json)")
-        return json.loads(f.read_text())
+            raise FileNotFoundError(f"{self.path} is not a run folder (no config.json)")
+        try:
+            config = json.loads(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{self.path}/config.json is damaged (not valid JSON); start a new run") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{self.path}/config.json holds no settings; start a new run")
+        other = config.get("run_kind", kind)
+        if other != kind:
+            raise CheckpointError(f"{self.path} is a `prunerzero {other}` run, not a `prunerzero {kind}` run; "
+                                  f"resume it with prunerzero {other} --resume {self.path}")
+        return config
 
     def write_json(self, name, data):
         self._atomic(name, json.dumps(data, indent=2, default=_plain).encode())
@@ -41,26 +56,42 @@ class RunDir:
         f = self.path / name
         return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
 
-    def truncate_log(self, name, keep_generations: int):
-        """Drop log lines of generations after the checkpoint (a run killed mid-write)."""
-        lines = [r for r in self.read_lines(name) if r.get("gen", -1) < keep_generations]
+    def truncate_log(self, name, keep_generations: int, keep_tagged: bool = True):
+        """Drop log rows of generations after the checkpoint (a run killed mid-write). Rows
+        tagged with a name instead of a generation (the baselines, measured before the first
+        checkpoint) stay when `keep_tagged`."""
+        if not (self.path / name).is_file():
+            return
+
+        def kept(r):
+            g = r.get("gen", -1)
+            return g < keep_generations if isinstance(g, int) else keep_tagged
+        lines = [r for r in self.read_lines(name) if kept(r)]
         self._atomic(name, "".join(json.dumps(r) + "\n" for r in lines).encode())
 
-    def save_checkpoint(self, state: dict):
-        self._atomic("checkpoint.pkl", pickle.dumps(state))
+    def save_checkpoint(self, kind: str, state: dict):
+        self._atomic(FILE, encode(kind, state))
 
-    def load_checkpoint(self) -> dict | None:
-        f = self.path / "checkpoint.pkl"
-        return pickle.loads(f.read_bytes()) if f.is_file() else None
+    def load_checkpoint(self, kind: str) -> dict | None:
+        """The validated state of a `kind` run's checkpoint; None if the run stopped before its
+        first one. Cheap: call it before loading a model, so a bad folder fails at once."""
+        f = self.path / FILE
+        if not f.is_file():
+            if (self.path / LEGACY).is_file():
+                raise CheckpointError(f"{self.path} holds {LEGACY}, a pickle written by an older prunerzero; "
+                                      "pickles can run code, so it is never loaded: start a new run")
+            return None
+        return decode(f.read_bytes(), kind, self.path)
 
-    def resume(self, search, log) -> bool:
-        """Restore `search` from the checkpoint, if there is one, dropping log lines of the
-        generation in progress when the run was killed."""
-        state = self.load_checkpoint()
+    def resume(self, search, log, state: dict | None) -> bool:
+        """Restore `search` from a checkpoint state (None: start afresh), dropping the log rows
+        of the generation in progress when the run was killed."""
+        keep = state["gen"] if state else 0
+        for name in LOGS:
+            self.truncate_log(name, keep, keep_tagged=state is not None)
         if not state:
             return False
         search.restore(state)
-        self.truncate_log("log.jsonl", search.gen)
         log(f"resuming {self.path} at generation {search.gen}")
         return True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..data import BOS_CHOICES
 from ..errors import PrunerZeroError
 from ..settings import Settings
 from .database import DEFAULT_LADDER
@@ -50,6 +51,7 @@ class DarwinConfig(Settings):
     eval_chunks: int = 64                     # perplexity on the first chunks of seqlen tokens
     eval_full: bool = False                   # also on the whole split (one pass gives both)
     data_dir: str | None = None
+    bos: str = "auto"                         # BOS per sequence: auto (as the tokenizer does), always, never
     finetune_tokens: int = 0                  # post-training of the final models on calibration text
     finetune_lr: float = 1e-5
     baselines: bool = True                    # uniform and per-layer-error allocations, same parameters
@@ -66,6 +68,8 @@ class DarwinConfig(Settings):
         self.validate()
 
     def validate(self):
+        if self.bos not in BOS_CHOICES:
+            raise DarwinConfigError(f"bos must be one of {', '.join(BOS_CHOICES)}, got {self.bos!r}")
         if not self.stages or any(len(s) != 3 or s[0] < 0 or s[1] < 1 or s[2] < 1 for s in self.stages):
             raise DarwinConfigError(f"each stage needs train tokens >= 0, eval tokens >= 1 and survivors >= 1, "
                                     f"got {self.stages}")

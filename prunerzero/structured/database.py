@@ -148,17 +148,17 @@ def build_database(model, samples: torch.Tensor, path, settings: dict, ladder=DE
     head_counts = kept_counts(an.heads, ladder)
     chan_counts = kept_counts(an.channels, ladder, multiple)
     step = mlp_step or max(1, an.channels // 256)  # a few channels per OBS step: same levels, fewer steps
-    inputs, call = block_inputs(model, samples)
+    inputs, calls = block_inputs(model, samples)
     meta = {"settings": settings, "ladder": list(ladder), "anatomy": an.__dict__, "attn": [], "mlp": [], "build_s": 0.0}
     for i, block in enumerate(tqdm(decoder_layers(model), desc="level database", disable=not progress)):
         file = path / f"layer_{i:03d}.safetensors"
         if file.is_file():  # built before an interruption
-            inputs = run_block(block, inputs, call)
+            inputs = run_block(block, inputs, calls[i])
         else:
             t0 = time.perf_counter()
             attn, mlp = attention_of(block), mlp_of(block)
             with Hessians({"o": attn.o_proj, "down": mlp.down_proj}) as rec:
-                inputs = run_block(block, inputs, call)  # the dense outputs feed the next block
+                inputs = run_block(block, inputs, calls[i])  # the dense outputs feed the next block
             _build_block(attn, mlp, rec, an, head_counts, chan_counts, percdamp, step, file, t0)
         with safe_open(str(file), "pt") as f:
             entry = json.loads(f.metadata()["levels"])

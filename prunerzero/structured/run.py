@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..calibration import cache_key
-from ..data import calibration_samples
+from ..data import calibration_samples, sequences_for
 from ..evaluate import perplexities
 from ..models import cache_dir, load_model
 from ..pipeline import model_identity, calibration_for, eval_data_for
@@ -21,6 +21,7 @@ from .genome import LevelSpace
 from .search import DarwinSearch, FitnessData, run_loop
 from .shrink import materialize, save_structured
 from .speed import latency
+from .units import check_supported
 
 
 @dataclass
@@ -30,14 +31,16 @@ class DarwinData:
     evaluation: torch.Tensor       # perplexity chunks of the final models
     source: str = "given"
     note: str = ""
+    sequences: str = ""                # the BOS protocol, as data.Sequences.describe() says it
 
 
 def darwin_data(tok, c: DarwinConfig) -> DarwinData:
-    samples, ids, starts = calibration_for(tok, c.calibration, c.nsamples, c.seqlen, c.seed, c.data_dir)
-    fitness, fstarts = calibration_samples(ids, c.fitness_windows, c.seqlen, c.seed + 1)
+    seq = sequences_for(tok, c.bos)
+    samples, ids, starts = calibration_for(tok, c.calibration, c.nsamples, c.seqlen, c.seed, c.data_dir, seq)
+    fitness, fstarts = calibration_samples(ids, c.fitness_windows, c.seqlen, c.seed + 1, seq)
     ev = eval_data_for(tok, c.eval_data, c.seqlen, None if c.eval_full else c.eval_chunks, c.data_dir, c.calibration, ids,
-                       list(starts) + list(fstarts))
-    return DarwinData(samples, fitness, ev.chunks, ev.source, ev.note)
+                       list(starts) + list(fstarts), seq)
+    return DarwinData(samples, fitness, ev.chunks, ev.source, ev.note, seq.describe())
 
 
 def database_path(c: DarwinConfig, samples: torch.Tensor):
@@ -52,20 +55,25 @@ def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, dat
     """Run (or continue, with resume=RUN) a structured search; returns the report."""
     if resume:
         run = RunDir(resume)
-        config = DarwinConfig.from_dict(run.config())
+        config = DarwinConfig.from_dict(run.config("darwin"))
+        state = run.load_checkpoint("darwin")  # validated now, before any model or data is loaded
         if generations is not None:
             config.generations = generations
     else:
         config = config or DarwinConfig()
-        run = RunDir(output)
+        run = RunDir(output, "darwin")
         run.ensure_new()
+        state = None
     c = config
     if c.threads:
         torch.set_num_threads(c.threads)
     model, tok = load_model(c.model, c.dtype, c.device, tokenizer=data is None)
+    check_supported(model)  # refuse a family it cannot shrink before any data or database work
     data = data or darwin_data(tok, c)
     if data.note:
         log("NOTE: " + data.note)
+    if data.sequences:
+        log(f"sequences: {data.sequences}")
     t0 = time.perf_counter()
     path, settings = database_path(c, data.calibration)
     db = build_database(model, data.calibration, path, settings, c.ladder, c.multiple, c.percdamp,
@@ -76,8 +84,9 @@ def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, dat
     half = len(data.fitness) // 2
     fit = FitnessData(DenseReference(model, data.fitness[:half]), data.fitness[half:])
     search = DarwinSearch(c, model, space, fit, run, log, quiet)
-    if not (resume and run.resume(search, log)):
-        run.create(dict(c.to_dict(), database=str(path), data=dict(source=data.source, note=data.note),
+    if not (resume and run.resume(search, log, state)):
+        run.create(dict(c.to_dict(), database=str(path),
+                        data=dict(source=data.source, note=data.note, sequences=data.sequences),
                         params=dict(prunable=space.total, target=space.target_params(c.target),
                                     start=space.params(start))))
         log(f"{space.total:,} prunable parameters; keeping {space.params(start):,} "
@@ -148,7 +157,8 @@ def _report(search, dense, final, configs, ppl, data, c, t_db) -> dict:
                     kept_fraction=space.params(search.parent) / space.total, target=c.target,
                     model_total=total_params, dense_total=sum(p.numel() for p in dense.parameters())),
         perplexity=ppl, eval=dict(source=data.source, chunks=min(c.eval_chunks, len(data.evaluation)),
-                                  split_chunks=len(data.evaluation), seqlen=data.evaluation.shape[1], note=data.note),
+                                  split_chunks=len(data.evaluation), seqlen=data.evaluation.shape[1], note=data.note,
+                                  sequences=data.sequences),
         genomes={k: list(v) for k, v in configs.items()},
         layers=layers, generations=search.gen, evaluations=search.evaluations,
         timings=dict(database_s=t_db, database_build_s=search.space.db.build_s, search_s=search.elapsed),

@@ -25,20 +25,26 @@ class PrunedAttention(nn.Module):
     model leaves) stay valid, unlike the uniform groups that HF attention assumes."""
 
     def __init__(self, hidden: int, head_dim: int, kv_index: list[int], bias: bool, scaling: float,
-                 rotary, layer_idx: int):
+                 rotary, layer_idx: int, o_bias: bool | None = None, q_norm=None, k_norm=None):
         super().__init__()
         q, kv = len(kv_index), max(kv_index) + 1
         self.head_dim, self.scaling, self.layer_idx, self.rotary = head_dim, scaling, layer_idx, rotary
         self.q_proj = nn.Linear(hidden, q * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, kv * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, kv * head_dim, bias=bias)
-        self.o_proj = nn.Linear(q * head_dim, hidden, bias=bias)
+        self.o_proj = nn.Linear(q * head_dim, hidden, bias=bias if o_bias is None else o_bias)
+        # Qwen3 normalises each query and key head (weights over head_dim, shared by all heads),
+        # so the norms carry over unchanged whatever heads are kept
+        self.q_norm = q_norm if q_norm is not None else nn.Identity()
+        self.k_norm = k_norm if k_norm is not None else nn.Identity()
         self.register_buffer("kv_index", torch.tensor(kv_index), persistent=False)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kw):
         b, t, _ = hidden_states.shape
-        q, k, v = (p(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        shape = (b, t, -1, self.head_dim)
+        q = self.q_norm(self.q_proj(hidden_states).view(shape)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(hidden_states).view(shape)).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = self.rotary(q, k, cos, sin)
         if past_key_values is not None:
@@ -109,7 +115,8 @@ def _new_attention(attn, spec, an, i) -> PrunedAttention:
     kv_pos = {kv: j for j, kv in enumerate(spec["kv_heads"])}
     rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     new = PrunedAttention(an.hidden, an.head_dim, [kv_pos[an.kv_of(h)] for h in spec["heads"]], an.attn_bias,
-                          getattr(attn, "scaling", an.head_dim ** -0.5), rotary, getattr(attn, "layer_idx", i))
+                          getattr(attn, "scaling", an.head_dim ** -0.5), rotary, getattr(attn, "layer_idx", i),
+                          o_bias=an.o_bias, q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))
     return new.to(attn.o_proj.weight.device, attn.o_proj.weight.dtype)
 
 

@@ -23,8 +23,13 @@ class Anatomy:
     kv_heads: int
     head_dim: int
     channels: int
-    attn_bias: bool
+    attn_bias: bool                  # q, k and v have biases
     mlp_bias: bool
+    o_bias: bool | None = None       # o_proj has a bias (None: as q/k/v; Qwen2 has them on q/k/v only)
+
+    def __post_init__(self):
+        if self.o_bias is None:
+            object.__setattr__(self, "o_bias", self.attn_bias)
 
     @property
     def group(self) -> int:
@@ -38,7 +43,7 @@ class Anatomy:
         q = len(kept_heads)
         kv = len({self.kv_of(h) for h in kept_heads})
         d, h = self.head_dim, self.hidden
-        bias = (q * d + 2 * kv * d + h * (q > 0)) if self.attn_bias else 0
+        bias = (q * d + 2 * kv * d if self.attn_bias else 0) + (h * (q > 0) if self.o_bias else 0)
         return 2 * q * d * h + 2 * kv * d * h + bias
 
     def mlp_params(self, channels: int) -> int:
@@ -67,7 +72,24 @@ def child_with(block, names, what) -> tuple[str, nn.Module]:
         if all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
             return name, module
     raise StructureError(f"{type(block).__name__} has no {what} module with Linear {', '.join(names)}: "
-                         "structured pruning supports LLaMA-family blocks (Llama, Mistral, Qwen2, SmolLM)")
+                         f"structured pruning supports {SUPPORTED_TEXT}")
+
+
+# Families whose attention and MLP `shrink` rebuilds exactly (tested on tiny models of each):
+# LLaMA-style q/k/v/o with rotary embeddings (optionally biased q/k/v, optionally Qwen3's
+# per-head q/k RMSNorm, sliding windows given by the mask) and gated gate/up/down MLPs.
+SUPPORTED = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+SUPPORTED_TEXT = ", ".join(SUPPORTED.values()) + " (and SmolLM, a Llama)"
+
+
+def check_supported(model: nn.Module) -> Anatomy:
+    """The model's anatomy if `darwin` can shrink it; a clear refusal, before any work, if not."""
+    kind = getattr(model.config, "model_type", None)
+    if kind not in SUPPORTED:
+        raise StructureError(f"structured pruning (darwin) cannot shrink {type(model).__name__} (model_type "
+                             f"{kind!r}) yet: its attention or MLP differs from the shapes it rebuilds. "
+                             f"Supported: {SUPPORTED_TEXT}. Unstructured and N:M pruning (apply) work on it.")
+    return anatomy(model)
 
 
 def anatomy(model: nn.Module) -> Anatomy:
@@ -82,7 +104,7 @@ def anatomy(model: nn.Module) -> Anatomy:
                              f"({heads} heads, {kv} key-value heads, head_dim {head_dim})")
     return Anatomy(hidden=cfg.hidden_size, heads=heads, kv_heads=kv, head_dim=head_dim,
                    channels=mlp.down_proj.in_features, attn_bias=attn.q_proj.bias is not None,
-                   mlp_bias=mlp.down_proj.bias is not None)
+                   mlp_bias=mlp.down_proj.bias is not None, o_bias=attn.o_proj.bias is not None)
 
 
 def prunable_params(model: nn.Module) -> int:
