@@ -1,7 +1,8 @@
 """The DEAP side of the metric search: a primitive set read from primitives/search_space.toml,
 the variation operators, and metric text <-> DEAP tree conversion.
 
-The creator classes are made once at import, so checkpoints unpickle in any process."""
+The creator classes are made once at import, so trees travel to worker processes by pickle
+(between this run's own processes; checkpoints hold metric texts, see checkpoint.py)."""
 from __future__ import annotations
 
 import operator
