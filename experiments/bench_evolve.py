@@ -92,8 +92,8 @@ def staging_check(args, structure) -> dict:
     out_file = path / "staging_check.json"
     if out_file.is_file():
         return json.loads(out_file.read_text())
-    run = RunDir(path)
-    cfg = SearchConfig.from_dict(run.config("evolve"))
+    run = RunDir(path, "evolve")
+    cfg = SearchConfig.from_dict(run.config())
     k = cfg.stages[-1]
     first, full = first_and_full(run, cfg.stages[0], k)
     stopped = sorted((p, key, text) for key, (text, p) in first.items() if key not in full)[:args.check]

@@ -26,7 +26,6 @@ def block_inputs(model, samples: torch.Tensor):
     blocks = decoder_layers(model)
     device = next(model.parameters()).device
     inputs, calls = [], [None] * len(blocks)
-    state = {"all": True}
 
     def grab(i):
         def hook(module, args, kwargs):
@@ -34,16 +33,16 @@ def block_inputs(model, samples: torch.Tensor):
             x = args[0] if args else kwargs.pop("hidden_states")
             if i == 0:
                 inputs.append(x)
-            if state["all"]:
+            first_pass = calls[-1] is None  # the last block's arguments end the first pass
+            if first_pass:
                 calls[i] = (tuple(args[1:]), kwargs)
-            if i == len(blocks) - 1 or not state["all"]:
+            if i == len(blocks) - 1 or not first_pass:
                 raise _Stop
         return hook
 
     handles = [b.register_forward_pre_hook(grab(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
         for i in range(len(samples)):
-            state["all"] = i == 0
             try:
                 model(samples[i:i + 1].to(device), use_cache=False)
             except _Stop:

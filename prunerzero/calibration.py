@@ -158,17 +158,15 @@ def compute_g(model, samples: torch.Tensor, scale: float = 1.0) -> dict[str, tor
     acc = {name: torch.zeros(matrix(m).shape, dtype=torch.float32, device=m.weight.device)
            for name, m in layers.items()}
     hooks = []
-
-    def hook(param, name, m):
-        acc[name].add_(as_matrix(m, param.grad).float().mul(scale).square_())
-        param.grad = None
     device = next(model.parameters()).device
     # the hooks go on once gradients are on: per-expert views start without them
     with grads_only_for(model, [m.weight for m in layers.values()]):
         try:
             for name, m in layers.items():
-                hooks.append(m.weight.register_post_accumulate_grad_hook(
-                    lambda p, name=name, m=m: hook(p, name, m)))
+                def hook(param, name=name, m=m):
+                    acc[name].add_(as_matrix(m, param.grad).float().mul(scale).square_())
+                    param.grad = None
+                hooks.append(m.weight.register_post_accumulate_grad_hook(hook))
             for i in tqdm(range(len(samples)), desc="gradients", leave=False):
                 ids = samples[i:i + 1].to(device)
                 model(input_ids=ids, labels=ids).loss.backward()

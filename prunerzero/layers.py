@@ -111,21 +111,23 @@ def expert_views(m: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
 
 # ---- what a block holds ---------------------------------------------------------------------
 
-def _holds_experts(m: nn.Module) -> bool:
-    return isinstance(getattr(m, "experts", None), nn.Module)
+def _is_router(m: nn.Module, parent: nn.Module) -> bool:
+    """A 2D weight beside the experts of an MoE layer: a router or gate (a Linear, or a router
+    class of its own as in transformers 5), whose few outputs decide the routing."""
+    weight = getattr(m, "weight", None)
+    return (isinstance(getattr(parent, "experts", None), nn.Module) and isinstance(weight, nn.Parameter)
+            and weight.dim() == 2)
 
 
 def block_layers(block: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """(prunable layers by name, skipped layers by name with the reason) of one decoder block."""
     prunable, skipped = {}, {}
-    parents = {name: m for name, m in block.named_modules()}
-    for name, m in block.named_modules():
-        parent = parents.get(name.rpartition(".")[0]) if "." in name else block
-        if is_projection(m):
-            if parent is not None and _holds_experts(parent):
-                skipped[name] = "MoE router/gate"
-            else:
-                prunable[name] = m
+    modules = dict(block.named_modules())
+    for name, m in modules.items():
+        if _is_router(m, modules[name.rpartition(".")[0]]):
+            skipped[name] = "MoE router/gate"
+        elif is_projection(m):
+            prunable[name] = m
         elif _is_fused_experts(m):
             if not _supported_layout(m):
                 skipped[name] = f"fused experts of an unsupported layout ({type(m).__name__})"
@@ -133,9 +135,6 @@ def block_layers(block: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]
             for e, (gate_up, down) in enumerate(expert_views(m)):
                 prunable[f"{name}.{e}.gate_up_proj"] = gate_up
                 prunable[f"{name}.{e}.down_proj"] = down
-        elif not isinstance(m, nn.Linear) and isinstance(getattr(m, "weight", None), nn.Parameter) \
-                and m.weight.dim() == 2 and parent is not None and _holds_experts(parent):
-            skipped[name] = "MoE router/gate"  # routers with their own class (transformers 5)
     return prunable, skipped
 
 

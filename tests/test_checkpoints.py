@@ -26,7 +26,7 @@ def run_folder(tmp_path, kind="evolve", state=None):
     run = RunDir(tmp_path / "run", kind)
     run.create({"model": str(tmp_path / "no-such-model")})
     if state is not None:
-        run.save_checkpoint(kind, state)
+        run.save_checkpoint(state)
     return run.path
 
 

@@ -278,7 +278,7 @@ class Search:
         set_rng_state(state["rng"])
 
     def checkpoint(self):
-        self.run.save_checkpoint("evolve", self.state())
+        self.run.save_checkpoint(self.state())
         self.run.plot(self.run.read_lines("log.jsonl"), self.reference)
 
     def seed_rngs(self):

@@ -66,9 +66,9 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
                generations: int | None = None, log=print, quiet: bool = False) -> dict:
     """Run (or continue, with resume=RUN) a metric search; returns the final summary."""
     if resume:
-        run = RunDir(resume)
-        config = SearchConfig.from_dict(run.config("evolve"))
-        state = run.load_checkpoint("evolve")  # validated now, before any model or data is loaded
+        run = RunDir(resume, "evolve")
+        config = SearchConfig.from_dict(run.config())
+        state = run.load_checkpoint()  # validated now, before any model or data is loaded
         if generations:
             config.generations = generations
     else:

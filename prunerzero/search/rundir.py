@@ -15,6 +15,8 @@ LOGS = ("log.jsonl", "evaluations.jsonl", "failures.jsonl")  # rows carry the ge
 
 class RunDir:
     def __init__(self, path, kind: str | None = None):
+        """kind: "evolve" or "darwin", written into config.json and the checkpoint and checked
+        on resume; None only for reading logs."""
         self.path, self.kind = Path(path), kind
 
     def ensure_new(self):
@@ -27,9 +29,9 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self.write_json("config.json", dict(config, run_kind=self.kind) if self.kind else config)
 
-    def config(self, kind: str) -> dict:
-        """The run's settings, checked to belong to a `kind` run (evolve or darwin)."""
-        self.kind = kind
+    def config(self) -> dict:
+        """The run's settings, checked to belong to a run of this folder's kind."""
+        kind = self.kind
         f = self.path / "config.json"
         if not f.is_file():
             raise FileNotFoundError(f"{self.path} is not a run folder (no config.json)")
@@ -69,11 +71,11 @@ class RunDir:
         lines = [r for r in self.read_lines(name) if kept(r)]
         self._atomic(name, "".join(json.dumps(r) + "\n" for r in lines).encode())
 
-    def save_checkpoint(self, kind: str, state: dict):
-        self._atomic(FILE, encode(kind, state))
+    def save_checkpoint(self, state: dict):
+        self._atomic(FILE, encode(self.kind, state))
 
-    def load_checkpoint(self, kind: str) -> dict | None:
-        """The validated state of a `kind` run's checkpoint; None if the run stopped before its
+    def load_checkpoint(self) -> dict | None:
+        """The validated state of the run's checkpoint; None if the run stopped before its
         first one. Cheap: call it before loading a model, so a bad folder fails at once."""
         f = self.path / FILE
         if not f.is_file():
@@ -81,7 +83,7 @@ class RunDir:
                 raise CheckpointError(f"{self.path} holds {LEGACY}, a pickle written by an older prunerzero; "
                                       "pickles can run code, so it is never loaded: start a new run")
             return None
-        return decode(f.read_bytes(), kind, self.path)
+        return decode(f.read_bytes(), self.kind, self.path)
 
     def resume(self, search, log, state: dict | None) -> bool:
         """Restore `search` from a checkpoint state (None: start afresh), dropping the log rows

@@ -54,9 +54,9 @@ def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, dat
                generations: int | None = None, log=print, quiet: bool = False) -> dict:
     """Run (or continue, with resume=RUN) a structured search; returns the report."""
     if resume:
-        run = RunDir(resume)
-        config = DarwinConfig.from_dict(run.config("darwin"))
-        state = run.load_checkpoint("darwin")  # validated now, before any model or data is loaded
+        run = RunDir(resume, "darwin")
+        config = DarwinConfig.from_dict(run.config())
+        state = run.load_checkpoint()  # validated now, before any model or data is loaded
         if generations is not None:
             config.generations = generations
     else:

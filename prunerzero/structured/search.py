@@ -55,7 +55,7 @@ class DarwinSearch:
         self.elapsed, self.evaluations = state["elapsed"], state["evaluations"]
 
     def checkpoint(self):
-        self.run.save_checkpoint("darwin", self.state())
+        self.run.save_checkpoint(self.state())
 
     def children(self, rng: random.Random) -> list[Genome]:
         out, seen = [], {self.parent}
