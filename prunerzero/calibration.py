@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .layers import as_matrix, in_features, matrix
@@ -194,14 +195,60 @@ def cache_path(kind: str, settings: dict):
     return cache_dir() / "primitives" / f"{kind}-{cache_key(kind=kind, **settings)}.safetensors"
 
 
-def cached(kind: str, settings: dict, compute) -> dict[str, torch.Tensor]:
-    """Load `kind` primitives for `settings` from the cache, or compute and store them."""
+class CacheDamaged(Exception):
+    """A cache file that cannot be trusted; the caller discards it and computes afresh."""
+
+
+def content_digest(tensors: dict) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _read_checked(path, kind: str, settings: dict, names) -> dict[str, torch.Tensor]:
+    """The tensors of a cache file whose kind, settings, layer names and content checksum all
+    match what was written; CacheDamaged otherwise (truncated, garbage, edited or foreign)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        raise CacheDamaged(f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
+    if meta.get("kind", kind) != kind or meta.get("settings") != _settings_text(settings):
+        raise CacheDamaged("written for other settings")
+    if "sha256" not in meta:
+        raise CacheDamaged("it has no checksum (written by an older prunerzero)")
+    if names is not None and set(tensors) != set(names):
+        raise CacheDamaged(f"it holds {len(tensors)} layers, the model has {len(names)}")
+    if content_digest(tensors) != meta["sha256"]:
+        raise CacheDamaged("its content does not match its checksum")
+    return tensors
+
+
+def _settings_text(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def cached(kind: str, settings: dict, compute, names=None, log=print) -> dict[str, torch.Tensor]:
+    """`kind` primitives for `settings` from the cache, or computed and stored with their
+    settings and a content checksum. A damaged entry is reported, discarded and recomputed;
+    `names`, when given, are the layers the entry must hold."""
     path = cache_path(kind, settings)
     if path.is_file():
-        return load_file(str(path))
+        try:
+            return _read_checked(path, kind, settings, names)
+        except CacheDamaged as e:
+            log(f"WARNING: the cached {kind} primitives at {path} are discarded ({e}); computing them again")
+            path.unlink(missing_ok=True)
     out = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
-    save_file(_unshared(out), str(tmp), metadata={"settings": json.dumps(settings)})
+    plain = _unshared(out)
+    meta = {"kind": kind, "settings": _settings_text(settings), "sha256": content_digest(plain)}
+    save_file(plain, str(tmp), metadata=meta)
     tmp.rename(path)
     return out

@@ -18,8 +18,18 @@ class _Group(click.Group):
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted; a search continues with: prunerzero evolve (or darwin) --resume RUN", err=True)
+            click.echo(_interrupted(ctx), err=True)
             sys.exit(130)
+
+
+def _interrupted(ctx) -> str:
+    """What an interrupted command left, and how to go on (each command leaves its hint in
+    ctx.meta, which click shares between a group's context and its commands')."""
+    return ctx.meta.get("interrupted", "interrupted")
+
+
+def _on_interrupt(hint: str):
+    click.get_current_context().meta["interrupted"] = "interrupted; " + hint
 
 
 @click.group(cls=_Group)
@@ -90,7 +100,7 @@ def _common(f):
 @main.command()
 @_common
 @click.option("--metric", default="pruner-zero", show_default=True, help="Metric text or catalog name.")
-@click.option("--sparsity", default=0.5, show_default=True)
+@click.option("--sparsity", type=float, default=None, help="Fraction pruned: default 0.5; N/M with --structure N:M.")
 @click.option("--structure", default="unstructured", show_default=True, help="unstructured, 2:4, 4:8, ...")
 @click.option("--output", default=None, help="Folder for the pruned model and report.json.")
 @click.option("--nsamples", default=32, show_default=True)
@@ -104,9 +114,14 @@ def _common(f):
 def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, bos, metric, sparsity, structure, output,
           nsamples, calibration, seed, one_shot, method, group):
     """Prune a model with a metric (or SparseGPT), report perplexity, and save it."""
+    from .apply_config import ApplyConfig
     from .pipeline import run_apply
-    run_apply(model, metric, sparsity, structure, output, nsamples, seqlen, calibration, eval_data, eval_chunks,
-              seed, not one_shot, dtype, device, data_dir, method=method, group=group, bos=bos, log=click.echo)
+    _on_interrupt("nothing was saved (a half-written output is removed); run the command again")
+    cfg = ApplyConfig(model=model, metric=metric, method=method, sparsity=sparsity, structure=structure, group=group,
+                      nsamples=nsamples, seqlen=seqlen, calibration=calibration, eval_data=eval_data,
+                      eval_chunks=eval_chunks, seed=seed, sequential=not one_shot, dtype=dtype, device=device,
+                      data_dir=data_dir, bos=bos)
+    run_apply(cfg, output, log=click.echo)
 
 
 def _log(quiet):
@@ -124,15 +139,20 @@ def _resumed(run_fn, output, resume, generations, log, quiet) -> bool:
     return True
 
 
-def _tuple(text, cast=str):
-    return tuple(cast(x) for x in text.split(",") if x.strip()) if text else ()
+def _tuple(text, cast=str, option=""):
+    """'a,b,c' -> a tuple of `cast` values; a usage error (exit 2) names the option otherwise."""
+    try:
+        return tuple(cast(x) for x in text.split(",") if x.strip()) if text else ()
+    except ValueError:
+        kind = {int: "whole numbers", float: "numbers"}.get(cast, "values")
+        raise click.UsageError(f"{option} must be comma-separated {kind}, got {text!r}") from None
 
 
 @main.command()
 @click.option("--model", default=None, help="HF id or folder; default: bundled SmolLM2-135M.")
 @click.option("--output", default=None, help="Run folder (config, logs, checkpoints, hall of fame, plot).")
 @click.option("--resume", default=None, help="Continue the run in this folder where it stopped.")
-@click.option("--sparsity", default=0.5, show_default=True)
+@click.option("--sparsity", type=float, default=None, help="Fraction pruned: default 0.5; N/M with --structure N:M.")
 @click.option("--structure", default="unstructured", show_default=True, help="unstructured, 2:4, 4:8")
 @click.option("--strategy", type=click.Choice(["evolution", "random"]), default="evolution", show_default=True)
 @click.option("--population", default=20, show_default=True)
@@ -169,10 +189,11 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
     from .search.config import SearchConfig
     from .search.run import run_evolve
     log = _log(quiet)
+    _on_interrupt(f"the run continues from its last checkpoint with: prunerzero evolve --resume {resume or output}")
     if _resumed(run_evolve, output, resume, generations, log, quiet):
         return
     cfg = SearchConfig(model=model, sparsity=sparsity, structure=structure, strategy=strategy, population=population,
-                       generations=generations, elite=elite, tournament=tournament, stages=_tuple(stages, int),
+                       generations=generations, elite=elite, tournament=tournament, stages=_tuple(stages, int, "--stages"),
                        promote=promote, heldout_chunks=heldout_chunks, heldout_full=heldout_full,
                        seed_metrics=_tuple(seed_metrics), terminals=_tuple(terminals) or None, nsamples=nsamples,
                        seqlen=seqlen, calibration=calibration, search_data=search_data, data_dir=data_dir, bos=bos,
@@ -221,10 +242,11 @@ def darwin(model, output, resume, target, generations, offspring, stages, lr, la
     from .structured.database import DEFAULT_LADDER
     from .structured.run import run_darwin
     log = _log(quiet)
+    _on_interrupt(f"the run continues from its last checkpoint with: prunerzero darwin --resume {resume or output}")
     if _resumed(run_darwin, output, resume, generations, log, quiet):
         return
     cfg = DarwinConfig(model=model, target=target, generations=generations, offspring=offspring,
-                       stages=parse_stages(stages), lr=lr, ladder=_tuple(ladder, float) or DEFAULT_LADDER,
+                       stages=parse_stages(stages), lr=lr, ladder=_tuple(ladder, float, "--ladder") or DEFAULT_LADDER,
                        multiple=multiple, database=database, finetune_tokens=finetune_tokens,
                        finetune_lr=finetune_lr, baselines=not no_baselines, nsamples=nsamples, seqlen=seqlen,
                        calibration=calibration, eval_data=eval_data, eval_chunks=eval_chunks, eval_full=eval_full,
@@ -237,8 +259,11 @@ def darwin(model, output, resume, target, generations, offspring, stages, lr, la
 @_common
 def eval_(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, bos):
     """Print a model's perplexity (SparseGPT/Wanda protocol)."""
+    from .apply_config import EvalConfig
     from .pipeline import run_eval
-    ppl = run_eval(model, eval_data, seqlen, eval_chunks, dtype, device, data_dir, bos, log=click.echo)
+    cfg = EvalConfig(model=model, seqlen=seqlen, eval_data=eval_data, eval_chunks=eval_chunks, data_dir=data_dir,
+                     bos=bos, dtype=dtype, device=device)
+    ppl = run_eval(cfg, log=click.echo)
     click.echo(f"perplexity: {ppl:.3f}")
 
 

@@ -67,7 +67,11 @@ def load_text(source: str, data_dir_=None) -> str:
         return wikipedia_text()
     p = Path(source)
     if p.is_file():
-        return p.read_text(encoding="utf-8")
+        try:
+            return p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{source} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                            "give a plain text file") from None
     raise DataError(f"unknown text source '{source}': use wikitext2, wikipedia or a path to a text file")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import sys
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -18,6 +19,16 @@ from .space import load_space
 from .symbolic import LANG_OF, apply_operator, power, symbols
 
 _BINOPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div"}
+
+# Limits that keep every accepted metric compilable and every refusal a clear message:
+# numbers a float64 holds (compiled constants are floats; printed forms of protected
+# divisions carry exact rationals near 1e30, so the bound is float64's, not float32's),
+# exponents whose powers sympy and torch handle exactly, and trees well beyond any search's
+# (height 6 by default) but short of Python's recursion limit.
+MAX_NUMBER = sys.float_info.max
+MAX_EXPONENT = 64
+MAX_TEXT, MAX_DEPTH, MAX_NODES = 10_000, 100, 2_000
+_TOO_DEEP = f"metric is nested more than {MAX_DEPTH} levels deep (a long sum nests one level per term)"
 
 
 @dataclass(frozen=True)
@@ -41,14 +52,48 @@ def parse(text: str) -> Node:
     if not isinstance(text, str) or not text.strip():
         raise MetricSyntaxError("empty metric: give an expression such as 'abs(W) * X' or a catalog name")
     src = text.strip()
+    if len(src) > MAX_TEXT:
+        raise MetricSyntaxError(f"metric is too long: {len(src)} characters, at most {MAX_TEXT}")
     try:
         tree = ast.parse(src, mode="eval")
     except SyntaxError as e:
         col = max((e.offset or 1) - 1, 0)
         opens, closes = src.count("("), src.count(")")
+        if "too many nested" in str(e.msg):
+            raise MetricSyntaxError(_TOO_DEEP) from None
         why = "unbalanced parentheses" if opens != closes else "invalid syntax"
         raise MetricSyntaxError(f"{why} in metric", src, min(col, len(src))) from None
+    except (RecursionError, MemoryError):
+        raise MetricSyntaxError(_TOO_DEEP) from None
+    _check_size(tree.body)
     return _Builder(src).build(tree.body)
+
+
+def _brief(x) -> str:
+    """A number short enough for a one-line message."""
+    try:
+        f = float(x)
+    except (OverflowError, TypeError):
+        f = float("inf")
+    return f"{f:.6g}" if abs(f) != float("inf") else "a number beyond 1.8e308"
+
+
+def _clip(text: str, n: int = 30) -> str:
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _check_size(root: ast.AST) -> None:
+    """Refuse trees too deep or too large to simplify, walking without recursion."""
+    stack, nodes = [(root, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_DEPTH:
+            raise MetricSyntaxError(_TOO_DEEP)
+        if nodes > MAX_NODES:
+            raise MetricSyntaxError(f"metric has more than {MAX_NODES} parts; write it more compactly")
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node)
+                     if not isinstance(child, (ast.operator, ast.unaryop, ast.expr_context)))
 
 
 class _Builder:
@@ -76,8 +121,10 @@ class _Builder:
                 return Node("const", value=-inner.value)
             return Node("neg", (inner,))
         if isinstance(n, ast.Constant) and type(n.value) in (int, float):
+            return Node("const", value=self.number(n))
+        if isinstance(n, ast.Constant):
             literal = ast.get_source_segment(self.src, n) or repr(n.value)
-            return Node("const", value=Fraction(literal.replace("_", "")))  # exact, not via float
+            raise self.fail(f"only real numbers can appear in a metric, got {literal}", n)
         if isinstance(n, ast.Name):
             if n.id in self.terminals:
                 return Node(n.id)
@@ -87,6 +134,16 @@ class _Builder:
         if isinstance(n, ast.Call):
             return self.call(n)
         raise self.fail(f"unsupported syntax ({type(n).__name__}) in metric", n)
+
+    def number(self, n: ast.Constant) -> Fraction:
+        """The exact value of a literal (decimal text read exactly, not via float; hex, octal
+        and binary integers as Python reads them), within the range a float32 score carries."""
+        literal = ast.get_source_segment(self.src, n) or repr(n.value)
+        value = Fraction(n.value) if isinstance(n.value, int) else Fraction(literal.replace("_", ""))
+        if abs(value) > MAX_NUMBER or (value and n.value == 0):
+            raise self.fail(f"number {_clip(literal)} is out of range: a metric's numbers must be finite "
+                            f"and nonzero ones must lie between {sys.float_info.min:g} and {MAX_NUMBER:g} in size", n)
+        return value
 
     def call(self, n: ast.Call) -> Node:
         if not isinstance(n.func, ast.Name):
@@ -113,7 +170,11 @@ class _Builder:
 
 def to_sympy(node: Node) -> sympy.Expr:
     """The sympy form of a parsed tree (sympy's exact arithmetic rules already applied)."""
-    return normalise(_to_sympy(node, symbols()))
+    e = normalise(_to_sympy(node, symbols()))
+    for number in e.atoms(sympy.Number):
+        if not number.is_finite or abs(number) > MAX_NUMBER:
+            raise MetricSyntaxError(f"the metric's constants combine to {_brief(number)}, beyond what a float holds")
+    return e
 
 
 def normalise(e: sympy.Expr) -> sympy.Expr:
@@ -140,10 +201,17 @@ def _to_sympy(node: Node, syms) -> sympy.Expr:
         return syms[node.name]
     args = [_to_sympy(a, syms) for a in node.args]
     if node.name == "pow":
-        if not args[1].is_Number:
+        p = args[1]
+        if not p.is_Number:
             raise MetricSyntaxError(f"the exponent of ** must be a number, got '{node.args[1]}'")
-        return power(args[0], args[1])
-    return apply_operator(node.name, args)
+        if not p.is_finite or abs(p) > MAX_EXPONENT:
+            raise MetricSyntaxError(f"the exponent of ** must lie in [-{MAX_EXPONENT}, {MAX_EXPONENT}], "
+                                    f"got {_brief(p)}")
+        return power(args[0], p)
+    e = apply_operator(node.name, args)
+    if e.is_Number and not e.is_finite:
+        raise MetricSyntaxError(f"{node} is not a finite number")
+    return e
 
 
 # ---------------------------------------------------------------- printing sympy forms

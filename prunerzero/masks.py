@@ -16,15 +16,41 @@ def parse_structure(structure: str, sparsity: float) -> tuple[int, int] | None:
     """None for unstructured, else (n, m): n of every m consecutive input weights pruned."""
     if structure == "unstructured":
         if not 0.0 <= sparsity < 1.0:
-            raise SparsityError(f"sparsity must be in [0, 1), got {sparsity}")
+            raise SparsityError(f"--sparsity must be in [0, 1), got {sparsity}")
         return None
     match = re.fullmatch(r"(\d+):(\d+)", structure)
     if not match:
-        raise SparsityError(f"structure must be 'unstructured' or 'N:M' such as 2:4, got '{structure}'")
+        raise SparsityError(f"--structure must be 'unstructured' or 'N:M' such as 2:4, got '{structure}'")
     n, m = int(match[1]), int(match[2])
     if not 0 < n < m:
         raise SparsityError(f"N:M needs 0 < N < M, got {structure}")
     return n, m
+
+
+def resolve_sparsity(structure: str, sparsity: float | None) -> float:
+    """The fraction pruned: `sparsity` (0.5 when None) for unstructured, N/M for N:M, where a
+    sparsity given as well must agree (2:4 with 0.9 would otherwise be ignored silently)."""
+    nm = parse_structure(structure, 0.5 if sparsity is None else sparsity)
+    if nm is None:
+        return 0.5 if sparsity is None else float(sparsity)
+    implied = nm[0] / nm[1]
+    if sparsity is not None and abs(sparsity - implied) > 1e-9:
+        raise SparsityError(f"--structure {structure} prunes {implied:g} of the weights; --sparsity {sparsity:g} "
+                            f"contradicts it (leave --sparsity out with N:M)")
+    return implied
+
+
+def check_widths(layers: dict, structure: str) -> None:
+    """Refuse an N:M pattern that some layer's input width cannot hold, before any work."""
+    nm = parse_structure(structure, 0.5)
+    if nm is None:
+        return
+    from .layers import in_features
+    bad = {name: in_features(m) for name, m in layers.items() if in_features(m) % nm[1]}
+    if bad:
+        name, width = next(iter(bad.items()))
+        raise SparsityError(f"--structure {structure} needs input widths divisible by {nm[1]}; {len(bad)} layer(s) "
+                            f"are not, e.g. {name} with {width}")
 
 
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:

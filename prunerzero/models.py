@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import checks
 from .errors import PrunerZeroError
 from .layers import block_layers, skipped_outside_blocks
 
@@ -40,7 +41,8 @@ def resolve_dtype(dtype) -> torch.dtype:
 
 
 def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
+    """auto: CUDA when present, else the CPU; a named device must exist on this machine."""
+    if checks.device(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
@@ -83,19 +85,49 @@ def load_model(name: str | None = None, dtype="fp32", device: str | None = "auto
     tokenizer=False skips the tokenizer (returned as None), e.g. in search workers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = default_model_path() if name in (None, DEFAULT_MODEL) else name
+    device = resolve_device(device)
+    if _looks_local(str(path)) and not Path(path).is_dir():
+        raise ModelError(f"no model folder at {path} (give a Hugging Face id, a local folder with config.json, "
+                         "or omit --model for the bundled SmolLM2-135M)")
     try:
         tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
         if (Path(path) / "prunerzero_structure.json").is_file():  # a `prunerzero darwin` model
             from .structured.shrink import load_structured
-            return load_structured(path, resolve_dtype(dtype), resolve_device(device)), tok
+            return load_structured(path, resolve_dtype(dtype), device), tok
         model = _from_pretrained(AutoModelForCausalLM, path, resolve_dtype(dtype))
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"cannot load model '{name}': {e}".split("\n")[0] +
-                         " (give a Hugging Face id, a local folder with config.json, or omit --model "
-                         "for the bundled SmolLM2-135M)") from None
-    model.to(resolve_device(device)).eval()
+    except PrunerZeroError:
+        raise
+    except Exception as e:  # transformers and safetensors raise many types for a bad folder
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ModelError(f"cannot load model '{name}': {type(e).__name__}: {first} (give a Hugging Face id, "
+                         "a local folder with config.json and complete weights, or omit --model for the "
+                         "bundled SmolLM2-135M)") from None
+    model.to(device).eval()
     model.config.use_cache = False
     return model, tok
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id (`org/name`): absolute, relative with dots, or deeper."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model was built for, when its config says."""
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        n = getattr(config, attr, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def check_seqlen(model, seqlen: int) -> None:
+    """Refuse sequences longer than the model's positions: an index error on some families,
+    silently degraded attention on others."""
+    n = max_positions(model.config)
+    if n is not None and seqlen > n:
+        raise ModelError(f"--seqlen {seqlen} is longer than the {n} positions of {type(model).__name__}; "
+                         f"use --seqlen {n} or less")
 
 
 def _from_pretrained(auto, path, dtype):

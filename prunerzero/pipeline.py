@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
-from . import data
+from . import checks, data
+from .apply_config import ApplyConfig, EvalConfig
 from .calibration import cached, compute_g, compute_h, compute_x
 from .evaluate import perplexity
-from .masks import parse_structure
+from .masks import check_widths
 from .metric import Metric
-from .models import load_model, require_prunable
+from .models import all_prunable, check_seqlen, load_model, require_prunable
 from .prune import PruneError, apply_metric, apply_sparsegpt
 
 
@@ -55,13 +56,17 @@ def eval_data_for(tokenizer, source=None, seqlen=512, chunks=None, data_dir=None
         return EvalData(data.chunks(calib_ids, seqlen, chunks, exclude=exclude, seq=seq), "wikipedia-heldout", note)
 
 
-def dense_primitives(model, metric: Metric, samples, settings: dict, sequential: bool):
+def dense_primitives(model, metric: Metric, samples, settings: dict, sequential: bool, log=print):
     """G (and X, H for one-shot pruning) of the dense model, from the on-disk cache when a run
     with the same settings computed them before. Sequential pruning recomputes X and H per block."""
     uses = metric.terminals
-    grads = cached("G", settings, lambda: compute_g(model, samples)) if "G" in uses else None
-    x = cached("X", settings, lambda: compute_x(model, samples)) if "X" in uses and not sequential else None
-    h = cached("H", settings, lambda: compute_h(model, samples)) if "H" in uses and not sequential else None
+    names = list(all_prunable(model))
+
+    def get(kind, compute):
+        return cached(kind, settings, compute, names=names, log=log)
+    grads = get("G", lambda: compute_g(model, samples)) if "G" in uses else None
+    x = get("X", lambda: compute_x(model, samples)) if "X" in uses and not sequential else None
+    h = get("H", lambda: compute_h(model, samples)) if "H" in uses and not sequential else None
     return grads, x, h
 
 
@@ -82,48 +87,38 @@ def primitive_settings(model_name, calibration: str, samples: torch.Tensor, seed
                 samples=hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:16])
 
 
-def run_apply(model_name=None, metric="pruner-zero", sparsity=0.5, structure="unstructured", output=None,
-              nsamples=32, seqlen=512, calibration="wikipedia", eval_data=None, eval_chunks=None,
-              seed=0, sequential=True, dtype="fp32", device="auto", data_dir=None, eval_dense=True,
-              method="metric", group=None, bos="auto", log=print) -> dict:
-    parse_structure(structure, sparsity)
-    if method not in ("metric", "sparsegpt"):
-        raise ValueError(f"method must be 'metric' or 'sparsegpt', got {method!r}")
-    m = Metric.parse(metric) if method == "metric" else None
-    out = Path(output) if output else None
-    if out is not None and out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output folder {out} exists and is not empty")
+def run_apply(config: ApplyConfig | None = None, output=None, log=print, **settings) -> dict:
+    """Prune a model as `config` (or ApplyConfig(**settings)) says, measure perplexity before and
+    after, and save the model with report.json in `output` (when given)."""
+    cfg = config or ApplyConfig(**settings)
+    m = Metric.parse(cfg.metric) if cfg.method == "metric" else None
+    out = checks.output_folder("output", output)
+    if out is not None:
+        _remove_leftover(out, log)
     t0 = time.perf_counter()
-    model, tok = load_model(model_name, dtype=dtype, device=device)
-    require_prunable(model)
+    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    check_seqlen(model, cfg.seqlen)
+    check_widths(require_prunable(model), cfg.structure)
     t_load = time.perf_counter() - t0
-    seq = data.sequences_for(tok, bos)
+    seq = data.sequences_for(tok, cfg.bos)
     log(f"sequences: {seq.describe()}")
-    samples, cal_ids, starts = calibration_for(tok, calibration, nsamples, seqlen, seed, data_dir, seq)
-    ev = eval_data_for(tok, eval_data, seqlen, eval_chunks, data_dir, calibration, cal_ids, starts, seq)
+    samples, cal_ids, starts = calibration_for(tok, cfg.calibration, cfg.nsamples, cfg.seqlen, cfg.seed,
+                                               cfg.data_dir, seq)
+    ev = eval_data_for(tok, cfg.eval_data, cfg.seqlen, cfg.eval_chunks, cfg.data_dir, cfg.calibration, cal_ids,
+                       starts, seq)
     if ev.note:
         log("NOTE: " + ev.note)
     ppl = {}
-    if eval_dense:
+    if cfg.eval_dense:
         ppl["dense"] = perplexity(model, ev.chunks)
-        log(f"dense perplexity ({ev.source}, {len(ev.chunks)} x {seqlen}): {ppl['dense']:.3f}")
-    t1 = time.perf_counter()
-    key = primitive_settings(model_name, calibration, samples, seed, dtype)
-    if m is None:
-        report = apply_sparsegpt(model, sparsity, structure, calibration=samples, sequential=sequential)
-    else:
-        grads, x_norms, curvature = dense_primitives(model, m, samples, key, sequential)
-        t_prims = time.perf_counter() - t1
-        report = apply_metric(model, m, sparsity, structure, calibration=samples, sequential=sequential,
-                              grads=grads, x_norms=x_norms, curvature=curvature, group=group)
-        report.timings["dense_primitives_s"] = t_prims
+        log(f"dense perplexity ({ev.source}, {len(ev.chunks)} x {cfg.seqlen}): {ppl['dense']:.3f}")
+    report = _prune(model, m, cfg, samples, log)
     ppl["pruned"] = perplexity(model, ev.chunks)
-    log(f"pruned with {report.metric} ({report.canonical}) {structure} at {report.sparsity:.4f} measured sparsity: "
-        f"perplexity {ppl['pruned']:.3f}")
+    log(f"pruned with {report.metric} ({report.canonical}) {cfg.structure} at {report.sparsity:.4f} measured "
+        f"sparsity: perplexity {ppl['pruned']:.3f}")
     report.perplexity = ppl
-    report.settings = dict(model=model_name or "smollm2-135m (bundled)", nsamples=nsamples, seqlen=seqlen,
-                           calibration=calibration, eval_data=ev.source, eval_chunks=len(ev.chunks), seed=seed,
-                           dtype=dtype, device=str(next(model.parameters()).device), method=method,
+    report.settings = dict(cfg.to_dict(), model=cfg.model or "smollm2-135m (bundled)", eval_data=ev.source,
+                           eval_chunks=len(ev.chunks), device=str(next(model.parameters()).device),
                            bos=seq.describe(), note=ev.note)
     report.timings["load_s"] = t_load
     result = report.to_dict()
@@ -132,6 +127,20 @@ def run_apply(model_name=None, metric="pruner-zero", sparsity=0.5, structure="un
         _save(model, tok, out, result)
         log(f"saved pruned model and report.json to {out}")
     return result
+
+
+def _prune(model, m: Metric | None, cfg: ApplyConfig, samples, log):
+    """Prune in place with the metric `m`, or SparseGPT when m is None."""
+    if m is None:
+        return apply_sparsegpt(model, cfg.sparsity, cfg.structure, calibration=samples, sequential=cfg.sequential)
+    t1 = time.perf_counter()
+    key = primitive_settings(cfg.model, cfg.calibration, samples, cfg.seed, cfg.dtype)
+    grads, x_norms, curvature = dense_primitives(model, m, samples, key, cfg.sequential, log)
+    t_prims = time.perf_counter() - t1
+    report = apply_metric(model, m, cfg.sparsity, cfg.structure, calibration=samples, sequential=cfg.sequential,
+                          grads=grads, x_norms=x_norms, curvature=curvature, group=cfg.group)
+    report.timings["dense_primitives_s"] = t_prims
+    return report
 
 
 def _check_sparsity(report):
@@ -143,24 +152,43 @@ def _check_sparsity(report):
                          f"nothing was saved (skipped layers: {', '.join(report.skipped) or 'none'})")
 
 
+def _partial(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def _remove_leftover(out: Path, log):
+    """A `.partial` folder beside the output is what a killed save left: never a result."""
+    tmp = _partial(out)
+    if tmp.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"removed {tmp}, left by an interrupted run")
+
+
 def _save(model, tok, out: Path, result: dict):
-    """Write into a sibling temporary folder, then rename: no half-written output."""
-    tmp = out.with_name(out.name + ".partial")
+    """Write into a sibling temporary folder, then rename: no half-written output, and
+    nothing left behind when the save itself is interrupted or fails."""
+    tmp = _partial(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "report.json").write_text(json.dumps(result, indent=2))
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "report.json").write_text(json.dumps(result, indent=2))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def run_eval(model_name=None, eval_data=None, seqlen=512, eval_chunks=None, dtype="fp32", device="auto",
-             data_dir=None, bos="auto", log=print) -> float:
-    model, tok = load_model(model_name, dtype=dtype, device=device)
-    seq = data.sequences_for(tok, bos)
+def run_eval(config: EvalConfig | None = None, log=print, **settings) -> float:
+    """Perplexity of a model as `config` (or EvalConfig(**settings)) says."""
+    cfg = config or EvalConfig(**settings)
+    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    check_seqlen(model, cfg.seqlen)
+    seq = data.sequences_for(tok, cfg.bos)
     log(f"sequences: {seq.describe()}")
-    ev = eval_data_for(tok, eval_data, seqlen, eval_chunks, data_dir, seq=seq)
+    ev = eval_data_for(tok, cfg.eval_data, cfg.seqlen, cfg.eval_chunks, cfg.data_dir, seq=seq)
     if ev.note:
         log("NOTE: " + ev.note)
     return perplexity(model, ev.chunks)

@@ -39,7 +39,7 @@ def test_apply_2of4_saves_a_model_that_reloads_with_the_pattern(tmp_path):
     (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
     (["--structure", "4:2"], "N:M needs 0 < N < M"),
     (["--metric", "X*G"], "does not depend on W"),
-    (["--model", "/no/such/model"], "cannot load model"),
+    (["--model", "/no/such/model"], "no model folder at /no/such/model"),
 ])
 def test_bad_input_fails_before_writing_anything(tmp_path, args, message):
     out = tmp_path / "never"

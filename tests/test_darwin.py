@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from prunerzero.checks import SettingsError
 from prunerzero.cli import main
 from prunerzero.models import load_model
 from prunerzero.structured.config import DarwinConfig, DarwinConfigError
@@ -219,7 +220,7 @@ def test_a_killed_run_resumes_to_the_same_result(tiny_dir, tmp_path):
 def test_bad_targets_and_models_are_clear_errors(space, tmp_path):
     with pytest.raises(StructureError, match="unreachable"):
         space.target_params(10 ** 9)
-    with pytest.raises(DarwinConfigError, match="target"):
+    with pytest.raises(SettingsError, match="target"):
         DarwinConfig(target=0)
     with pytest.raises(DarwinConfigError, match="survivors"):
         DarwinConfig(stages=((512, 1024, 4), (512, 1024, 6)))

@@ -212,8 +212,9 @@ def test_darwin_refuses_the_other_families_clearly_before_any_work(family, tmp_p
     model = tiny(family)
     with pytest.raises(StructureError, match="cannot shrink .* Supported: Llama, Mistral, Qwen2, Qwen3"):
         check_supported(model)
-    if family == "gpt2":  # and through the command line: exit 2, one line, before any data is read
+    if family == "gpt2":  # and through the command line: exit 2, one line, before any data is used
         model.save_pretrained(tmp_path / "m")
+        (tmp_path / "short.txt").write_text("far too short to draw calibration windows from")
         r = CliRunner().invoke(main, ["darwin", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "run"),
-                                      "--calibration", str(tmp_path / "missing.txt")])
+                                      "--calibration", str(tmp_path / "short.txt")])
         assert r.exit_code == 2 and "cannot shrink GPT2LMHeadModel" in r.output, r.output

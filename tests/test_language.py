@@ -60,7 +60,7 @@ def test_catalog_names_are_accepted():
     ("abs(W, x=1)", "takes no keyword arguments"),
     ("W.T", "unsupported syntax"),
     ("W if X else G", "unsupported syntax"),
-    ("'W'", "unsupported syntax"),
+    ("'W'", "only real numbers"),
     ("W % X", "not part of the metric language"),
     ("W ** X", "exponent of ** must be a number"),
     ("sqrt * W", "is an operator"),

@@ -3,36 +3,16 @@ the tokenizer adds one to a text (or as --bos forces), perplexity through the li
 a direct computation under it, and the protocol written in the report."""
 import json
 import math
-import random
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from prunerzero.data import NO_BOS, DataError, calibration_samples, chunks, sequences_for, tokenize
 from prunerzero.pipeline import run_apply, run_eval
 
-from tiny import tiny_llama
-
-WORDS = [f"w{i}" for i in range(120)]
-
-
-def word_tokenizer(adds_bos: bool) -> PreTrainedTokenizerFast:
-    """A real fast tokenizer over 120 words; with adds_bos its post-processor puts <bos> in
-    front of every text, as Gemma's and Llama's do."""
-    vocab = {"<unk>": 0, "<bos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    if adds_bos:
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>")
-
-
-def text(n=600, seed=0):
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n))
-
+from tiny import text, tiny_llama, word_tokenizer
 
 def test_auto_follows_the_tokenizer_and_the_overrides_force_it():
     with_bos, without = word_tokenizer(True), word_tokenizer(False)
@@ -84,7 +64,7 @@ def test_perplexity_through_the_library_equals_a_direct_computation(tmp_path, ad
     tok.save_pretrained(tmp_path / "m")
     (tmp_path / "eval.txt").write_text(text(400, 1))
     lines = []
-    got = run_eval(str(tmp_path / "m"), eval_data=str(tmp_path / "eval.txt"), seqlen=16, bos=choice, log=lines.append)
+    got = run_eval(model=str(tmp_path / "m"), eval_data=str(tmp_path / "eval.txt"), seqlen=16, bos=choice, log=lines.append)
     ids = tokenize(tok, (tmp_path / "eval.txt").read_text())
     assert got == pytest.approx(direct_perplexity(model, ids, 16, bos), rel=1e-5)
     assert any(("BOS token 1" if bos else "no BOS token") in line for line in lines)
@@ -96,7 +76,7 @@ def test_apply_states_the_protocol_in_its_report(tmp_path):
     tok.save_pretrained(tmp_path / "m")
     (tmp_path / "cal.txt").write_text(text(800, 2))
     (tmp_path / "eval.txt").write_text(text(300, 3))
-    run_apply(str(tmp_path / "m"), "wanda", 0.5, output=str(tmp_path / "out"), nsamples=4, seqlen=16,
+    run_apply(model=str(tmp_path / "m"), metric="wanda", sparsity=0.5, output=str(tmp_path / "out"), nsamples=4, seqlen=16,
               calibration=str(tmp_path / "cal.txt"), eval_data=str(tmp_path / "eval.txt"), log=lambda *a: None)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["settings"]["bos"].startswith("BOS token 1 at the start of every chunk")

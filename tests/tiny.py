@@ -1,6 +1,10 @@
-"""A tiny randomly initialised Llama with grouped-query attention, built in the test."""
+"""A tiny randomly initialised Llama with grouped-query attention, and a real word-level
+tokenizer over its vocabulary, built in the test."""
+import random
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 
 def tiny_llama(seed=0, layers=2):
@@ -14,3 +18,22 @@ def tiny_llama(seed=0, layers=2):
 def token_samples(n=4, seqlen=32, seed=0, vocab=128):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, seqlen), generator=g)
+
+
+WORDS = [f"w{i}" for i in range(120)]
+
+
+def word_tokenizer(adds_bos: bool) -> PreTrainedTokenizerFast:
+    """A real fast tokenizer over 120 words; with adds_bos its post-processor puts <bos> in
+    front of every text, as Gemma's and Llama's do."""
+    vocab = {"<unk>": 0, "<bos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>")
+
+
+def text(n=600, seed=0):
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n))

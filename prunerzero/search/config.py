@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import checks
+from ..apply_config import DTYPES
 from ..data import BOS_CHOICES
-from ..errors import PrunerZeroError
-from ..masks import parse_structure
+from ..masks import resolve_sparsity
 from ..settings import Settings
 
 
-class SearchConfigError(PrunerZeroError, ValueError):
+class SearchConfigError(checks.SettingsError):
     pass
 
 
@@ -17,7 +18,7 @@ class SearchConfigError(PrunerZeroError, ValueError):
 class SearchConfig(Settings):
     # what is pruned, and how fitness is measured
     model: str | None = None                 # HF id or folder; None: the bundled SmolLM2-135M
-    sparsity: float = 0.5
+    sparsity: float | None = None            # None: 0.5 unstructured, N/M for N:M
     structure: str = "unstructured"          # unstructured, 2:4, 4:8
     nsamples: int = 32                       # calibration samples for X, G, H
     seqlen: int = 512
@@ -66,16 +67,25 @@ class SearchConfig(Settings):
         self.validate()
 
     def validate(self):
-        parse_structure(self.structure, self.sparsity)
-        if self.bos not in BOS_CHOICES:
-            raise SearchConfigError(f"bos must be one of {', '.join(BOS_CHOICES)}, got {self.bos!r}")
+        self.sparsity = resolve_sparsity(self.structure, self.sparsity)
+        checks.choice("bos", self.bos, BOS_CHOICES)
+        checks.choice("dtype", self.dtype, DTYPES)
+        checks.device(self.device)
+        checks.text_source("calibration", self.calibration)
+        checks.text_source("search_data", self.search_data, optional=True)
+        for name in ("nsamples", "heldout_chunks", "tournament", "hof_size", "max_height", "population",
+                     "generations", "workers"):
+            checks.integer(name, getattr(self, name))
+        checks.integer("seqlen", self.seqlen, minimum=2)
+        checks.integer("seed", self.seed, minimum=0)
+        checks.integer("threads", self.threads, optional=True)
+        checks.number("time_limit", self.time_limit, low=0, low_open=True, optional=True)
+        checks.number("gpus_per_worker", self.gpus_per_worker, low=0)
+        checks.number("cxpb", self.cxpb, 0, 1)
+        checks.number("mutpb", self.mutpb, 0, 1)
         if not self.stages or any(b <= a for a, b in zip(self.stages, self.stages[1:])) or self.stages[0] < 1:
-            raise SearchConfigError(f"stages must be increasing chunk counts >= 1, got {self.stages}")
-        if not 0 < self.promote <= 1:
-            raise SearchConfigError(f"promote must be in (0, 1], got {self.promote}")
-        if self.strategy not in ("evolution", "random"):
-            raise SearchConfigError(f"strategy must be 'evolution' or 'random', got {self.strategy!r}")
-        if not 0 <= self.elite < self.population:
-            raise SearchConfigError(f"elite must be in [0, population), got {self.elite}")
-        if self.population < 2 or self.generations < 1 or self.workers < 1:
-            raise SearchConfigError("population >= 2, generations >= 1 and workers >= 1 are needed")
+            raise SearchConfigError(f"--stages must be increasing chunk counts >= 1, got {self.stages}")
+        checks.number("promote", self.promote, 0, 1, low_open=True)
+        checks.choice("strategy", self.strategy, ("evolution", "random"))
+        checks.integer("population", self.population, minimum=2)
+        checks.integer("elite", self.elite, minimum=0, maximum=self.population - 1)

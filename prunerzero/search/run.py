@@ -9,7 +9,8 @@ import torch
 from ..calibration import cache_path, cached, compute_g, compute_h, compute_x
 from ..data import DataError, sequences_for
 from ..metric import Metric
-from ..models import load_model
+from ..masks import check_widths
+from ..models import all_prunable, check_seqlen, load_model, require_prunable
 from ..space import load_space
 from ..pipeline import calibration_for, eval_data_for, primitive_settings
 from .config import SearchConfig
@@ -43,12 +44,12 @@ def terminals_needed(c: SearchConfig, pset_terminals) -> set[str]:
     return names & set(COMPUTE)
 
 
-def primitive_files(model, c: SearchConfig, samples: torch.Tensor, needed) -> dict[str, str]:
+def primitive_files(model, c: SearchConfig, samples: torch.Tensor, needed, log=print) -> dict[str, str]:
     """Dense X, G, H of the calibration samples, from the shared on-disk cache (computed once)."""
     key = primitive_settings(c.model, c.calibration, samples, c.seed, c.dtype)
     files = {}
     for kind in sorted(needed):
-        cached(kind, key, lambda kind=kind: COMPUTE[kind](model, samples))
+        cached(kind, key, lambda kind=kind: COMPUTE[kind](model, samples), names=list(all_prunable(model)), log=log)
         files[kind] = str(cache_path(kind, key))
     return files
 
@@ -78,6 +79,9 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
         state = None
     _check_metrics(config)
     model, tok = load_model(config.model, config.dtype, config.device, tokenizer=data is None)
+    if data is None:  # given data carries its own sequence length
+        check_seqlen(model, config.seqlen)
+    check_widths(require_prunable(model), config.structure)
     note = ""
     if data is None:
         data, note = search_data(tok, config)
@@ -89,7 +93,7 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
     pool = None
     try:
         needed = terminals_needed(config, config.terminals or load_space().search["terminals"])
-        files = primitive_files(model, config, data.calibration, needed)
+        files = primitive_files(model, config, data.calibration, needed, log)
         if not resume:
             run.create(dict(config.to_dict(), data=dict(source=data.source, note=data.note or note,
                                                          sequences=data.sequences,

@@ -8,6 +8,7 @@ import math
 import os
 from pathlib import Path
 
+from .. import checks
 from .checkpoint import FILE, LEGACY, CheckpointError, decode, encode
 
 LOGS = ("log.jsonl", "evaluations.jsonl", "failures.jsonl")  # rows carry the generation "gen"
@@ -17,12 +18,16 @@ class RunDir:
     def __init__(self, path, kind: str | None = None):
         """kind: "evolve" or "darwin", written into config.json and the checkpoint and checked
         on resume; None only for reading logs."""
+        if path is None or not str(path).strip():
+            raise checks.SettingsError("give --output RUN for a new run (a folder), or --resume RUN")
         self.path, self.kind = Path(path), kind
 
     def ensure_new(self):
-        if self.path.exists() and any(self.path.iterdir()):
+        """A folder a new run can be written to (created, writable, empty); checked before any work."""
+        if self.path.is_dir() and any(self.path.iterdir()):
             raise FileExistsError(f"run folder {self.path} exists and is not empty; "
                                   f"continue it with --resume {self.path}")
+        checks.output_folder("output", self.path, optional=False)
 
     def create(self, config: dict):
         self.ensure_new()

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import checks
+from ..apply_config import DTYPES
 from ..data import BOS_CHOICES
-from ..errors import PrunerZeroError
 from ..settings import Settings
 from .database import DEFAULT_LADDER
 
 
-class DarwinConfigError(PrunerZeroError, ValueError):
+class DarwinConfigError(checks.SettingsError):
     pass
 
 
@@ -68,20 +69,38 @@ class DarwinConfig(Settings):
         self.validate()
 
     def validate(self):
-        if self.bos not in BOS_CHOICES:
-            raise DarwinConfigError(f"bos must be one of {', '.join(BOS_CHOICES)}, got {self.bos!r}")
+        checks.choice("bos", self.bos, BOS_CHOICES)
+        checks.choice("dtype", self.dtype, DTYPES)
+        checks.device(self.device)
+        checks.text_source("calibration", self.calibration)
+        checks.text_source("eval_data", self.eval_data, optional=True)
+        self.target = checks.number("target_params", self.target, low=0, low_open=True)
+        if self.target > 1 and self.target != int(self.target):
+            raise DarwinConfigError(f"--target-params must be a fraction in (0, 1] or a whole count of parameters, "
+                                    f"got {self.target:g}")
+        checks.integer("generations", self.generations, minimum=0)
+        for name in ("offspring", "multiple", "max_switches"):
+            checks.integer(name, getattr(self, name))
+        for name in ("nsamples", "eval_chunks", "fitness_windows", "reach"):
+            checks.integer(name, getattr(self, name))
+        checks.integer("seqlen", self.seqlen, minimum=2)
+        checks.integer("seed", self.seed, minimum=0)
+        checks.integer("finetune_tokens", self.finetune_tokens, minimum=0)
+        checks.integer("threads", self.threads, optional=True)
+        checks.number("time_limit", self.time_limit, low=0, low_open=True, optional=True)
+        checks.number("lr", self.lr, low=0)
+        checks.number("finetune_lr", self.finetune_lr, low=0)
+        checks.number("percdamp", self.percdamp, low=0, low_open=True)
         if not self.stages or any(len(s) != 3 or s[0] < 0 or s[1] < 1 or s[2] < 1 for s in self.stages):
-            raise DarwinConfigError(f"each stage needs train tokens >= 0, eval tokens >= 1 and survivors >= 1, "
+            raise DarwinConfigError(f"--stages: each stage needs train tokens >= 0, eval tokens >= 1 and survivors >= 1, "
                                     f"got {self.stages}")
         if any(b[2] > a[2] for a, b in zip(self.stages, self.stages[1:])) or self.stages[0][2] > self.offspring + 1:
-            raise DarwinConfigError("survivors must not grow from stage to stage nor exceed offspring + 1")
+            raise DarwinConfigError("--stages: survivors must not grow from stage to stage nor exceed offspring + 1")
         if not self.ladder or any(not 0 <= f <= 1 for f in self.ladder):
-            raise DarwinConfigError(f"ladder fractions must lie in [0, 1], got {self.ladder}")
-        if self.target <= 0:
-            raise DarwinConfigError(f"target must be a positive fraction or count, got {self.target}")
-        if self.generations < 0 or self.offspring < 1 or self.multiple < 1 or self.max_switches < 1:
-            raise DarwinConfigError("generations >= 0, offspring >= 1, multiple >= 1, max_switches >= 1 are needed")
+            raise DarwinConfigError(f"--ladder fractions must lie in [0, 1], got {self.ladder}")
         windows = max(-(-s[1] // self.seqlen) for s in self.stages)
         if windows > self.fitness_windows // 2:
-            raise DarwinConfigError(f"the last stage scores {windows} windows of {self.seqlen} tokens but only "
-                                    f"{self.fitness_windows // 2} are set aside for scoring; raise fitness_windows")
+            most = self.fitness_windows // 2 * self.seqlen
+            raise DarwinConfigError(f"--stages: the last stage scores {windows} windows of {self.seqlen} tokens but "
+                                    f"only {self.fitness_windows // 2} are set aside for scoring; give it at most "
+                                    f"{most} scoring tokens")

@@ -11,7 +11,7 @@ import torch
 from ..calibration import cache_key
 from ..data import calibration_samples, sequences_for
 from ..evaluate import perplexities
-from ..models import cache_dir, load_model
+from ..models import cache_dir, check_seqlen, load_model
 from ..pipeline import model_identity, calibration_for, eval_data_for
 from ..search.rundir import RunDir
 from .config import DarwinConfig
@@ -21,7 +21,7 @@ from .genome import LevelSpace
 from .search import DarwinSearch, FitnessData, run_loop
 from .shrink import materialize, save_structured
 from .speed import latency
-from .units import check_supported
+from .units import StructureError, check_supported, prunable_params
 
 
 @dataclass
@@ -69,6 +69,12 @@ def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, dat
         torch.set_num_threads(c.threads)
     model, tok = load_model(c.model, c.dtype, c.device, tokenizer=data is None)
     check_supported(model)  # refuse a family it cannot shrink before any data or database work
+    if data is None:  # given data carries its own sequence length
+        check_seqlen(model, c.seqlen)
+    total = prunable_params(model)
+    if c.target > total:
+        raise StructureError(f"--target-params {c.target:g} is more than the model's {total:,} prunable parameters; "
+                             f"give a fraction in (0, 1] or a count up to {total:,}")
     data = data or darwin_data(tok, c)
     if data.note:
         log("NOTE: " + data.note)

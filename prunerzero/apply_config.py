@@ -1,0 +1,62 @@
+"""Settings of `prunerzero eval` and `prunerzero apply`, parsed and checked once (at the command
+line or by the caller) and carried down whole; written next to every result in report.json."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import checks
+from .data import BOS_CHOICES
+from .masks import parse_structure, resolve_sparsity
+from .settings import Settings
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class EvalConfig(Settings):
+    model: str | None = None          # HF id or folder; None: the bundled SmolLM2-135M
+    seqlen: int = 512
+    eval_data: str | None = None      # None: WikiText-2 test (held-out Wikipedia if missing)
+    eval_chunks: int | None = None    # None: the whole split
+    data_dir: str | None = None
+    bos: str = "auto"                 # BOS per sequence: auto (as the tokenizer does), always, never
+    dtype: str = "fp32"
+    device: str = "auto"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        checks.integer("seqlen", self.seqlen, minimum=2)
+        checks.integer("eval_chunks", self.eval_chunks, optional=True)
+        checks.text_source("eval_data", self.eval_data, optional=True)
+        checks.choice("bos", self.bos, BOS_CHOICES)
+        checks.choice("dtype", self.dtype, DTYPES)
+        checks.device(self.device)
+
+
+@dataclass
+class ApplyConfig(EvalConfig):
+    metric: str = "pruner-zero"       # metric text or catalog name (method "metric")
+    method: str = "metric"            # or "sparsegpt": second-order reconstruction
+    sparsity: float | None = None     # None: 0.5 unstructured, N/M for N:M
+    structure: str = "unstructured"   # unstructured, 2:4, 4:8, ...
+    group: str | None = None          # unstructured comparison group; None: the metric's own
+    nsamples: int = 32
+    calibration: str = "wikipedia"
+    seed: int = 0
+    sequential: bool = True           # score each block from the pruned model's activations
+    eval_dense: bool = True           # also measure the dense model
+
+    def validate(self):
+        super().validate()
+        self.sparsity = resolve_sparsity(self.structure, self.sparsity)
+        checks.choice("method", self.method, ("metric", "sparsegpt"))
+        checks.choice("group", self.group, (None, "row", "layer"))
+        checks.integer("nsamples", self.nsamples)
+        checks.integer("seed", self.seed, minimum=0)
+        checks.text_source("calibration", self.calibration)
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_structure(self.structure, self.sparsity)
