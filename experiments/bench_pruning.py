@@ -3,8 +3,10 @@
     python experiments/bench_pruning.py [--parts table,sweeps,full] [--chunks 64]
 
 Parts (each result is saved as soon as it is measured; a rerun skips what is done):
-  table   dense, magnitude, wanda (sequential and one-shot), ria, gblm, pruner-zero and
-          SparseGPT at 50% unstructured, 2:4 and 4:8, on the first --chunks chunks;
+  table   dense, magnitude, wanda (sequential and one-shot), ria, gblm, pruner-zero,
+          SparseGPT and the recipes wanda+obs, wanda+obs-adaptive, wanda+admm (Wanda's mask, then
+          reconstruction of the kept weights) at 50% unstructured, 2:4 and 4:8, on the first
+          --chunks chunks;
   sweeps  wanda and pruner-zero at sparsity 0.1 ... 0.7, and with 4 ... 64 calibration
           samples at 50% (Pruner-Zero's Figure 3);
   full    the 50% unstructured row of the table on the whole WikiText-2 test split;
@@ -35,7 +37,7 @@ from prunerzero.models import load_model
 from prunerzero.pipeline import calibration_for, eval_data_for, primitive_settings
 
 METHODS = ["magnitude", "wanda", "wanda (one-shot)", "ria", "gblm", "pruner-zero", "sparsegpt", "evolved-smollm2-50",
-           "evolved-smollm2-2of4"]
+           "evolved-smollm2-2of4", "wanda+obs", "wanda+obs-adaptive", "wanda+admm"]  # metric+update: a recipe
 PATTERNS = [("unstructured", 0.5), ("2:4", 0.5), ("4:8", 0.5)]
 SWEEP_SPARSITY = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 SWEEP_NSAMPLES = [4, 8, 16, 32, 64]
@@ -149,14 +151,15 @@ class Bench:
             t0 = time.perf_counter()
             report = apply_sparsegpt(self.model, sparsity, structure, calibration=samples)
         else:
-            metric, sequential = method.replace(" (one-shot)", ""), "one-shot" not in method
+            metric, _, update = method.replace(" (one-shot)", "").partition("+")
+            sequential = "one-shot" not in method
             grads = None
             if "G" in Metric.parse(metric).terminals:  # G is computed once per calibration set
                 grads, extra["gradients_s"] = self.gradients(nsamples)
                 self.restore()
             t0 = time.perf_counter()
             report = apply_metric(self.model, metric, sparsity, structure, calibration=samples,
-                                  sequential=sequential, grads=grads)
+                                  sequential=sequential, grads=grads, update=update or "none")
         return dict(prune_s=time.perf_counter() - t0, sparsity=report.sparsity, canonical=report.canonical,
                     sequential=report.sequential, **extra)
 

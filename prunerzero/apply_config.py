@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from . import checks
 from .data import BOS_CHOICES
 from .masks import parse_structure, resolve_sparsity
+from .reconstruct import UPDATES
 from .settings import Settings
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -42,6 +43,7 @@ class ApplyConfig(EvalConfig):
     sparsity: float | None = None     # None: 0.5 unstructured, N/M for N:M
     structure: str = "unstructured"   # unstructured, 2:4, 4:8, ...
     group: str | None = None          # unstructured comparison group; None: the metric's own
+    update: str = "none"              # reconstruction of the kept weights: none, obs, obs-adaptive, admm
     nsamples: int = 32
     calibration: str = "wikipedia"
     seed: int = 0
@@ -53,6 +55,9 @@ class ApplyConfig(EvalConfig):
         self.sparsity = resolve_sparsity(self.structure, self.sparsity)
         checks.choice("method", self.method, ("metric", "sparsegpt"))
         checks.choice("group", self.group, (None, "row", "layer"))
+        checks.choice("update", self.update, UPDATES)
+        if self.method == "sparsegpt" and self.update != "none":
+            raise checks.SettingsError("--update reconstructs after a metric's mask; --method sparsegpt has its own")
         checks.integer("nsamples", self.nsamples)
         checks.integer("seed", self.seed, minimum=0)
         checks.text_source("calibration", self.calibration)

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .layers import as_matrix, in_features, matrix
 from .models import all_prunable, cache_dir, grads_only_for
+from .reconstruct import inverse_factor
 
 
 class Recorder:
@@ -102,7 +103,6 @@ class Hessians(Recorder):
 
     def factors(self, percdamp: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(upper Cholesky factor of H^-1, dead input channels) for every recorded Linear."""
-        from .sparsegpt import inverse_factor
         return self.per_layer(lambda H: inverse_factor(H, percdamp))
 
 

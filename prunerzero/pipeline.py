@@ -114,8 +114,9 @@ def run_apply(config: ApplyConfig | None = None, output=None, log=print, **setti
         log(f"dense perplexity ({ev.source}, {len(ev.chunks)} x {cfg.seqlen}): {ppl['dense']:.3f}")
     report = _prune(model, m, cfg, samples, log)
     ppl["pruned"] = perplexity(model, ev.chunks)
-    log(f"pruned with {report.metric} ({report.canonical}) {cfg.structure} at {report.sparsity:.4f} measured "
-        f"sparsity: perplexity {ppl['pruned']:.3f}")
+    update = f", update {cfg.update}" if cfg.update != "none" else ""
+    log(f"pruned with {report.metric} ({report.canonical}{update}) {cfg.structure} at {report.sparsity:.4f} "
+        f"measured sparsity: perplexity {ppl['pruned']:.3f}")
     report.perplexity = ppl
     report.settings = dict(cfg.to_dict(), model=cfg.model or "smollm2-135m (bundled)", eval_data=ev.source,
                            eval_chunks=len(ev.chunks), device=str(next(model.parameters()).device),
@@ -138,7 +139,7 @@ def _prune(model, m: Metric | None, cfg: ApplyConfig, samples, log):
     grads, x_norms, curvature = dense_primitives(model, m, samples, key, cfg.sequential, log)
     t_prims = time.perf_counter() - t1
     report = apply_metric(model, m, cfg.sparsity, cfg.structure, calibration=samples, sequential=cfg.sequential,
-                          grads=grads, x_norms=x_norms, curvature=curvature, group=cfg.group)
+                          grads=grads, x_norms=x_norms, curvature=curvature, group=cfg.group, update=cfg.update)
     report.timings["dense_primitives_s"] = t_prims
     return report
 

@@ -16,7 +16,10 @@ from .metric import Metric
 from .layers import matrix
 from .errors import PrunerZeroError
 from .models import all_prunable, require_prunable, skipped_layers
+from .reconstruct import Update, reconstruct
 from .sparsegpt import prune_with_sparsegpt
+
+NO_UPDATE = Update()
 
 
 class PruneError(PrunerZeroError):
@@ -34,6 +37,7 @@ class PruneReport:
     sequential: bool
     group: str = "row"                   # comparison group of the masks
     skipped: dict = field(default_factory=dict)   # weights left alone, with the reason
+    update: dict = field(default_factory=lambda: {"kind": "none"})   # reconstruction and its parameters
     perplexity: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
@@ -49,23 +53,35 @@ def metric_mask(name, W, fn, prims, sparsity, structure, group="row") -> torch.T
     return make_mask(scores, sparsity, structure, group)
 
 
-def _prune_linear(name, linear, fn, prims, sparsity, structure, group="row"):
+def _prune_linear(name, linear, fn, prims, sparsity, structure, group="row", update: Update = NO_UPDATE, H=None):
+    """Prune one layer by the metric's mask and, with an update, reconstruct its kept weights from H."""
     W = matrix(linear)
-    W[metric_mask(name, W, fn, prims, sparsity, structure, group)] = 0
+    if update.kind == "none":
+        W[metric_mask(name, W, fn, prims, sparsity, structure, group)] = 0
+        return
+
+    def score(current):
+        scores = fn(current, **prims)
+        check_scores(scores, where=name)
+        return scores
+    W.copy_(reconstruct(W, H, update, score, sparsity, structure, group).to(W.dtype))
 
 
 def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstructured",
                  calibration: torch.Tensor | None = None, sequential: bool = True,
                  grads: dict | None = None, x_norms: dict | None = None, curvature: dict | None = None,
-                 group: str | None = None, progress: bool = True) -> PruneReport:
+                 group: str | None = None, update: str | Update = "none", progress: bool = True) -> PruneReport:
     """Prune `model` in place with `metric` (text, catalog name or Metric) and report.
 
     calibration: (nsamples, seqlen) token ids, needed for X (unless `x_norms` is given for
     one-shot) and for G when the metric uses it (unless `grads` is given); likewise H
     (`curvature`, one-shot only). group: "row" or "layer" comparison for unstructured masks
-    (default: the catalog's for named metrics, else "row").
+    (default: the catalog's for named metrics, else "row"). update: reconstruction of the kept
+    weights after each layer's mask ("none", "obs", "obs-adaptive", "admm", or an Update with
+    its parameters; see reconstruct.py), from the layer-input Hessians of the calibration data.
     """
     nm = parse_structure(structure, sparsity)
+    update = update if isinstance(update, Update) else Update(update)
     require_prunable(model)
     m = Metric.parse(metric) if not isinstance(metric, Metric) else metric
     fn, uses = m.compile(), m.terminals
@@ -76,10 +92,18 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
         grads = compute_g(model, _need(calibration, "G"))
         timings["gradients_s"] = time.perf_counter() - t0
     n = len(calibration) if calibration is not None else 0
-    sequential = sequential and bool(uses & {"X", "H"})  # nothing to recompute otherwise
+    reconstructs = update.kind != "none"
+    # nothing to recompute between blocks unless the metric reads activations or weights are updated
+    sequential = sequential and (bool(uses & {"X", "H"}) or reconstructs)
     t1 = time.perf_counter()
     if sequential:
-        _prune_sequential(model, fn, uses, _need(calibration, "X"), grads, sparsity, structure, group, progress)
+        _prune_sequential(model, fn, uses, _need(calibration, "X"), grads, sparsity, structure, group, progress,
+                          update)
+    elif reconstructs:
+        hess = record_dense(model, _need(calibration, "the layer Hessians"), Hessians, desc="hessians",
+                            progress=progress)
+        _prune_block_layers("", all_prunable(model), hess, fn, uses, grads, len(calibration), sparsity, structure,
+                            group, update)
     else:
         if "X" in uses and x_norms is None:
             x_norms = compute_x(model, _need(calibration, "X"))
@@ -93,7 +117,7 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
     return PruneReport(metric=m.name or m.text, canonical=m.canonical(), structure=structure,
                        target_sparsity=_target(sparsity, nm), sparsity=total, layers=per, sequential=sequential,
                        timings=timings, group=group if nm is None else f"{nm[1]} consecutive inputs",
-                       skipped=skipped_layers(model))
+                       skipped=skipped_layers(model), update=update.describe())
 
 
 def _target(sparsity, nm):
@@ -111,20 +135,28 @@ def layer_primitives(name, uses, stats, n):
     return {t: (n if t == "N" else stats[t][name]) for t in uses if t != "W"}
 
 
-def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, group, progress):
-    # H needs the full input covariance; X alone only its diagonal, which is much cheaper
-    recorder = Hessians if "H" in uses else InputNorms
+def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, group, progress,
+                      update: Update = NO_UPDATE):
+    # H (the terminal, or the reconstruction) needs the full input covariance; X alone only its diagonal
+    needs_h = "H" in uses or update.kind != "none"
 
     def prune_block(i, linears, rec):
-        local = rec.x_norms() if "H" in uses else rec.norms()
-        stats = {"G": grads, "X": {f"layers.{i}.{k}": v for k, v in local.items()}}
-        if "H" in uses:
-            stats["H"] = {f"layers.{i}.{k}": v for k, v in rec.curvature().items()}
-        for name, lin in linears.items():
-            full = f"layers.{i}.{name}"
-            _prune_linear(full, lin, fn, layer_primitives(full, uses, stats, len(calibration)), sparsity, structure,
-                          group)
-    blockwise(model, calibration, recorder, prune_block, progress)
+        _prune_block_layers(f"layers.{i}.", linears, rec, fn, uses, grads, len(calibration), sparsity, structure,
+                            group, update)
+    blockwise(model, calibration, Hessians if needs_h else InputNorms, prune_block, progress)
+
+
+def _prune_block_layers(prefix, linears, rec, fn, uses, grads, n, sparsity, structure, group, update):
+    """Prune `linears` from the statistics `rec` recorded on their inputs (Hessians or InputNorms)."""
+    hessians = isinstance(rec, Hessians)
+    local = rec.x_norms() if hessians else rec.norms()
+    stats = {"G": grads, "X": {prefix + k: v for k, v in local.items()}}
+    if "H" in uses:
+        stats["H"] = {prefix + k: v for k, v in rec.curvature().items()}
+    for name, lin in linears.items():
+        H = rec.H[rec.owner[name]] if hessians else None
+        _prune_linear(prefix + name, lin, fn, layer_primitives(prefix + name, uses, stats, n), sparsity, structure,
+                      group, update, H)
 
 
 def apply_sparsegpt(model, sparsity: float = 0.5, structure: str = "unstructured",
@@ -146,4 +178,5 @@ def apply_sparsegpt(model, sparsity: float = 0.5, structure: str = "unstructured
                        structure=structure, target_sparsity=_target(sparsity, nm), sparsity=total, layers=per,
                        sequential=sequential, timings=timings,
                        group=f"{blocksize}-column blocks" if nm is None else f"{nm[1]} consecutive inputs",
-                       skipped=skipped_layers(model))
+                       skipped=skipped_layers(model),
+                       update={"kind": "sparsegpt", "percdamp": percdamp, "blocksize": blocksize})

@@ -170,7 +170,8 @@ def test_a_model_with_nothing_to_prune_is_an_error_before_any_work():
 
 
 def test_an_expert_that_saw_no_token_is_pruned_by_magnitude_not_wiped():
-    from prunerzero.sparsegpt import inverse_factor, sparsegpt_weights
+    from prunerzero.reconstruct import inverse_factor
+    from prunerzero.sparsegpt import sparsegpt_weights
     W = torch.randn(8, 16)
     U, dead = inverse_factor(torch.zeros(16, 16))
     out = sparsegpt_weights(W, U, dead, 0.5, None, blocksize=16)

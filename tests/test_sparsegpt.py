@@ -7,7 +7,8 @@ from prunerzero import apply_sparsegpt
 from prunerzero.masks import make_mask
 from prunerzero.models import all_prunable, decoder_layers, prunable_linears
 from prunerzero.blocks import block_inputs, run_block
-from prunerzero.sparsegpt import Hessians, SparseGPTError, inverse_factor, sparsegpt_weights
+from prunerzero.reconstruct import HessianError, inverse_factor
+from prunerzero.sparsegpt import Hessians, sparsegpt_weights
 
 from helpers import layer_inputs
 from tiny import tiny_llama, token_samples
@@ -72,7 +73,7 @@ def test_dead_input_channels_are_dropped_without_nans():
 
 def test_a_hessian_that_damping_cannot_fix_is_a_clear_error():
     H = torch.full((4, 4), float("nan"))
-    with pytest.raises(SparseGPTError, match="positive definite"):
+    with pytest.raises(HessianError, match="positive definite"):
         inverse_factor(H)
 
 

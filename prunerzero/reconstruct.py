@@ -1,0 +1,192 @@
+"""Reconstruction: once a layer's mask is chosen, change its kept weights so that the layer's
+output on the calibration inputs moves as little as possible,
+
+    min over W'  || X W'^T - X W^T ||^2   with W' = 0 where the mask prunes,
+
+from H = X^T X, which the sequential pass records anyway. Three solvers:
+
+- `obs`: SparseGPT's sweep (Frantar & Alistarh, 2023): columns left to right, each pruned
+  weight's error pushed onto the row's later weights through the Cholesky factor of H^-1,
+  with the mask fixed beforehand by the metric;
+- `obs-adaptive`: the same sweep, but the metric scores the weights as they stand when the sweep
+  reaches each block (each N:M group): SparseGPT itself is this with the metric w^2/[H^-1]_jj^2;
+- `admm`: ADMM on the masked least squares of all rows at once (Boza, 2024, "Fast and optimal
+  weight update for pruned LLMs"): one inverse of H + rho I per layer, in coordinates where H
+  has a unit diagonal; with `gradual` > 0 the metric chooses the mask again on the current
+  iterate over the first `gradual` iterations, its sparsity rising cubically to the target.
+
+Every solver keeps exactly the requested mask shape: unstructured (per row or per layer) or N:M.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import PrunerZeroError
+from .masks import lowest_k, make_mask, nm_mask, parse_structure
+
+UPDATES = ("none", "obs", "obs-adaptive", "admm")
+
+
+class HessianError(PrunerZeroError, RuntimeError):
+    """A layer-input Hessian that cannot be factorised even with heavy damping."""
+
+
+def inverse_factor(H: torch.Tensor, percdamp: float = 0.01, retries: int = 4):
+    """U with U^T U = (H + damp I)^-1, damp = percdamp * mean(diag H); channels that never
+    fire (diag 0) get a unit diagonal and their weights are dropped. If H is numerically
+    not positive definite, the damping grows tenfold per retry."""
+    H = H.clone()
+    dead = H.diagonal() == 0
+    if dead.all():
+        # a layer that saw no calibration token (an MoE expert no sample was routed to): no
+        # curvature to go by, so prune by magnitude without an update rather than drop it all
+        H, dead = torch.eye(len(H), dtype=H.dtype, device=H.device), torch.zeros_like(dead)
+    H[dead, dead] = 1
+    damp = percdamp * H.diagonal().mean()
+    for _ in range(retries + 1):
+        L, info = torch.linalg.cholesky_ex(H + damp * torch.eye(len(H), device=H.device))
+        if info == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True), dead
+        damp = damp * 10
+    raise HessianError("the calibration Hessian is not positive definite even with heavy damping; "
+                         "use more calibration samples")
+
+
+@dataclass(frozen=True)
+class Update:
+    """Which reconstruction runs after the mask, and its parameters (all written to reports)."""
+    kind: str = "none"
+    percdamp: float | None = None   # damping, a fraction of mean diag H: 0.01 for OBS, 0.1 for ADMM
+    blocksize: int = 128            # OBS: columns per lazy block (and per re-scoring, unstructured)
+    rho: float = 1.0                # ADMM penalty, in unit-diagonal coordinates
+    iters: int = 20                 # ADMM iterations
+    gradual: int = 15               # ADMM: iterations that re-choose the mask (0: fixed mask)
+
+    def __post_init__(self):
+        from . import checks
+        checks.choice("update", self.kind, UPDATES)
+        checks.number("percdamp", self.percdamp, low=0, low_open=True, optional=True)
+        checks.integer("blocksize", self.blocksize)
+        checks.number("rho", self.rho, low=0, low_open=True)
+        checks.integer("iters", self.iters)
+        checks.integer("gradual", self.gradual, minimum=0, maximum=self.iters)
+
+    @property
+    def damping(self) -> float:
+        return self.percdamp if self.percdamp is not None else (0.1 if self.kind == "admm" else 0.01)
+
+    def describe(self) -> dict:
+        """The parameters that matter for this kind, for report.json."""
+        if self.kind == "none":
+            return {"kind": "none"}
+        keep = ("blocksize",) if self.kind.startswith("obs") else ("rho", "iters", "gradual")
+        return {"kind": self.kind, "percdamp": self.damping, **{k: v for k, v in asdict(self).items() if k in keep}}
+
+
+def reconstruct(W: torch.Tensor, H: torch.Tensor, update: Update, score, sparsity: float,
+                structure: str = "unstructured", group: str = "row") -> torch.Tensor:
+    """The pruned, reconstructed weights (fp32) of one layer. W: (out, in); H: (in, in) = X^T X;
+    score(W) -> the metric's scores of the weights W (the other primitives bound in)."""
+    nm = parse_structure(structure, sparsity)
+    if update.kind == "admm":
+        return admm_weights(W, H, score, sparsity, nm, group, update)
+    U, dead = inverse_factor(H, update.damping)
+    if update.kind == "obs":
+        fixed = make_mask(score(W.float()), sparsity, structure, group)
+        return obs_sweep(W, U, dead, lambda cur, a, b, d: fixed[:, a:b], update.blocksize, nm and nm[1])
+    return obs_sweep(W, U, dead, adaptive_chooser(score, sparsity, nm, group), update.blocksize, nm and nm[1])
+
+
+@torch.no_grad()
+def obs_sweep(W: torch.Tensor, U: torch.Tensor, dead: torch.Tensor, choose, blocksize: int = 128,
+              step: int | None = None) -> torch.Tensor:
+    """The OBS sweep over the columns of W (fp32 copy returned). U: upper Cholesky factor of
+    H^-1. `choose(current, a, b, d)` gives the mask (True = prune) of columns [a, b), called at
+    the start of each block, or of each group of `step` columns when step is given; `current` is
+    W as updated so far (later blocks not yet updated) and d the diagonal of U over [a, b)."""
+    W = W.float().clone()
+    W[:, dead] = 0
+    cols = W.shape[1]
+    if step and blocksize % step:
+        raise ValueError(f"blocksize {blocksize} must be a multiple of M = {step}")
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        d = U1.diagonal()
+        span = step or (i2 - i1)
+        mask = torch.zeros_like(W1, dtype=torch.bool)
+        err = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            if i % span == 0:
+                W[:, i1:i2] = W1  # the chooser sees this block's weights as updated so far
+                j = min(i + span, i2 - i1)
+                mask[:, i:j] = choose(W, i1 + i, i1 + j, d[i:j])
+            e = torch.where(mask[:, i], W1[:, i], 0) / d[i]
+            W1[:, i:].sub_(torch.outer(e, U1[i, i:]))  # also sets W1[:, i] to its kept value (or ~0)
+            W1[mask[:, i], i] = 0
+            err[:, i] = e
+        W[:, i1:i2] = W1
+        W[:, i2:].sub_(err @ U[i1:i2, i2:])
+    return W
+
+
+def adaptive_chooser(score, sparsity: float, nm, group: str):
+    """A chooser for obs_sweep that scores the current weights with the metric: N:M per group;
+    unstructured per block, pruning floor(b*s) - floor(a*s) of columns [a, b) in each row (or
+    of the whole block for group="layer"), so the totals are exactly the one-shot mask's."""
+    def choose(current, a, b, d):
+        s = score(current)[:, a:b]
+        if nm is not None:
+            return nm_mask(s, *nm)
+        if group == "layer":
+            rows = s.shape[0]
+            k = int(b * rows * sparsity) - int(a * rows * sparsity)
+            return lowest_k(s.T.reshape(1, -1), k).reshape(b - a, rows).T
+        return lowest_k(s, int(b * sparsity) - int(a * sparsity))
+    return choose
+
+
+@torch.no_grad()
+def admm_weights(W: torch.Tensor, H: torch.Tensor, score, sparsity: float, nm, group: str,
+                 update: Update) -> torch.Tensor:
+    """ADMM on min ||X(W' - W)^T||^2 subject to the mask, in coordinates where H has a unit
+    diagonal (W scaled by the input norms, so that the solver's rho means the same on every
+    layer). Returns the final iterate projected on its mask (fp32)."""
+    # the normalisation and the inverse in fp64; the iterations (matrix products) in fp32
+    H = H.double()
+    norm = H.diagonal().sqrt()
+    dead = norm == 0
+    norm = torch.where(dead, torch.ones_like(norm), norm)
+    Hn = H / norm / norm[:, None]
+    Hn.diagonal().add_(update.damping * Hn.diagonal().mean())
+    inv = torch.linalg.inv(Hn + update.rho * torch.eye(len(Hn), dtype=Hn.dtype, device=Hn.device)).float()
+    Hn, norm = Hn.float(), norm.float()
+    W0 = W.float().clone()
+    W0[:, dead] = 0
+    Wn = W0 * norm
+    target = Wn @ Hn                                 # the damped least-squares target
+    structure = "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
+
+    def mask_of(current, fraction=1.0):
+        s = score(current / norm)
+        full = make_mask(s, sparsity if nm is None else 0.5, structure, group)
+        if fraction >= 1:
+            return full
+        if nm is None:
+            return make_mask(s, sparsity * fraction, structure, group)
+        # N:M on the way: of the weights the pattern prunes, the lowest-scoring fraction so far
+        k = int(full.sum() * fraction)
+        return full & lowest_k(torch.where(full, s, torch.inf).reshape(1, -1), k).reshape(s.shape)
+
+    prune = mask_of(Wn) if update.gradual == 0 else None
+    Udual = torch.zeros_like(Wn)
+    for t in range(update.iters):
+        if t < update.gradual:
+            prune = mask_of(Wn + Udual, 1 - (1 - (t + 1) / update.gradual) ** 3)
+        Z = torch.where(prune, 0.0, Wn + Udual)
+        Udual += Wn - Z
+        Wn = (target + update.rho * (Z - Udual)) @ inv
+    Z = torch.where(prune, 0.0, Wn + Udual)
+    return (Z / norm).float()
