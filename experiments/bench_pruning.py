@@ -9,6 +9,7 @@ Parts (each result is saved as soon as it is measured; a rerun skips what is don
           --chunks chunks;
   sweeps  wanda and pruner-zero at sparsity 0.1 ... 0.7, and with 4 ... 64 calibration
           samples at 50% (Pruner-Zero's Figure 3);
+  allocation  wanda and wanda+admm with uniform and OWL per-layer sparsity at 60% and 70%;
   full    the 50% unstructured row of the table on the whole WikiText-2 test split;
   times   prune every table row again, without evaluating, and keep that prune time: run this
           part alone on a quiet machine (the other parts may share the CPU with other work).
@@ -40,6 +41,9 @@ METHODS = ["magnitude", "wanda", "wanda (one-shot)", "ria", "gblm", "pruner-zero
            "evolved-smollm2-2of4", "wanda+obs", "wanda+obs-adaptive", "wanda+admm"]  # metric+update: a recipe
 PATTERNS = [("unstructured", 0.5), ("2:4", 0.5), ("4:8", 0.5)]
 SWEEP_SPARSITY = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+# per-layer allocation at high sparsity: metric[+update][@allocation]
+ALLOCATION_METHODS = ["wanda", "wanda@owl", "wanda+admm", "wanda+admm@owl"]
+ALLOCATION_SPARSITY = [0.6, 0.7]
 SWEEP_NSAMPLES = [4, 8, 16, 32, 64]
 # WT2-512x64 perplexity of the published code (locuslab/wanda, pprp/Pruner-Zero) on the default
 # model with the same calibration draws, from ../shared/REFERENCE.md: the bar these rows must meet.
@@ -151,7 +155,8 @@ class Bench:
             t0 = time.perf_counter()
             report = apply_sparsegpt(self.model, sparsity, structure, calibration=samples)
         else:
-            metric, _, update = method.replace(" (one-shot)", "").partition("+")
+            recipe, _, allocation = method.replace(" (one-shot)", "").partition("@")
+            metric, _, update = recipe.partition("+")
             sequential = "one-shot" not in method
             grads = None
             if "G" in Metric.parse(metric).terminals:  # G is computed once per calibration set
@@ -159,7 +164,8 @@ class Bench:
                 self.restore()
             t0 = time.perf_counter()
             report = apply_metric(self.model, metric, sparsity, structure, calibration=samples,
-                                  sequential=sequential, grads=grads, update=update or "none")
+                                  sequential=sequential, grads=grads, update=update or "none",
+                                  allocation=allocation or "uniform")
         return dict(prune_s=time.perf_counter() - t0, sparsity=report.sparsity, canonical=report.canonical,
                     sequential=report.sequential, **extra)
 
@@ -208,9 +214,24 @@ def report(data, out):
         pub = PUBLISHED.get((method, pattern))
         lines.append(f"| {label} | {method} | {any_row.get('sparsity', 0):.6f} | {ppl} | "
                      f"{'' if pub is None else f'{pub:.3f}'} | {'' if t is None else f'{t:.1f}{g}'} |")
-    lines += _sweep_tables(rows, s)
+    lines += _sweep_tables(rows, s) + _allocation_table(rows, s)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(rows, s, out)
+
+
+def _allocation_table(rows, s):
+    got = {(r["method"], r["sparsity_target"]): r for r in rows
+           if r["eval_chunks"] == s.get("chunks") and r["nsamples"] == s.get("nsamples")}
+    if not any((m, sp) in got for m in ALLOCATION_METHODS[1::2] for sp in ALLOCATION_SPARSITY):
+        return []
+    lines = ["", f"Per-layer allocation (unstructured, first {s.get('chunks')} chunks; uniform: every layer at the "
+             "target; owl: outlier-weighted, M 5, lambda 0.08; total pruned exact in both):", "",
+             "| method | " + " | ".join(f"{sp:.0%}" for sp in ALLOCATION_SPARSITY) + " |",
+             "|---|" + "---:|" * len(ALLOCATION_SPARSITY)]
+    for m in ALLOCATION_METHODS:
+        lines.append(f"| {m if '@' in m else m + '@uniform'} | " + " | ".join(
+            f"{got[(m, sp)]['perplexity']:.2f}" if (m, sp) in got else "" for sp in ALLOCATION_SPARSITY) + " |")
+    return lines
 
 
 def _sweep_tables(rows, s):
@@ -262,7 +283,7 @@ def _plot(rows, s, out):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="table,sweeps,full", help="any of table,sweeps,full,times")
+    ap.add_argument("--parts", default="table,sweeps,full", help="any of table,sweeps,allocation,full,times")
     ap.add_argument("--model", default=None)
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -285,6 +306,11 @@ def main():
         for structure, sparsity in PATTERNS:
             for method in methods:
                 bench.run(method, structure, sparsity)
+                report(bench.data, out)
+    if "allocation" in parts:
+        for sp in ALLOCATION_SPARSITY:
+            for method in ALLOCATION_METHODS:
+                bench.run(method, "unstructured", sp)
                 report(bench.data, out)
     if "sweeps" in parts:
         for metric in ("wanda", "pruner-zero"):

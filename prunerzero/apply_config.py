@@ -44,6 +44,7 @@ class ApplyConfig(EvalConfig):
     structure: str = "unstructured"   # unstructured, 2:4, 4:8, ...
     group: str | None = None          # unstructured comparison group; None: the metric's own
     update: str = "none"              # reconstruction of the kept weights: none, obs, obs-adaptive, admm
+    allocation: str = "uniform"       # per-layer sparsity: uniform or owl (unstructured only)
     nsamples: int = 32
     calibration: str = "wikipedia"
     seed: int = 0
@@ -56,6 +57,12 @@ class ApplyConfig(EvalConfig):
         checks.choice("method", self.method, ("metric", "sparsegpt"))
         checks.choice("group", self.group, (None, "row", "layer"))
         checks.choice("update", self.update, UPDATES)
+        checks.choice("allocation", self.allocation, ("uniform", "owl"))
+        if self.allocation != "uniform" and self.structure != "unstructured":
+            raise checks.SettingsError(f"--allocation {self.allocation} needs unstructured sparsity: "
+                                       "N:M keeps one pattern in every layer")
+        if self.method == "sparsegpt" and self.allocation != "uniform":
+            raise checks.SettingsError("--allocation applies to --method metric")
         if self.method == "sparsegpt" and self.update != "none":
             raise checks.SettingsError("--update reconstructs after a metric's mask; --method sparsegpt has its own")
         checks.integer("nsamples", self.nsamples)

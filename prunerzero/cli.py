@@ -113,14 +113,16 @@ def _common(f):
               help="Unstructured comparison group (default: the metric's published one, else row).")
 @click.option("--update", type=click.Choice(["none", "obs", "obs-adaptive", "admm"]), default="none",
               show_default=True, help="Reconstruct the kept weights after each layer's mask (see README).")
+@click.option("--allocation", type=click.Choice(["uniform", "owl"]), default="uniform", show_default=True,
+              help="Per-layer sparsity (unstructured): owl gives blocks with more outliers fewer pruned weights.")
 def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, bos, metric, sparsity, structure, output,
-          nsamples, calibration, seed, one_shot, method, group, update):
+          nsamples, calibration, seed, one_shot, method, group, update, allocation):
     """Prune a model with a metric (or SparseGPT), report perplexity, and save it."""
     from .apply_config import ApplyConfig
     from .pipeline import run_apply
     _on_interrupt("nothing was saved (a half-written output is removed); run the command again")
     cfg = ApplyConfig(model=model, metric=metric, method=method, sparsity=sparsity, structure=structure, group=group,
-                      update=update,
+                      update=update, allocation=allocation,
                       nsamples=nsamples, seqlen=seqlen, calibration=calibration, eval_data=eval_data,
                       eval_chunks=eval_chunks, seed=seed, sequential=not one_shot, dtype=dtype, device=device,
                       data_dir=data_dir, bos=bos)

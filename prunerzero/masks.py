@@ -65,6 +65,22 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return below | (tie & (tie.cumsum(-1) <= need))
 
 
+def lowest_per_row(scores: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """True at the ks[r] lowest scores of each row r (stable ties, as lowest_k)."""
+    order = torch.sort(scores, dim=-1, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device)
+                                              .expand_as(order).contiguous())
+    return ranks < ks.reshape(-1, 1).to(ranks.device)
+
+
+def row_counts(rows: int, count: int) -> torch.Tensor:
+    """`count` pruned weights spread over `rows` rows as evenly as integers allow: the first
+    count % rows rows prune one more, so a layer's total is exact to the weight."""
+    ks = torch.full((rows,), count // rows, dtype=torch.long)
+    ks[:count % rows] += 1
+    return ks
+
+
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the int(in * sparsity) lowest scores of each row (stable ties)."""
     return lowest_k(scores, int(scores.shape[-1] * sparsity))
@@ -91,14 +107,21 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 GROUPS = ("row", "layer")
 
 
-def make_mask(scores: torch.Tensor, sparsity: float, structure: str = "unstructured", group: str = "row") -> torch.Tensor:
+def make_mask(scores: torch.Tensor, sparsity: float, structure: str = "unstructured", group: str = "row",
+              count: int | None = None) -> torch.Tensor:
     """Unstructured masks compare scores within each output row (group="row", Wanda's choice)
-    or across the whole layer (group="layer"); N:M compares within each group of M."""
+    or across the whole layer (group="layer"); N:M compares within each group of M. `count`
+    (unstructured): prune exactly this many weights of the layer instead of the sparsity's
+    int(in * sparsity) per row (a non-uniform allocation)."""
     nm = parse_structure(structure, sparsity)
     if nm is not None:
         return nm_mask(scores, *nm)
     if group not in GROUPS:
         raise SparsityError(f"comparison group must be one of {GROUPS}, got {group!r}")
+    if count is not None:
+        if group == "layer":
+            return lowest_k(scores.reshape(1, -1), count).reshape(scores.shape)
+        return lowest_per_row(scores, row_counts(scores.shape[0], count))
     return row_mask(scores, sparsity) if group == "row" else layer_mask(scores, sparsity)
 
 

@@ -139,7 +139,8 @@ def _prune(model, m: Metric | None, cfg: ApplyConfig, samples, log):
     grads, x_norms, curvature = dense_primitives(model, m, samples, key, cfg.sequential, log)
     t_prims = time.perf_counter() - t1
     report = apply_metric(model, m, cfg.sparsity, cfg.structure, calibration=samples, sequential=cfg.sequential,
-                          grads=grads, x_norms=x_norms, curvature=curvature, group=cfg.group, update=cfg.update)
+                          grads=grads, x_norms=x_norms, curvature=curvature, group=cfg.group, update=cfg.update,
+                          allocation=cfg.allocation)
     report.timings["dense_primitives_s"] = t_prims
     return report
 

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibration import Hessians, InputNorms, compute_g, compute_h, compute_x, record_dense
+from .allocation import allocate
 from .blocks import blockwise
 from .compile import check_scores
 from .masks import make_mask, measured_sparsity, parse_structure
@@ -38,6 +39,7 @@ class PruneReport:
     group: str = "row"                   # comparison group of the masks
     skipped: dict = field(default_factory=dict)   # weights left alone, with the reason
     update: dict = field(default_factory=lambda: {"kind": "none"})   # reconstruction and its parameters
+    allocation: dict = field(default_factory=lambda: {"kind": "uniform"})  # per-layer sparsity
     perplexity: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
@@ -46,31 +48,34 @@ class PruneReport:
         return asdict(self)
 
 
-def metric_mask(name, W, fn, prims, sparsity, structure, group="row") -> torch.Tensor:
+def metric_mask(name, W, fn, prims, sparsity, structure, group="row", count=None) -> torch.Tensor:
     """The pruning mask (True = prune) of one layer's weights under a compiled metric."""
     scores = fn(W, **prims)
     check_scores(scores, where=name)
-    return make_mask(scores, sparsity, structure, group)
+    return make_mask(scores, sparsity, structure, group, count)
 
 
-def _prune_linear(name, linear, fn, prims, sparsity, structure, group="row", update: Update = NO_UPDATE, H=None):
-    """Prune one layer by the metric's mask and, with an update, reconstruct its kept weights from H."""
+def _prune_linear(name, linear, fn, prims, sparsity, structure, group="row", update: Update = NO_UPDATE, H=None,
+                  count=None):
+    """Prune one layer by the metric's mask (exactly `count` weights when an allocation gives
+    one) and, with an update, reconstruct its kept weights from H."""
     W = matrix(linear)
     if update.kind == "none":
-        W[metric_mask(name, W, fn, prims, sparsity, structure, group)] = 0
+        W[metric_mask(name, W, fn, prims, sparsity, structure, group, count)] = 0
         return
 
     def score(current):
         scores = fn(current, **prims)
         check_scores(scores, where=name)
         return scores
-    W.copy_(reconstruct(W, H, update, score, sparsity, structure, group).to(W.dtype))
+    W.copy_(reconstruct(W, H, update, score, sparsity, structure, group, count).to(W.dtype))
 
 
 def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstructured",
                  calibration: torch.Tensor | None = None, sequential: bool = True,
                  grads: dict | None = None, x_norms: dict | None = None, curvature: dict | None = None,
-                 group: str | None = None, update: str | Update = "none", progress: bool = True) -> PruneReport:
+                 group: str | None = None, update: str | Update = "none", allocation: str = "uniform",
+                 progress: bool = True) -> PruneReport:
     """Prune `model` in place with `metric` (text, catalog name or Metric) and report.
 
     calibration: (nsamples, seqlen) token ids, needed for X (unless `x_norms` is given for
@@ -79,6 +84,7 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
     (default: the catalog's for named metrics, else "row"). update: reconstruction of the kept
     weights after each layer's mask ("none", "obs", "obs-adaptive", "admm", or an Update with
     its parameters; see reconstruct.py), from the layer-input Hessians of the calibration data.
+    allocation: per-layer sparsity, "uniform" or "owl" (see allocation.py), with the total exact.
     """
     nm = parse_structure(structure, sparsity)
     update = update if isinstance(update, Update) else Update(update)
@@ -92,18 +98,21 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
         grads = compute_g(model, _need(calibration, "G"))
         timings["gradients_s"] = time.perf_counter() - t0
     n = len(calibration) if calibration is not None else 0
+    counts, allocated = allocate(allocation, model, all_prunable(model),
+                                 None if allocation == "uniform" else _need(calibration, "OWL's outlier ratios"),
+                                 sparsity, structure, progress)
     reconstructs = update.kind != "none"
     # nothing to recompute between blocks unless the metric reads activations or weights are updated
     sequential = sequential and (bool(uses & {"X", "H"}) or reconstructs)
     t1 = time.perf_counter()
     if sequential:
         _prune_sequential(model, fn, uses, _need(calibration, "X"), grads, sparsity, structure, group, progress,
-                          update)
+                          update, counts)
     elif reconstructs:
         hess = record_dense(model, _need(calibration, "the layer Hessians"), Hessians, desc="hessians",
                             progress=progress)
         _prune_block_layers("", all_prunable(model), hess, fn, uses, grads, len(calibration), sparsity, structure,
-                            group, update)
+                            group, update, counts)
     else:
         if "X" in uses and x_norms is None:
             x_norms = compute_x(model, _need(calibration, "X"))
@@ -111,13 +120,14 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
             curvature = compute_h(model, _need(calibration, "H"))
         stats = {"X": x_norms, "G": grads, "H": curvature}
         for name, lin in tqdm(all_prunable(model).items(), desc="pruning", disable=not progress, leave=False):
-            _prune_linear(name, lin, fn, layer_primitives(name, uses, stats, n), sparsity, structure, group)
+            _prune_linear(name, lin, fn, layer_primitives(name, uses, stats, n), sparsity, structure, group,
+                          count=counts and counts[name])
     timings["prune_s"] = time.perf_counter() - t1
     total, per = measured_sparsity(all_prunable(model))
     return PruneReport(metric=m.name or m.text, canonical=m.canonical(), structure=structure,
                        target_sparsity=_target(sparsity, nm), sparsity=total, layers=per, sequential=sequential,
                        timings=timings, group=group if nm is None else f"{nm[1]} consecutive inputs",
-                       skipped=skipped_layers(model), update=update.describe())
+                       skipped=skipped_layers(model), update=update.describe(), allocation=allocated)
 
 
 def _target(sparsity, nm):
@@ -136,17 +146,17 @@ def layer_primitives(name, uses, stats, n):
 
 
 def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, group, progress,
-                      update: Update = NO_UPDATE):
+                      update: Update = NO_UPDATE, counts=None):
     # H (the terminal, or the reconstruction) needs the full input covariance; X alone only its diagonal
     needs_h = "H" in uses or update.kind != "none"
 
     def prune_block(i, linears, rec):
         _prune_block_layers(f"layers.{i}.", linears, rec, fn, uses, grads, len(calibration), sparsity, structure,
-                            group, update)
+                            group, update, counts)
     blockwise(model, calibration, Hessians if needs_h else InputNorms, prune_block, progress)
 
 
-def _prune_block_layers(prefix, linears, rec, fn, uses, grads, n, sparsity, structure, group, update):
+def _prune_block_layers(prefix, linears, rec, fn, uses, grads, n, sparsity, structure, group, update, counts=None):
     """Prune `linears` from the statistics `rec` recorded on their inputs (Hessians or InputNorms)."""
     hessians = isinstance(rec, Hessians)
     local = rec.x_norms() if hessians else rec.norms()
@@ -156,7 +166,7 @@ def _prune_block_layers(prefix, linears, rec, fn, uses, grads, n, sparsity, stru
     for name, lin in linears.items():
         H = rec.H[rec.owner[name]] if hessians else None
         _prune_linear(prefix + name, lin, fn, layer_primitives(prefix + name, uses, stats, n), sparsity, structure,
-                      group, update, H)
+                      group, update, H, counts and counts[prefix + name])
 
 
 def apply_sparsegpt(model, sparsity: float = 0.5, structure: str = "unstructured",

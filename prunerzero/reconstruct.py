@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import PrunerZeroError
-from .masks import lowest_k, make_mask, nm_mask, parse_structure
+from .masks import lowest_k, lowest_per_row, make_mask, nm_mask, parse_structure, row_counts
 
 UPDATES = ("none", "obs", "obs-adaptive", "admm")
 
@@ -86,17 +86,19 @@ class Update:
 
 
 def reconstruct(W: torch.Tensor, H: torch.Tensor, update: Update, score, sparsity: float,
-                structure: str = "unstructured", group: str = "row") -> torch.Tensor:
+                structure: str = "unstructured", group: str = "row", count: int | None = None) -> torch.Tensor:
     """The pruned, reconstructed weights (fp32) of one layer. W: (out, in); H: (in, in) = X^T X;
-    score(W) -> the metric's scores of the weights W (the other primitives bound in)."""
+    score(W) -> the metric's scores of the weights W (the other primitives bound in); count:
+    the exact number of weights to prune (unstructured; see make_mask)."""
     nm = parse_structure(structure, sparsity)
     if update.kind == "admm":
-        return admm_weights(W, H, score, sparsity, nm, group, update)
+        return admm_weights(W, H, score, sparsity, nm, group, update, count)
     U, dead = inverse_factor(H, update.damping)
     if update.kind == "obs":
-        fixed = make_mask(score(W.float()), sparsity, structure, group)
+        fixed = make_mask(score(W.float()), sparsity, structure, group, count)
         return obs_sweep(W, U, dead, lambda cur, a, b, d: fixed[:, a:b], update.blocksize, nm and nm[1])
-    return obs_sweep(W, U, dead, adaptive_chooser(score, sparsity, nm, group), update.blocksize, nm and nm[1])
+    chooser = adaptive_chooser(score, sparsity, nm, group, W.shape, count)
+    return obs_sweep(W, U, dead, chooser, update.blocksize, nm and nm[1])
 
 
 @torch.no_grad()
@@ -132,25 +134,30 @@ def obs_sweep(W: torch.Tensor, U: torch.Tensor, dead: torch.Tensor, choose, bloc
     return W
 
 
-def adaptive_chooser(score, sparsity: float, nm, group: str):
+def adaptive_chooser(score, sparsity: float, nm, group: str, shape, count: int | None = None):
     """A chooser for obs_sweep that scores the current weights with the metric: N:M per group;
-    unstructured per block, pruning floor(b*s) - floor(a*s) of columns [a, b) in each row (or
-    of the whole block for group="layer"), so the totals are exactly the one-shot mask's."""
+    unstructured per block, pruning floor(b*k/in) - floor(a*k/in) of columns [a, b) of a row
+    that prunes k in all (of the whole block, for group="layer"), so every total is exact."""
+    rows, cols = shape
+    if group == "layer":
+        total = int(rows * cols * sparsity) if count is None else count
+    else:
+        ks = torch.full((rows,), int(cols * sparsity), dtype=torch.long) if count is None else row_counts(rows, count)
+
     def choose(current, a, b, d):
         s = score(current)[:, a:b]
         if nm is not None:
             return nm_mask(s, *nm)
-        if group == "layer":
-            rows = s.shape[0]
-            k = int(b * rows * sparsity) - int(a * rows * sparsity)
+        if group == "layer":  # columns are whole here: rank the block's weights column-major
+            k = total * b // cols - total * a // cols
             return lowest_k(s.T.reshape(1, -1), k).reshape(b - a, rows).T
-        return lowest_k(s, int(b * sparsity) - int(a * sparsity))
+        return lowest_per_row(s, ks * b // cols - ks * a // cols)
     return choose
 
 
 @torch.no_grad()
 def admm_weights(W: torch.Tensor, H: torch.Tensor, score, sparsity: float, nm, group: str,
-                 update: Update) -> torch.Tensor:
+                 update: Update, count: int | None = None) -> torch.Tensor:
     """ADMM on min ||X(W' - W)^T||^2 subject to the mask, in coordinates where H has a unit
     diagonal (W scaled by the input norms, so that the solver's rho means the same on every
     layer). Returns the final iterate projected on its mask (fp32)."""
@@ -171,11 +178,11 @@ def admm_weights(W: torch.Tensor, H: torch.Tensor, score, sparsity: float, nm, g
 
     def mask_of(current, fraction=1.0):
         s = score(current / norm)
-        full = make_mask(s, sparsity if nm is None else 0.5, structure, group)
+        full = make_mask(s, sparsity if nm is None else 0.5, structure, group, count)
         if fraction >= 1:
             return full
         if nm is None:
-            return make_mask(s, sparsity * fraction, structure, group)
+            return make_mask(s, sparsity * fraction, structure, group, None if count is None else int(count * fraction))
         # N:M on the way: of the weights the pattern prunes, the lowest-scoring fraction so far
         k = int(full.sum() * fraction)
         return full & lowest_k(torch.where(full, s, torch.inf).reshape(1, -1), k).reshape(s.shape)

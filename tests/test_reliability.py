@@ -61,6 +61,7 @@ CASES = [
     ("apply {base} --structure half", "--structure must be 'unstructured' or 'N:M'"),
     ("apply {base} --seed -1", "--seed must be at least 0"),
     ("apply {base} --method sparsegpt --update admm", "--method sparsegpt has its own"),
+    ("apply {base} --structure 2:4 --allocation owl", "N:M keeps one pattern in every layer"),
     ("apply {base} --device cuda", "CUDA is not available"),
     ("apply {base} --device cuda:7", "CUDA is not available"),
     ("apply {base} --device foo", "--device must be auto, cpu, cuda"),

@@ -1,0 +1,70 @@
+"""Per-layer sparsity: how many weights each layer prunes, with the total over all prunable
+weights exact to the weight.
+
+- `uniform`: every layer at the requested sparsity (int(in * sparsity) per row, the published
+  protocol).
+- `owl`: Outlier-Weighted Layerwise sparsity (Yin et al., 2024): a decoder block whose Wanda
+  scores |W| * X hold more outliers (scores above M times the block's mean) keeps more weights.
+  The blocks' outlier ratios are scaled to [0, 2*lambda], centred, and subtracted from the
+  target, so block sparsities lie within target +- lambda (M = 5, lambda = 0.08 as published);
+  X comes from one pass of the dense model, block by block.
+"""
+from __future__ import annotations
+
+import torch
+
+from .blocks import blockwise
+from .calibration import InputNorms
+from .checks import SettingsError
+from .layers import matrix
+
+ALLOCATIONS = ("uniform", "owl")
+
+
+def owl_block_sparsities(model, samples: torch.Tensor, sparsity: float, m: float = 5.0, lam: float = 0.08,
+                         progress: bool = True) -> list[float]:
+    """The sparsity of each decoder block under OWL, from the dense model's activations."""
+    ratios = []
+
+    def outliers(i, linears, rec):  # records only: the walk stays dense
+        x = rec.norms()
+        scores = torch.cat([(matrix(lin).abs().float() * x[name]).reshape(-1) for name, lin in linears.items()])
+        ratios.append(float((scores > m * scores.mean()).float().mean()))
+    blockwise(model, samples, InputNorms, outliers, progress, desc="outlier ratios")
+    r = torch.tensor(ratios, dtype=torch.float64)
+    spread = r.max() - r.min()
+    scaled = (r - r.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(r)
+    return [float(sparsity - (v - scaled.mean())) for v in scaled]
+
+
+def layer_counts(layers: dict, sparsity_of: dict[str, float], sparsity: float) -> dict[str, int]:
+    """Weights to prune per layer: proportional to each layer's allocated sparsity, scaled so the
+    total is int(total weights * sparsity) exactly (largest remainders take the spare weights),
+    and never all of a layer."""
+    sizes = {name: matrix(lin).numel() for name, lin in layers.items()}
+    target = int(sum(sizes.values()) * sparsity)
+    ideal = {name: sizes[name] * sparsity_of[name] for name in sizes}
+    scale = target / sum(ideal.values()) if sum(ideal.values()) else 0.0
+    want = {name: min(ideal[name] * scale, sizes[name] - 1) for name in sizes}
+    counts = {name: int(v) for name, v in want.items()}
+    spare = target - sum(counts.values())
+    for name in sorted(want, key=lambda n: counts[n] - want[n])[:max(spare, 0)]:
+        counts[name] += 1
+    if sum(counts.values()) != target:
+        raise SettingsError(f"--allocation cannot place {target} pruned weights in these layers")
+    return counts
+
+
+def allocate(kind: str, model, layers: dict, samples, sparsity: float, structure: str,
+             progress: bool = True) -> tuple[dict[str, int] | None, dict]:
+    """(weights to prune per layer, or None for uniform; what to write in the report)."""
+    if kind == "uniform":
+        return None, {"kind": "uniform"}
+    if kind != "owl":
+        raise SettingsError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {kind!r}")
+    if structure != "unstructured":
+        raise SettingsError("--allocation owl needs unstructured sparsity: N:M keeps one pattern in every layer")
+    blocks = owl_block_sparsities(model, samples, sparsity, progress=progress)
+    per_layer = {name: blocks[int(name.split(".")[1])] for name in layers}
+    return layer_counts(layers, per_layer, sparsity), {"kind": "owl", "M": 5.0, "lambda": 0.08,
+                                                       "block_sparsity": [round(b, 6) for b in blocks]}
