@@ -225,7 +225,8 @@ def _allocation_table(rows, s):
     if not any((m, sp) in got for m in ALLOCATION_METHODS[1::2] for sp in ALLOCATION_SPARSITY):
         return []
     lines = ["", f"Per-layer allocation (unstructured, first {s.get('chunks')} chunks; uniform: every layer at the "
-             "target; owl: outlier-weighted, M 5, lambda 0.08; total pruned exact in both):", "",
+             "target, int(in * sparsity) per row; owl: outlier-weighted, M 5, lambda 0.08, total exactly "
+             "int(weights * sparsity)):", "",
              "| method | " + " | ".join(f"{sp:.0%}" for sp in ALLOCATION_SPARSITY) + " |",
              "|---|" + "---:|" * len(ALLOCATION_SPARSITY)]
     for m in ALLOCATION_METHODS:
