@@ -15,13 +15,22 @@ import torch
 
 from .blocks import blockwise
 from .calibration import InputNorms
+from . import checks
 from .checks import SettingsError
 from .layers import matrix
 
 ALLOCATIONS = ("uniform", "owl")
+OWL_M, OWL_LAMBDA = 5.0, 0.08   # the published outlier threshold and sparsity spread
 
 
-def owl_block_sparsities(model, samples: torch.Tensor, sparsity: float, m: float = 5.0, lam: float = 0.08,
+def check_allocation(kind: str, structure: str) -> None:
+    """A known allocation, and a non-uniform one only for unstructured sparsity."""
+    checks.choice("allocation", kind, ALLOCATIONS)
+    if kind != "uniform" and structure != "unstructured":
+        raise SettingsError(f"--allocation {kind} needs unstructured sparsity: N:M keeps one pattern in every layer")
+
+
+def owl_block_sparsities(model, samples: torch.Tensor, sparsity: float, m: float = OWL_M, lam: float = OWL_LAMBDA,
                          progress: bool = True) -> list[float]:
     """The sparsity of each decoder block under OWL, from the dense model's activations."""
     ratios = []
@@ -58,13 +67,10 @@ def layer_counts(layers: dict, sparsity_of: dict[str, float], sparsity: float) -
 def allocate(kind: str, model, layers: dict, samples, sparsity: float, structure: str,
              progress: bool = True) -> tuple[dict[str, int] | None, dict]:
     """(weights to prune per layer, or None for uniform; what to write in the report)."""
+    check_allocation(kind, structure)
     if kind == "uniform":
         return None, {"kind": "uniform"}
-    if kind != "owl":
-        raise SettingsError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {kind!r}")
-    if structure != "unstructured":
-        raise SettingsError("--allocation owl needs unstructured sparsity: N:M keeps one pattern in every layer")
     blocks = owl_block_sparsities(model, samples, sparsity, progress=progress)
     per_layer = {name: blocks[int(name.split(".")[1])] for name in layers}
-    return layer_counts(layers, per_layer, sparsity), {"kind": "owl", "M": 5.0, "lambda": 0.08,
+    return layer_counts(layers, per_layer, sparsity), {"kind": "owl", "M": OWL_M, "lambda": OWL_LAMBDA,
                                                        "block_sparsity": [round(b, 6) for b in blocks]}

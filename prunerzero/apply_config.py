@@ -5,13 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import checks
-from .data import BOS_CHOICES
+from .allocation import check_allocation
 from .masks import parse_structure, resolve_sparsity
 from .reconstruct import UPDATES
 from .settings import Settings
-
-DTYPES = ("fp32", "bf16", "fp16")
-
 
 @dataclass
 class EvalConfig(Settings):
@@ -28,12 +25,9 @@ class EvalConfig(Settings):
         self.validate()
 
     def validate(self):
-        checks.integer("seqlen", self.seqlen, minimum=2)
+        checks.model_and_text(self.bos, self.dtype, self.device, self.seqlen)
         checks.integer("eval_chunks", self.eval_chunks, optional=True)
         checks.text_source("eval_data", self.eval_data, optional=True)
-        checks.choice("bos", self.bos, BOS_CHOICES)
-        checks.choice("dtype", self.dtype, DTYPES)
-        checks.device(self.device)
 
 
 @dataclass
@@ -57,10 +51,7 @@ class ApplyConfig(EvalConfig):
         checks.choice("method", self.method, ("metric", "sparsegpt"))
         checks.choice("group", self.group, (None, "row", "layer"))
         checks.choice("update", self.update, UPDATES)
-        checks.choice("allocation", self.allocation, ("uniform", "owl"))
-        if self.allocation != "uniform" and self.structure != "unstructured":
-            raise checks.SettingsError(f"--allocation {self.allocation} needs unstructured sparsity: "
-                                       "N:M keeps one pattern in every layer")
+        check_allocation(self.allocation, self.structure)
         if self.method == "sparsegpt" and self.allocation != "uniform":
             raise checks.SettingsError("--allocation applies to --method metric")
         if self.method == "sparsegpt" and self.update != "none":

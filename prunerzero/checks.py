@@ -11,6 +11,7 @@ from pathlib import Path
 from .errors import PrunerZeroError
 
 TEXT_SOURCES = ("wikitext2", "wikipedia")
+DTYPES = ("fp32", "bf16", "fp16")
 
 
 class SettingsError(PrunerZeroError, ValueError):
@@ -44,12 +45,26 @@ def number(name: str, value, low: float | None = None, high: float | None = None
     value = float(value)
     if (low is not None and (value < low or low_open and value == low)
             or high is not None and (value > high or high_open and value == high)):
-        lo = "" if low is None else f"{'(' if low_open else '['}{low:g}, "
-        hi = "" if high is None else f"{high:g}{')' if high_open else ']'}"
-        where = f"in {lo}{hi}" if low is not None and high is not None else (
-            f"{'>' if low_open else '>='} {low:g}" if low is not None else f"{'<' if high_open else '<='} {high:g}")
-        raise SettingsError(f"{flag(name)} must be {where}, got {value:g}")
+        raise SettingsError(f"{flag(name)} must be {_bounds(low, high, low_open, high_open)}, got {value:g}")
     return value
+
+
+def _bounds(low, high, low_open, high_open) -> str:
+    """'in (0, 1]' for two bounds, '> 0' or '<= 1' for one."""
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    return f"{'<' if high_open else '<='} {high:g}"
+
+
+def model_and_text(bos, dtype, device_name, seqlen) -> None:
+    """The settings every command shares: how the model loads and how its text is cut."""
+    from .data import BOS_CHOICES
+    choice("bos", bos, BOS_CHOICES)
+    choice("dtype", dtype, DTYPES)
+    device(device_name)
+    integer("seqlen", seqlen, minimum=2)
 
 
 def choice(name: str, value, options) -> str:

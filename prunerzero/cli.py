@@ -18,14 +18,9 @@ class _Group(click.Group):
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo(_interrupted(ctx), err=True)
+            # each command leaves its own hint in ctx.meta, which click shares with the group's context
+            click.echo(ctx.meta.get("interrupted", "interrupted"), err=True)
             sys.exit(130)
-
-
-def _interrupted(ctx) -> str:
-    """What an interrupted command left, and how to go on (each command leaves its hint in
-    ctx.meta, which click shares between a group's context and its commands')."""
-    return ctx.meta.get("interrupted", "interrupted")
 
 
 def _on_interrupt(hint: str):

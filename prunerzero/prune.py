@@ -48,11 +48,18 @@ class PruneReport:
         return asdict(self)
 
 
+def scorer(name, fn, prims):
+    """score(W) -> the compiled metric's checked scores of weights W of layer `name`."""
+    def score(W):
+        scores = fn(W, **prims)
+        check_scores(scores, where=name)
+        return scores
+    return score
+
+
 def metric_mask(name, W, fn, prims, sparsity, structure, group="row", count=None) -> torch.Tensor:
     """The pruning mask (True = prune) of one layer's weights under a compiled metric."""
-    scores = fn(W, **prims)
-    check_scores(scores, where=name)
-    return make_mask(scores, sparsity, structure, group, count)
+    return make_mask(scorer(name, fn, prims)(W), sparsity, structure, group, count)
 
 
 def _prune_linear(name, linear, fn, prims, sparsity, structure, group="row", update: Update = NO_UPDATE, H=None,
@@ -62,13 +69,8 @@ def _prune_linear(name, linear, fn, prims, sparsity, structure, group="row", upd
     W = matrix(linear)
     if update.kind == "none":
         W[metric_mask(name, W, fn, prims, sparsity, structure, group, count)] = 0
-        return
-
-    def score(current):
-        scores = fn(current, **prims)
-        check_scores(scores, where=name)
-        return scores
-    W.copy_(reconstruct(W, H, update, score, sparsity, structure, group, count).to(W.dtype))
+    else:
+        W.copy_(reconstruct(W, H, update, scorer(name, fn, prims), sparsity, structure, group, count).to(W.dtype))
 
 
 def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstructured",

@@ -92,7 +92,7 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, update: Update, score, sparsit
     the exact number of weights to prune (unstructured; see make_mask)."""
     nm = parse_structure(structure, sparsity)
     if update.kind == "admm":
-        return admm_weights(W, H, score, sparsity, nm, group, update, count)
+        return admm_weights(W, H, score, sparsity, structure, group, update, count)
     U, dead = inverse_factor(H, update.damping)
     if update.kind == "obs":
         fixed = make_mask(score(W.float()), sparsity, structure, group, count)
@@ -156,7 +156,7 @@ def adaptive_chooser(score, sparsity: float, nm, group: str, shape, count: int |
 
 
 @torch.no_grad()
-def admm_weights(W: torch.Tensor, H: torch.Tensor, score, sparsity: float, nm, group: str,
+def admm_weights(W: torch.Tensor, H: torch.Tensor, score, sparsity: float, structure: str, group: str,
                  update: Update, count: int | None = None) -> torch.Tensor:
     """ADMM on min ||X(W' - W)^T||^2 subject to the mask, in coordinates where H has a unit
     diagonal (W scaled by the input norms, so that the solver's rho means the same on every
@@ -174,15 +174,15 @@ def admm_weights(W: torch.Tensor, H: torch.Tensor, score, sparsity: float, nm, g
     W0[:, dead] = 0
     Wn = W0 * norm
     target = Wn @ Hn                                 # the damped least-squares target
-    structure = "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
+    nm = parse_structure(structure, sparsity)
 
     def mask_of(current, fraction=1.0):
         s = score(current / norm)
-        full = make_mask(s, sparsity if nm is None else 0.5, structure, group, count)
+        if nm is None and fraction < 1:
+            return make_mask(s, sparsity * fraction, structure, group, None if count is None else int(count * fraction))
+        full = make_mask(s, sparsity, structure, group, count)
         if fraction >= 1:
             return full
-        if nm is None:
-            return make_mask(s, sparsity * fraction, structure, group, None if count is None else int(count * fraction))
         # N:M on the way: of the weights the pattern prunes, the lowest-scoring fraction so far
         k = int(full.sum() * fraction)
         return full & lowest_k(torch.where(full, s, torch.inf).reshape(1, -1), k).reshape(s.shape)
@@ -196,4 +196,4 @@ def admm_weights(W: torch.Tensor, H: torch.Tensor, score, sparsity: float, nm, g
         Udual += Wn - Z
         Wn = (target + update.rho * (Z - Udual)) @ inv
     Z = torch.where(prune, 0.0, Wn + Udual)
-    return (Z / norm).float()
+    return Z / norm

@@ -4,8 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .. import checks
-from ..apply_config import DTYPES
-from ..data import BOS_CHOICES
 from ..masks import resolve_sparsity
 from ..settings import Settings
 
@@ -68,15 +66,12 @@ class SearchConfig(Settings):
 
     def validate(self):
         self.sparsity = resolve_sparsity(self.structure, self.sparsity)
-        checks.choice("bos", self.bos, BOS_CHOICES)
-        checks.choice("dtype", self.dtype, DTYPES)
-        checks.device(self.device)
+        checks.model_and_text(self.bos, self.dtype, self.device, self.seqlen)
         checks.text_source("calibration", self.calibration)
         checks.text_source("search_data", self.search_data, optional=True)
         for name in ("nsamples", "heldout_chunks", "tournament", "hof_size", "max_height", "population",
                      "generations", "workers"):
             checks.integer(name, getattr(self, name))
-        checks.integer("seqlen", self.seqlen, minimum=2)
         checks.integer("seed", self.seed, minimum=0)
         checks.integer("threads", self.threads, optional=True)
         checks.number("time_limit", self.time_limit, low=0, low_open=True, optional=True)

@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import checks
-from ..apply_config import DTYPES
-from ..data import BOS_CHOICES
 from ..settings import Settings
 from .database import DEFAULT_LADDER
 
@@ -69,9 +67,7 @@ class DarwinConfig(Settings):
         self.validate()
 
     def validate(self):
-        checks.choice("bos", self.bos, BOS_CHOICES)
-        checks.choice("dtype", self.dtype, DTYPES)
-        checks.device(self.device)
+        checks.model_and_text(self.bos, self.dtype, self.device, self.seqlen)
         checks.text_source("calibration", self.calibration)
         checks.text_source("eval_data", self.eval_data, optional=True)
         self.target = checks.number("target_params", self.target, low=0, low_open=True)
@@ -83,7 +79,6 @@ class DarwinConfig(Settings):
             checks.integer(name, getattr(self, name))
         for name in ("nsamples", "eval_chunks", "fitness_windows", "reach"):
             checks.integer(name, getattr(self, name))
-        checks.integer("seqlen", self.seqlen, minimum=2)
         checks.integer("seed", self.seed, minimum=0)
         checks.integer("finetune_tokens", self.finetune_tokens, minimum=0)
         checks.integer("threads", self.threads, optional=True)
