@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from bench_pruning import row_key
-from common import RESULTS, common_options
+from common import RESULTS, common_options, figure_row, save_figure
 from prunerzero.search.config import SearchConfig
 from prunerzero.search.evaluator import Task
 from prunerzero.search.rundir import RunDir
@@ -142,12 +142,9 @@ def sparsegpt_heldout(structure, chunks: int) -> float | None:
 
 
 def plot(data, out: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     structures = list(data["runs"])
-    fig, axes = plt.subplots(1, len(structures), figsize=(6 * len(structures), 4), squeeze=False)
-    for ax, st in zip(axes[0], structures):
+    fig, axes = figure_row(len(structures))
+    for ax, st in zip(axes, structures):
         runs = data["runs"][st]
         for i, s in enumerate(STRATEGIES):
             if s in runs:
@@ -163,9 +160,7 @@ def plot(data, out: Path):
             ax.ticklabel_format(axis="y", style="plain", useOffset=False)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def report(data, out: Path):

@@ -16,3 +16,28 @@ def common_options(ap: argparse.ArgumentParser, name: str, runs: bool = True) ->
         ap.add_argument("--runs", default=str(HERE / "runs" / name))
     ap.add_argument("--out", default=str(RESULTS / name))
     ap.add_argument("--report-only", action="store_true", help="Rewrite the markdown and plot from the JSON.")
+
+
+def figure_row(n: int, width: float = 6, height: float = 4):
+    """(figure, axes) of n panels side by side, drawn off-screen."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
+    return fig, axes[0]
+
+
+def save_figure(fig, out) -> None:
+    """Lay out, write (110 dpi) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def curve_axes(ax, title: str, ylabel: str) -> None:
+    """Axes of a best-so-far curve against search time: plain numbers, a grid, a legend."""
+    ax.set(title=title, xlabel="search time (min)", ylabel=ylabel)
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)

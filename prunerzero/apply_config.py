@@ -9,6 +9,15 @@ from .allocation import check_allocation
 from .masks import parse_structure, resolve_sparsity
 from .reconstruct import UPDATES
 from .settings import Settings
+from .space import load_space
+
+def recipe_defaults(metric: str | None, update: str | None, allocation: str | None) -> tuple[str, str]:
+    """The update and allocation to prune with: those given, else the catalogued recipe's when
+    `metric` names one, else none and uniform."""
+    entry = load_space().catalog.get(metric) if isinstance(metric, str) else None
+    return (update if update is not None else entry.update if entry else "none",
+            allocation if allocation is not None else entry.allocation if entry else "uniform")
+
 
 @dataclass
 class EvalConfig(Settings):
@@ -37,8 +46,9 @@ class ApplyConfig(EvalConfig):
     sparsity: float | None = None     # None: 0.5 unstructured, N/M for N:M
     structure: str = "unstructured"   # unstructured, 2:4, 4:8, ...
     group: str | None = None          # unstructured comparison group; None: the metric's own
-    update: str = "none"              # reconstruction of the kept weights: none, obs, obs-adaptive, admm
-    allocation: str = "uniform"       # per-layer sparsity: uniform or owl (unstructured only)
+    update: str | None = None         # reconstruction of the kept weights: none, obs, obs-adaptive, admm;
+                                      # None: the catalogued recipe's (none for other metrics)
+    allocation: str | None = None     # per-layer sparsity: uniform or owl (unstructured only); None: likewise
     nsamples: int = 32
     calibration: str = "wikipedia"
     seed: int = 0
@@ -50,6 +60,8 @@ class ApplyConfig(EvalConfig):
         self.sparsity = resolve_sparsity(self.structure, self.sparsity)
         checks.choice("method", self.method, ("metric", "sparsegpt"))
         checks.choice("group", self.group, (None, "row", "layer"))
+        self.update, self.allocation = recipe_defaults(self.metric if self.method == "metric" else None,
+                                                       self.update, self.allocation)
         checks.choice("update", self.update, UPDATES)
         check_allocation(self.allocation, self.structure)
         if self.method == "sparsegpt" and self.allocation != "uniform":

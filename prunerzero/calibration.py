@@ -144,6 +144,18 @@ def record_dense(model, samples: torch.Tensor, recorder, batch_size: int = 1, de
     return rec
 
 
+def compute_hessians(model, samples: torch.Tensor, progress: bool = True) -> dict[str, torch.Tensor]:
+    """H = X^T X of the dense model's inputs to every prunable layer, one tensor per group of
+    layers that read the same input (see shared_inputs), keyed by the group's first layer."""
+    return record_dense(model, samples, Hessians, desc="hessians", progress=progress).H
+
+
+def shared_inputs(model, ids: torch.Tensor) -> dict[str, str]:
+    """Layer -> the first layer reading the same input tensor (q/k/v, gate/up), found by one
+    forward pass of a few tokens of `ids`."""
+    return record_dense(model, ids[:1, :4], Hessians, progress=False).owner
+
+
 def compute_x(model, samples: torch.Tensor, batch_size: int = 1) -> dict[str, torch.Tensor]:
     """X of every prunable layer of the dense model (one-shot: no pruning between layers)."""
     return record_dense(model, samples, InputNorms, batch_size).norms()

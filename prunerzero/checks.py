@@ -75,8 +75,11 @@ def choice(name: str, value, options) -> str:
 
 
 def text_source(name: str, value, optional=False) -> None:
-    """A named source (wikitext2[:split], wikipedia) or a readable UTF-8 text file."""
+    """A named source (wikitext2[:split], wikipedia; for evaluation text, an optional one, also
+    wikipedia-heldout) or a readable UTF-8 text file."""
     if value is None and optional:
+        return
+    if optional and value == "wikipedia-heldout":
         return
     if not isinstance(value, str) or not value:
         raise SettingsError(f"{flag(name)} must be wikitext2, wikipedia or a text file, got {value!r}")

@@ -58,7 +58,9 @@ def metrics(operators):
     space = load_space()
     for name, entry in space.catalog.items():
         m = Metric.parse(name)
-        click.echo(f"{name:12} {m.simplify()}")
+        recipe = [f"--update {entry.update}"] * (entry.update != "none") + \
+            [f"--allocation {entry.allocation}"] * (entry.allocation != "uniform")
+        click.echo(f"{name:12} {m.simplify()}" + (f"  (recipe: {' '.join(recipe)})" if recipe else ""))
         click.echo(f"{'':12} canonical {m.canonical()}  -- {entry.source}")
     if operators:
         click.echo("\nterminals:")
@@ -106,10 +108,12 @@ def _common(f):
               help="sparsegpt: second-order reconstruction instead of a metric (--metric is ignored).")
 @click.option("--group", type=click.Choice(["row", "layer"]), default=None,
               help="Unstructured comparison group (default: the metric's published one, else row).")
-@click.option("--update", type=click.Choice(["none", "obs", "obs-adaptive", "admm"]), default="none",
-              show_default=True, help="Reconstruct the kept weights after each layer's mask (see README).")
-@click.option("--allocation", type=click.Choice(["uniform", "owl"]), default="uniform", show_default=True,
-              help="Per-layer sparsity (unstructured): owl gives blocks with more outliers fewer pruned weights.")
+@click.option("--update", type=click.Choice(["none", "obs", "obs-adaptive", "admm"]), default=None,
+              help="Reconstruct the kept weights after each layer's mask (see README); default: the catalogued "
+                   "recipe's (wanda-admm: admm), else none.")
+@click.option("--allocation", type=click.Choice(["uniform", "owl"]), default=None,
+              help="Per-layer sparsity (unstructured): owl gives blocks with more outliers fewer pruned weights; "
+                   "default: the catalogued recipe's, else uniform.")
 def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, bos, metric, sparsity, structure, output,
           nsamples, calibration, seed, one_shot, method, group, update, allocation):
     """Prune a model with a metric (or SparseGPT), report perplexity, and save it."""
@@ -169,7 +173,13 @@ def _tuple(text, cast=str, option=""):
 @click.option("--nsamples", default=32, show_default=True)
 @click.option("--seqlen", default=512, show_default=True)
 @click.option("--calibration", default="wikipedia", show_default=True)
-@click.option("--search-data", default=None, help="Evaluation text (default WikiText-2 test).")
+@click.option("--search-data", default=None,
+              help="Search text (default WikiText-2 test); wikipedia-heldout: search on held-out Wikipedia "
+                   "and report on WikiText-2.")
+@click.option("--update", type=click.Choice(["none", "obs", "obs-adaptive", "admm"]), default="none",
+              show_default=True, help="Search recipes: each candidate's kept weights reconstructed (see apply).")
+@click.option("--proxy-stages", default=1, show_default=True,
+              help="With --update: leading stages ranked by the mask alone, a cheap proxy.")
 @click.option("--data-dir", default=None, envvar="PRUNERZERO_DATA_DIR")
 @_bos_option()
 @click.option("--seed", default=0, show_default=True)
@@ -184,7 +194,7 @@ def _tuple(text, cast=str, option=""):
 @click.option("--quiet", is_flag=True, help="No live lines or progress bars; the run folder has the logs.")
 def evolve(model, output, resume, sparsity, structure, strategy, population, generations, elite, tournament, stages,
            promote, heldout_chunks, heldout_full, seed_metrics, terminals, nsamples, seqlen, calibration, search_data,
-           data_dir, bos, seed, time_limit, workers, threads, use_ray, ray_address, gpus_per_worker, dtype, device, quiet):
+           update, proxy_stages, data_dir, bos, seed, time_limit, workers, threads, use_ray, ray_address, gpus_per_worker, dtype, device, quiet):
     """Search for a pruning metric by genetic programming (Pruner-Zero)."""
     from .search.config import SearchConfig
     from .search.run import run_evolve
@@ -196,8 +206,8 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
                        generations=generations, elite=elite, tournament=tournament, stages=_tuple(stages, int, "--stages"),
                        promote=promote, heldout_chunks=heldout_chunks, heldout_full=heldout_full,
                        seed_metrics=_tuple(seed_metrics), terminals=_tuple(terminals) or None, nsamples=nsamples,
-                       seqlen=seqlen, calibration=calibration, search_data=search_data, data_dir=data_dir, bos=bos,
-                       seed=seed,
+                       seqlen=seqlen, calibration=calibration, search_data=search_data, update=update,
+                       proxy_stages=proxy_stages, data_dir=data_dir, bos=bos, seed=seed,
                        time_limit=time_limit, workers=workers, threads=threads, ray=use_ray, ray_address=ray_address,
                        gpus_per_worker=gpus_per_worker, dtype=dtype, device=device)
     run_evolve(cfg, output, log=log, quiet=quiet)

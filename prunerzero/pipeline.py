@@ -36,24 +36,36 @@ def calibration_for(tokenizer, source="wikipedia", nsamples=32, seqlen=512, seed
     return samples, ids, starts
 
 
+WIKIPEDIA_HELDOUT = "wikipedia-heldout"  # Wikipedia chunks disjoint from the calibration windows
+
+
 def eval_data_for(tokenizer, source=None, seqlen=512, chunks=None, data_dir=None,
                   calibration_source="wikipedia", calib_ids=None, calib_starts=(),
                   seq: data.Sequences = data.NO_BOS):
     """WikiText-2 test chunks; if the user named no source and WikiText-2 cannot be found,
     held-out Wikipedia chunks disjoint from the calibration windows, said plainly."""
+    if source == WIKIPEDIA_HELDOUT:
+        return heldout_wikipedia(tokenizer, seqlen, chunks, calibration_source, calib_ids, calib_starts, seq)
     try:
         ids = data.tokenize(tokenizer, data.load_text(source or "wikitext2", data_dir))
         return EvalData(data.chunks(ids, seqlen, chunks, seq=seq), source or "wikitext2")
     except data.DataError as e:
         if source is not None:
             raise
-        if calib_ids is None or calibration_source != "wikipedia":
-            calib_ids = data.tokenize(tokenizer, data.wikipedia_text())
-            calib_starts = ()
-        exclude = [(s, s + seq.text_len(seqlen)) for s in calib_starts]
-        note = (f"WikiText-2 was not found ({str(e).split(':')[0]}); perplexity is measured on held-out "
-                "Wikipedia summaries (chunks disjoint from the calibration windows), NOT on WikiText-2")
-        return EvalData(data.chunks(calib_ids, seqlen, chunks, exclude=exclude, seq=seq), "wikipedia-heldout", note)
+        ev = heldout_wikipedia(tokenizer, seqlen, chunks, calibration_source, calib_ids, calib_starts, seq)
+        ev.note = (f"WikiText-2 was not found ({str(e).split(':')[0]}); perplexity is measured on held-out "
+                   "Wikipedia summaries (chunks disjoint from the calibration windows), NOT on WikiText-2")
+        return ev
+
+
+def heldout_wikipedia(tokenizer, seqlen=512, chunks=None, calibration_source="wikipedia", calib_ids=None,
+                      calib_starts=(), seq: data.Sequences = data.NO_BOS) -> EvalData:
+    """Chunks of the bundled Wikipedia summaries that no calibration window overlaps."""
+    if calib_ids is None or calibration_source != "wikipedia":
+        calib_ids = data.tokenize(tokenizer, data.wikipedia_text())
+        calib_starts = ()
+    exclude = [(s, s + seq.text_len(seqlen)) for s in calib_starts]
+    return EvalData(data.chunks(calib_ids, seqlen, chunks, exclude=exclude, seq=seq), WIKIPEDIA_HELDOUT)
 
 
 def dense_primitives(model, metric: Metric, samples, settings: dict, sequential: bool, log=print):

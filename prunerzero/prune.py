@@ -17,7 +17,7 @@ from .metric import Metric
 from .layers import matrix
 from .errors import PrunerZeroError
 from .models import all_prunable, require_prunable, skipped_layers
-from .reconstruct import Update, reconstruct
+from .reconstruct import Update, factorise, reconstruct
 from .sparsegpt import prune_with_sparsegpt
 
 NO_UPDATE = Update()
@@ -62,21 +62,23 @@ def metric_mask(name, W, fn, prims, sparsity, structure, group="row", count=None
     return make_mask(scorer(name, fn, prims)(W), sparsity, structure, group, count)
 
 
-def _prune_linear(name, linear, fn, prims, sparsity, structure, group="row", update: Update = NO_UPDATE, H=None,
+def _prune_linear(name, linear, fn, prims, sparsity, structure, group="row", update: Update = NO_UPDATE, factor=None,
                   count=None):
     """Prune one layer by the metric's mask (exactly `count` weights when an allocation gives
-    one) and, with an update, reconstruct its kept weights from H."""
+    one) and, with an update, reconstruct its kept weights (factor: factorise(H, update) of
+    its input Hessian)."""
     W = matrix(linear)
     if update.kind == "none":
         W[metric_mask(name, W, fn, prims, sparsity, structure, group, count)] = 0
     else:
-        W.copy_(reconstruct(W, H, update, scorer(name, fn, prims), sparsity, structure, group, count).to(W.dtype))
+        W.copy_(reconstruct(W, None, update, scorer(name, fn, prims), sparsity, structure, group, count,
+                            factor).to(W.dtype))
 
 
 def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstructured",
                  calibration: torch.Tensor | None = None, sequential: bool = True,
                  grads: dict | None = None, x_norms: dict | None = None, curvature: dict | None = None,
-                 group: str | None = None, update: str | Update = "none", allocation: str = "uniform",
+                 group: str | None = None, update: str | Update | None = None, allocation: str | None = None,
                  progress: bool = True) -> PruneReport:
     """Prune `model` in place with `metric` (text, catalog name or Metric) and report.
 
@@ -87,11 +89,14 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
     weights after each layer's mask ("none", "obs", "obs-adaptive", "admm", or an Update with
     its parameters; see reconstruct.py), from the layer-input Hessians of the calibration data.
     allocation: per-layer sparsity, "uniform" or "owl" (see allocation.py), with the total exact.
+    update and allocation default to a catalogued recipe's (e.g. "wanda-admm"), else none and uniform.
     """
     nm = parse_structure(structure, sparsity)
-    update = update if isinstance(update, Update) else Update(update)
     require_prunable(model)
     m = Metric.parse(metric) if not isinstance(metric, Metric) else metric
+    update = update if update is not None else m.recipe[0]
+    allocation = allocation if allocation is not None else m.recipe[1]
+    update = update if isinstance(update, Update) else Update(update)
     fn, uses = m.compile(), m.terminals
     group = group or m.group
     timings = {}
@@ -165,10 +170,14 @@ def _prune_block_layers(prefix, linears, rec, fn, uses, grads, n, sparsity, stru
     stats = {"G": grads, "X": {prefix + k: v for k, v in local.items()}}
     if "H" in uses:
         stats["H"] = {prefix + k: v for k, v in rec.curvature().items()}
+    factors = {}  # one factorisation per shared Hessian (q/k/v, gate/up)
     for name, lin in linears.items():
-        H = rec.H[rec.owner[name]] if hessians else None
+        factor = None
+        if hessians and update.kind != "none":
+            owner = rec.owner[name]
+            factor = factors[owner] = factors.get(owner) or factorise(rec.H[owner], update)
         _prune_linear(prefix + name, lin, fn, layer_primitives(prefix + name, uses, stats, n), sparsity, structure,
-                      group, update, H, counts and counts[prefix + name])
+                      group, update, factor, counts and counts[prefix + name])
 
 
 def apply_sparsegpt(model, sparsity: float = 0.5, structure: str = "unstructured",

@@ -85,15 +85,25 @@ class Update:
         return {"kind": self.kind, "percdamp": self.damping, **{k: v for k, v in asdict(self).items() if k in keep}}
 
 
-def reconstruct(W: torch.Tensor, H: torch.Tensor, update: Update, score, sparsity: float,
-                structure: str = "unstructured", group: str = "row", count: int | None = None) -> torch.Tensor:
-    """The pruned, reconstructed weights (fp32) of one layer. W: (out, in); H: (in, in) = X^T X;
-    score(W) -> the metric's scores of the weights W (the other primitives bound in); count:
-    the exact number of weights to prune (unstructured; see make_mask)."""
+def factorise(H: torch.Tensor, update: Update):
+    """What `update` needs of a layer-input Hessian, computed once per Hessian: the layers that
+    share one (q/k/v, gate/up), and every candidate of a search, reuse it. obs: (U, dead) of
+    inverse_factor; admm: AdmmFactor."""
+    return admm_factor(H, update) if update.kind == "admm" else inverse_factor(H, update.damping)
+
+
+def reconstruct(W: torch.Tensor, H: torch.Tensor | None, update: Update, score, sparsity: float,
+                structure: str = "unstructured", group: str = "row", count: int | None = None,
+                factor=None) -> torch.Tensor:
+    """The pruned, reconstructed weights (fp32) of one layer. W: (out, in); H: (in, in) = X^T X,
+    or None when `factor` (factorise(H, update)) is given; score(W) -> the metric's scores of the
+    weights W (the other primitives bound in); count: the exact number of weights to prune
+    (unstructured; see make_mask)."""
     nm = parse_structure(structure, sparsity)
+    factor = factorise(H, update) if factor is None else factor
     if update.kind == "admm":
-        return admm_weights(W, H, score, sparsity, structure, group, update, count)
-    U, dead = inverse_factor(H, update.damping)
+        return admm_weights(W, factor, score, sparsity, structure, group, update, count)
+    U, dead = factor
     if update.kind == "obs":
         fixed = make_mask(score(W.float()), sparsity, structure, group, count)
         return obs_sweep(W, U, dead, lambda cur, a, b, d: fixed[:, a:b], update.blocksize, nm and nm[1])
@@ -155,12 +165,18 @@ def adaptive_chooser(score, sparsity: float, nm, group: str, shape, count: int |
     return choose
 
 
+@dataclass(frozen=True)
+class AdmmFactor:
+    """A Hessian in unit-diagonal coordinates: Hn = H / (norm norm^T), damped, and the inverse of
+    Hn + rho I that every ADMM iteration applies; `dead` inputs never fire."""
+    inv: torch.Tensor
+    Hn: torch.Tensor
+    norm: torch.Tensor
+    dead: torch.Tensor
+
+
 @torch.no_grad()
-def admm_weights(W: torch.Tensor, H: torch.Tensor, score, sparsity: float, structure: str, group: str,
-                 update: Update, count: int | None = None) -> torch.Tensor:
-    """ADMM on min ||X(W' - W)^T||^2 subject to the mask, in coordinates where H has a unit
-    diagonal (W scaled by the input norms, so that the solver's rho means the same on every
-    layer). Returns the final iterate projected on its mask (fp32)."""
+def admm_factor(H: torch.Tensor, update: Update) -> AdmmFactor:
     # the normalisation and the inverse in fp64; the iterations (matrix products) in fp32
     H = H.double()
     norm = H.diagonal().sqrt()
@@ -169,9 +185,18 @@ def admm_weights(W: torch.Tensor, H: torch.Tensor, score, sparsity: float, struc
     Hn = H / norm / norm[:, None]
     Hn.diagonal().add_(update.damping * Hn.diagonal().mean())
     inv = torch.linalg.inv(Hn + update.rho * torch.eye(len(Hn), dtype=Hn.dtype, device=Hn.device)).float()
-    Hn, norm = Hn.float(), norm.float()
+    return AdmmFactor(inv, Hn.float(), norm.float(), dead)
+
+
+@torch.no_grad()
+def admm_weights(W: torch.Tensor, factor: AdmmFactor, score, sparsity: float, structure: str, group: str,
+                 update: Update, count: int | None = None) -> torch.Tensor:
+    """ADMM on min ||X(W' - W)^T||^2 subject to the mask, in coordinates where H has a unit
+    diagonal (W scaled by the input norms, so that the solver's rho means the same on every
+    layer). Returns the final iterate projected on its mask (fp32)."""
+    inv, Hn, norm = factor.inv, factor.Hn, factor.norm
     W0 = W.float().clone()
-    W0[:, dead] = 0
+    W0[:, factor.dead] = 0
     Wn = W0 * norm
     target = Wn @ Hn                                 # the damped least-squares target
     nm = parse_structure(structure, sparsity)

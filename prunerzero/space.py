@@ -59,6 +59,8 @@ class CatalogEntry:
     doc: str
     figures: dict
     group: str = "row"  # the comparison group the metric was published with (masks.GROUPS)
+    update: str = "none"        # a recipe: the reconstruction `apply` runs after its mask by default
+    allocation: str = "uniform"  # and its per-layer sparsity
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,6 @@ def load_space(folder: str | None = None) -> SearchSpace:
     operators = {n: Operator(n, int(o["arity"]), o.get("doc", ""), o.get("infix"))
                  for n, o in raw["operators"].items()}
     catalog = {n: CatalogEntry(n, c["expr"], c.get("source", ""), c.get("doc", ""), c.get("figures", {}),
-                               c.get("group", "row"))
+                               c.get("group", "row"), c.get("update", "none"), c.get("allocation", "uniform"))
                for n, c in _read(root / "catalog.toml").items()}
     return SearchSpace(terminals, operators, raw.get("search", {}), catalog)

@@ -66,3 +66,22 @@ def layer_inputs(model, samples, layers) -> dict:
     for h in hooks:
         h.remove()
     return {n: torch.cat(v) for n, v in xs.items()}
+
+
+def search_script(model, generations: int, **extra) -> str:
+    """A script for kill_and_resume: `script new RUN` starts a search on the tiny model saved at
+    `model` (SearchConfig settings `extra` on top of small defaults), `script resume RUN` resumes it."""
+    from pathlib import Path
+    settings = dict(model=str(model), population=8, generations=generations, elite=1, stages=(1, 2, 4),
+                    promote=0.5, heldout_chunks=4, hof_size=3, threads=1, seed=3, **extra)
+    return f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from tiny import search_data
+from prunerzero.search.config import SearchConfig
+from prunerzero.search.run import run_evolve
+if sys.argv[1] == "resume":
+    run_evolve(resume=sys.argv[2], data=search_data())
+else:
+    run_evolve(SearchConfig(**{settings!r}), sys.argv[2], data=search_data())
+"""

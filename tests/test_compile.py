@@ -5,7 +5,6 @@ import torch
 from prunerzero import DegenerateMetricError, Metric, NonFiniteScoreError
 from prunerzero.compile import check_scores
 
-from helpers import primitives
 
 
 def test_wanda_scores_equal_the_direct_formula(prims):

@@ -12,29 +12,19 @@ from prunerzero.cli import main
 from prunerzero.search import run as run_mod
 from prunerzero.search.config import SearchConfig
 from prunerzero.search.rundir import RunDir
-from prunerzero.search.evolve import SearchData
 from prunerzero.search.run import run_evolve
 
-from helpers import kill_and_resume
-from tiny import tiny_llama, token_samples
+from helpers import kill_and_resume, search_script
+from tiny import search_data, tiny_llama
 
 FILES = ["config.json", "log.jsonl", "evaluations.jsonl", "checkpoint.json", "hall_of_fame.json", "fitness.png"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_llama().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PRUNERZERO_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def data():
-    return SearchData(token_samples(4, 32, 0), token_samples(4, 32, 1), token_samples(4, 32, 2))
+    return search_data()
 
 
 def config(tiny_dir, **kw):
@@ -67,8 +57,9 @@ def test_a_short_search_writes_every_file_and_stages_save_evaluations(tiny_dir, 
 
 
 def test_staging_promotes_the_requested_fraction(tiny_dir, tmp_path):
-    run_evolve(config(tiny_dir, generations=1, population=8, promote=0.5), tmp_path / "run", data=data(),
-               log=lambda *a: None, quiet=True)
+    # no baselines: a candidate whose masks a baseline measured on every chunk needs no evaluation row
+    run_evolve(config(tiny_dir, generations=1, population=8, promote=0.5, baselines=()), tmp_path / "run",
+               data=data(), log=lambda *a: None, quiet=True)
     evals = [json.loads(line) for line in (tmp_path / "run" / "evaluations.jsonl").read_text().splitlines()]
     gen0 = [e for e in evals if e["gen"] == 0 and e["perplexity"] is not None]
     reached = {k: sum(1 for e in gen0 if e["chunks"][1] == k) for k in (1, 2, 4)}
@@ -111,28 +102,10 @@ def test_failing_candidates_are_logged_and_do_not_stop_the_search(tiny_dir, tmp_
     assert out["hall_of_fame"] and all("X" not in e["simplified"] for e in out["hall_of_fame"])
 
 
-SCRIPT = """
-import sys
-sys.path.insert(0, {tests!r})
-from tiny import token_samples
-from prunerzero.search.config import SearchConfig
-from prunerzero.search.rundir import RunDir
-from prunerzero.search.evolve import SearchData
-from prunerzero.search.run import run_evolve
-data = SearchData(token_samples(4, 32, 0), token_samples(4, 32, 1), token_samples(4, 32, 2))
-if sys.argv[1] == "resume":
-    run_evolve(resume=sys.argv[2], data=data)
-else:
-    cfg = SearchConfig(model={model!r}, population=8, generations=6, elite=1, stages=(1, 2, 4), promote=0.5,
-                       heldout_chunks=4, hof_size=3, threads=1, seed=3)
-    run_evolve(cfg, sys.argv[2], data=data)
-"""
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_a_killed_search_resumes_to_the_same_hall_of_fame(tiny_dir, tmp_path, sig):
     script = tmp_path / "search.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), model=str(tiny_dir)))
+    script.write_text(search_script(tiny_dir, 6))
     kill_and_resume(script, tmp_path, "hall_of_fame.json", sig)
     assert fame(tmp_path / "cut") == fame(tmp_path / "whole")
     gens = [json.loads(line)["gen"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]

@@ -2,12 +2,11 @@
 import random
 
 import pytest
-import torch
 
 from prunerzero import DegenerateMetricError, Metric, MetricSyntaxError
 from prunerzero.language import parse, to_sympy, to_text
 
-from helpers import primitives, random_expr
+from helpers import random_expr
 
 
 @pytest.mark.parametrize("infix, function", [

@@ -37,3 +37,9 @@ def word_tokenizer(adds_bos: bool) -> PreTrainedTokenizerFast:
 def text(n=600, seed=0):
     rng = random.Random(seed)
     return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def search_data():
+    """Calibration, search and held-out token ids for a search on tiny_llama."""
+    from prunerzero.search.evolve import SearchData
+    return SearchData(token_samples(4, 32, 0), token_samples(4, 32, 1), token_samples(4, 32, 2))

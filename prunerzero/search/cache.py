@@ -27,9 +27,12 @@ class Measured:
         return True
 
     def perplexity(self, k: int) -> float:
-        nll = sum(s[2] for s in self.segments if s[1] <= k)
-        tokens = sum(s[3] for s in self.segments if s[1] <= k)
-        return math.exp(nll / tokens) if tokens else math.inf
+        """exp(mean NLL) of the first k chunks; when a segment runs past k (these masks were
+        measured further in one go, as a baseline or a promoted twin), of the segments that
+        cover the first k chunks: a few more chunks, never fewer."""
+        cover = [s for s in self.segments if s[0] < k]
+        tokens = sum(s[3] for s in cover)
+        return math.exp(sum(s[2] for s in cover) / tokens) if tokens and self.done >= k else math.inf
 
 
 @dataclass

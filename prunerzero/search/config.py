@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from .. import checks
 from ..masks import resolve_sparsity
+from ..reconstruct import UPDATES
 from ..settings import Settings
 
 
@@ -21,7 +22,10 @@ class SearchConfig(Settings):
     nsamples: int = 32                       # calibration samples for X, G, H
     seqlen: int = 512
     calibration: str = "wikipedia"
-    search_data: str | None = None           # None: WikiText-2 test (held-out Wikipedia if missing)
+    search_data: str | None = None           # None: WikiText-2 test (held-out Wikipedia if missing);
+                                             # wikipedia-heldout: search on held-out Wikipedia, report on WikiText-2
+    update: str = "none"                     # the recipe's reconstruction: none, obs, obs-adaptive, admm
+    proxy_stages: int = 1                    # with an update: leading stages ranked by the mask alone (cheap)
     data_dir: str | None = None
     bos: str = "auto"                        # BOS per sequence: auto (as the tokenizer does), always, never
     stages: tuple[int, ...] = (1, 4, 16)     # search chunks seen by candidates reaching each stage
@@ -64,6 +68,12 @@ class SearchConfig(Settings):
         self.seed_metrics, self.baselines = tuple(self.seed_metrics), tuple(self.baselines)
         self.validate()
 
+    def reconstructs(self, stage: int) -> bool:
+        """Whether candidates in `stage` (0-based; -1: the last) are measured with the recipe's
+        update: every stage after the proxy stages, when there is an update."""
+        stage = stage % len(self.stages)
+        return self.update != "none" and stage >= self.proxy_stages
+
     def validate(self):
         self.sparsity = resolve_sparsity(self.structure, self.sparsity)
         checks.model_and_text(self.bos, self.dtype, self.device, self.seqlen)
@@ -81,6 +91,8 @@ class SearchConfig(Settings):
         if not self.stages or any(b <= a for a, b in zip(self.stages, self.stages[1:])) or self.stages[0] < 1:
             raise SearchConfigError(f"--stages must be increasing chunk counts >= 1, got {self.stages}")
         checks.number("promote", self.promote, 0, 1, low_open=True)
+        checks.choice("update", self.update, UPDATES)
+        checks.integer("proxy_stages", self.proxy_stages, minimum=0, maximum=len(self.stages) - 1)
         checks.choice("strategy", self.strategy, ("evolution", "random"))
         checks.integer("population", self.population, minimum=2)
         checks.integer("elite", self.elite, minimum=0, maximum=self.population - 1)

@@ -1,5 +1,6 @@
-"""Fitness of one candidate metric: one-shot masks from the cached dense primitives, their
-fingerprint, and the NLL of the masked model on a range of evaluation chunks.
+"""Fitness of one candidate metric: one-shot masks from the cached dense primitives (and,
+for a recipe, the kept weights reconstructed from the dense layer-input Hessians), their
+fingerprint, and the NLL of the pruned model on a range of evaluation chunks.
 
 An Evaluator holds one model copy; search workers (local processes, Ray actors) each hold
 one. Everything it needs travels in a picklable `Setup`, and its answers depend only on the
@@ -15,11 +16,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from ..calibration import shared_inputs
 from ..evaluate import nll_sum
 from ..metric import Metric
 from ..layers import matrix, set_matrix
 from ..models import all_prunable, load_model
-from ..prune import layer_primitives, metric_mask
+from ..prune import layer_primitives, metric_mask, scorer
+from ..reconstruct import Update, factorise, reconstruct
 
 
 DENSE = "dense"  # task text that evaluates the unpruned model
@@ -39,6 +42,9 @@ class Setup:
     device: str = "auto"
     threads: int | None = None          # torch threads per evaluator (None: torch's default)
     batch_size: int = 4
+    update: dict = field(default_factory=dict)   # Update fields of the recipe's reconstruction
+    hessians: str | None = None         # safetensors of the dense X^T X per shared input (see
+                                        # calibration.compute_hessians), needed by an update
 
 
 @dataclass
@@ -50,6 +56,7 @@ class Task:
     hi: int
     chunks: str = "search"
     known: dict = field(default_factory=dict)
+    reconstruct: bool = False          # prune with the recipe's update (else the mask alone)
 
 
 @dataclass
@@ -79,6 +86,16 @@ def fingerprint(masks: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def weights_fingerprint(weights: dict[str, torch.Tensor], update: Update) -> str:
+    """A hash of the update and every layer's reconstructed weights: with an adaptive update the
+    mask alone does not decide the weights, so the fingerprint takes all their bytes."""
+    h = hashlib.blake2b(repr(sorted(update.describe().items())).encode(), digest_size=16)
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(memoryview(weights[name].detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
 class Evaluator:
     def __init__(self, setup: Setup, model=None):
         if setup.threads:
@@ -91,6 +108,9 @@ class Evaluator:
         device = next(self.model.parameters()).device
         self.prims = {t: {k: v.to(device) for k, v in load_file(path).items()}
                       for t, path in setup.primitives.items()}
+        self.update = Update(**setup.update)
+        self.factors: dict = {}   # shared input -> factorise(H, update), made on first use, then kept
+        self._hessians = None
 
     def masks(self, text: str) -> dict[str, torch.Tensor]:
         m = Metric.parse(text)
@@ -100,11 +120,45 @@ class Evaluator:
                                   s.sparsity, s.structure, m.group)
                 for name, W in self.dense.items()}
 
-    def nll(self, masks, chunks: torch.Tensor) -> tuple[float, int]:
-        """NLL of the model with `masks` applied; the dense weights are put back after."""
+    def reconstructed(self, text: str) -> dict[str, torch.Tensor]:
+        """Every layer pruned by the metric and its kept weights updated (one-shot: from the
+        dense model's Hessians, so each layer is independent of the others)."""
+        m = Metric.parse(text)
+        fn = m.compile()
+        s = self.setup
+        return {name: reconstruct(W, None, self.update, scorer(name, fn, layer_primitives(name, m.terminals,
+                                                                                         self.prims, s.nsamples)),
+                                  s.sparsity, s.structure, m.group, factor=self.factor(name)).to(W.dtype)
+                for name, W in self.dense.items()}
+
+    def factor(self, name: str):
+        if self._hessians is None:
+            if not self.setup.hessians:
+                raise ValueError("a reconstructing task needs the dense Hessians (Setup.hessians)")
+            device = next(self.model.parameters()).device
+            self._hessians = (load_file(self.setup.hessians, device=str(device)),
+                              shared_inputs(self.model, self.setup.chunks["search"]))
+        H, owner = self._hessians
+        key = owner[name]
+        if key not in self.factors:
+            self.factors[key] = factorise(H[key], self.update)
+        return self.factors[key]
+
+    def pruned(self, task: Task) -> tuple[str, dict[str, torch.Tensor]]:
+        """(fingerprint, new weights of every layer) of a task's candidate."""
+        if task.text == DENSE:
+            return fingerprint({n: torch.zeros_like(w, dtype=torch.bool) for n, w in self.dense.items()}), self.dense
+        if task.reconstruct:
+            weights = self.reconstructed(task.text)
+            return weights_fingerprint(weights, self.update), weights
+        masks = self.masks(task.text)
+        return fingerprint(masks), {n: self.dense[n].masked_fill(masks[n], 0) for n in masks}
+
+    def nll(self, weights, chunks: torch.Tensor) -> tuple[float, int]:
+        """NLL of the model with `weights` in its prunable layers; the dense ones are put back after."""
         try:
             for name, lin in self.layers.items():
-                set_matrix(lin, self.dense[name].masked_fill(masks[name], 0))
+                set_matrix(lin, weights[name])
             return nll_sum(self.model, chunks, self.setup.batch_size, progress=False)
         finally:
             for name, lin in self.layers.items():
@@ -114,15 +168,13 @@ class Evaluator:
         t0 = time.perf_counter()
         r = Result(task.text)
         try:
-            masks = {n: torch.zeros_like(w, dtype=torch.bool) for n, w in self.dense.items()} \
-                if task.text == DENSE else self.masks(task.text)
-            r.fingerprint = fingerprint(masks)
+            r.fingerprint, weights = self.pruned(task)
             lo = max(task.lo, task.known.get(r.fingerprint, 0))
             if lo >= task.hi:
                 r.cached, r.lo, r.hi = True, task.hi, task.hi
             else:
                 r.lo, r.hi = lo, task.hi
-                r.nll, r.tokens = self.nll(masks, self.setup.chunks[task.chunks][lo:task.hi])
+                r.nll, r.tokens = self.nll(weights, self.setup.chunks[task.chunks][lo:task.hi])
                 if not math.isfinite(r.nll):
                     r.error = f"non-finite loss ({r.nll})"
         except Exception as e:  # noqa: BLE001 - any failing candidate gets the worst fitness, never a crash

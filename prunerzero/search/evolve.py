@@ -36,6 +36,7 @@ class SearchData:
     source: str = "wikitext2"
     note: str = ""
     sequences: str = ""                  # the BOS protocol, as data.Sequences.describe() says it
+    search_source: str = ""              # where the search chunks come from, when not `source`
 
 
 @dataclass
@@ -147,7 +148,9 @@ class Search:
             else:
                 alive.append(ind)
         for s, k in enumerate(self.stages):
-            ppl = self._measure(alive, k, f"{desc} stage {s + 1}/{len(self.stages)} ({k} chunks)")
+            recon = self.config.reconstructs(s)
+            what = f"{k} chunks" + (f", {self.config.update}" if recon else "")
+            ppl = self._measure(alive, k, f"{desc} stage {s + 1}/{len(self.stages)} ({what})", recon=recon)
             ok = []
             for ind in alive:
                 p = ppl[self.key(ind)]
@@ -159,8 +162,9 @@ class Search:
             keep = max(1, math.ceil(len(ok) * self.config.promote)) if s + 1 < len(self.stages) else 0
             alive = sorted(ok, key=lambda i: i.fitness.values[1])[:keep]
 
-    def _measure(self, inds, k: int, desc: str, tag=None) -> dict:
-        """Perplexity on the first k search chunks of every distinct key among `inds`."""
+    def _measure(self, inds, k: int, desc: str, tag=None, recon: bool = False) -> dict:
+        """Perplexity on the first k search chunks of every distinct key among `inds`, of the
+        masks alone or (recon) of the recipe with its update."""
         out, tasks, keys = {}, [], []
         known = self.cache.known()  # fingerprints measured before this batch, shared by its tasks
         for ind in inds:
@@ -168,21 +172,26 @@ class Search:
             if key in out or key in keys:
                 self.counters.key_hits += 1
                 continue
-            m = self.cache.measured(key)
-            if self.cache.failure(key):
+            entry = self.entry(key, recon)
+            m = self.cache.measured(entry)
+            if self.cache.failure(entry):
                 out[key] = math.inf
             elif m is not None and m.done >= k:
                 self.counters.key_hits += 1
                 out[key] = m.perplexity(k)
             else:
                 keys.append(key)
-                tasks.append(Task(simplified, m.done if m else 0, k, "search", known))
+                tasks.append(Task(simplified, m.done if m else 0, k, "search", known, reconstruct=recon))
         bar = tqdm(total=len(tasks), desc=desc.strip(), disable=self.quiet or not tasks, leave=False)
         results = self.pool.map(tasks, on_result=lambda r: bar.update())
         bar.close()
         for key, task, r in zip(keys, tasks, results):
-            out[key] = self._record(key, task, r, k, self.gen if tag is None else tag)
+            out[key] = self._record(self.entry(key, recon), task, r, k, self.gen if tag is None else tag)
         return out
+
+    def entry(self, key: str, recon: bool) -> str:
+        """The cache entry of a key: the mask alone and the reconstructed recipe are measured apart."""
+        return f"{key} +{self.config.update}" if recon else key
 
     def _record(self, key, task, r, k, gen) -> float:
         if r.error:
@@ -200,6 +209,7 @@ class Search:
         ppl = m.perplexity(k) if m.done >= k else math.inf
         self.run.append("evaluations.jsonl", dict(gen=gen, metric=task.text, key=key, fingerprint=r.fingerprint,
                                                   chunks=[r.lo, r.hi], cached=r.cached, perplexity=_finite(ppl),
+                                                  update=self.config.update if task.reconstruct else "none",
                                                   seconds=round(r.seconds, 3)))
         return ppl
 
@@ -287,10 +297,10 @@ class Search:
         torch.manual_seed(self.config.seed)
 
 
-def setup_for(config: SearchConfig, data: SearchData, primitive_files: dict) -> Setup:
+def setup_for(config: SearchConfig, data: SearchData, primitive_files: dict, hessians: str | None = None) -> Setup:
     chunks = {"search": data.search, "heldout": data.heldout}
     if data.full is not None:
         chunks["full"] = data.full
     return Setup(model=config.model, primitives=primitive_files, nsamples=len(data.calibration),
                  sparsity=config.sparsity, structure=config.structure, chunks=chunks, dtype=config.dtype,
-                 device=config.device, threads=config.threads)
+                 device=config.device, threads=config.threads, update={"kind": config.update}, hessians=hessians)

@@ -6,13 +6,14 @@ from dataclasses import asdict
 
 import torch
 
-from ..calibration import cache_path, cached, compute_g, compute_h, compute_x
+from ..calibration import cache_path, cached, compute_g, compute_h, compute_hessians, compute_x, shared_inputs
 from ..data import DataError, sequences_for
 from ..metric import Metric
 from ..masks import check_widths
 from ..models import all_prunable, check_seqlen, load_model, require_prunable
 from ..space import load_space
-from ..pipeline import calibration_for, eval_data_for, primitive_settings
+from ..pipeline import WIKIPEDIA_HELDOUT, calibration_for, eval_data_for, primitive_settings
+from ..reconstruct import Update
 from .config import SearchConfig
 from .evaluator import DENSE, Evaluator, Task
 from .gp import from_text, primitive_set
@@ -25,16 +26,28 @@ COMPUTE = {"X": compute_x, "G": compute_g, "H": compute_h}
 
 def search_data(tok, c: SearchConfig) -> tuple[SearchData, str]:
     """Calibration windows, and evaluation chunks split into the search set (the last
-    stages[-1] chunks) and the held-out set (the first heldout_chunks), which never overlap."""
+    stages[-1] chunks) and the held-out set (the first heldout_chunks), which never overlap.
+    With --search-data wikipedia-heldout the search set is held-out Wikipedia (disjoint from the
+    calibration windows) and the held-out set the usual evaluation text (WikiText-2 test), so
+    the reported gain is on text of another source than the one searched on."""
     seq = sequences_for(tok, c.bos)
     samples, ids, starts = calibration_for(tok, c.calibration, c.nsamples, c.seqlen, c.seed, c.data_dir, seq)
-    ev = eval_data_for(tok, c.search_data, c.seqlen, None, c.data_dir, c.calibration, ids, starts, seq)
+    apart = c.search_data == WIKIPEDIA_HELDOUT
+    ev = eval_data_for(tok, None if apart else c.search_data, c.seqlen, None, c.data_dir, c.calibration, ids,
+                       starts, seq)
     k, h = c.stages[-1], c.heldout_chunks
-    if len(ev.chunks) < k + h:
-        raise DataError(f"{ev.source} has {len(ev.chunks)} chunks of {c.seqlen} tokens: too few for "
+    pool = ev
+    if apart:
+        pool = eval_data_for(tok, WIKIPEDIA_HELDOUT, c.seqlen, None, c.data_dir, c.calibration, ids, starts, seq)
+    # the two sets are drawn from one pool (the first h and the last k chunks) unless apart
+    need = k + h if pool.source == ev.source else k
+    if len(pool.chunks) < need or len(ev.chunks) < h:
+        raise DataError(f"{pool.source} has {len(pool.chunks)} chunks of {c.seqlen} tokens: too few for "
                         f"{k} search + {h} held-out chunks; lower --stages or --heldout-chunks")
     full = ev.chunks if c.heldout_full else None
-    return SearchData(samples, ev.chunks[-k:], ev.chunks[:h], full, ev.source, ev.note, seq.describe()), ev.note
+    data = SearchData(samples, pool.chunks[-k:], ev.chunks[:h], full, ev.source, ev.note, seq.describe(),
+                      search_source=pool.source)
+    return data, ev.note
 
 
 def terminals_needed(c: SearchConfig, pset_terminals) -> set[str]:
@@ -54,13 +67,24 @@ def primitive_files(model, c: SearchConfig, samples: torch.Tensor, needed, log=p
     return files
 
 
+def hessian_file(model, c: SearchConfig, samples: torch.Tensor, log=print) -> str | None:
+    """The dense layer-input Hessians that a recipe's update needs, from the shared cache."""
+    if c.update == "none":
+        return None
+    key = primitive_settings(c.model, c.calibration, samples, c.seed, c.dtype)
+    owners = sorted(set(shared_inputs(model, samples).values()))
+    cached("XtX", key, lambda: compute_hessians(model, samples), names=owners, log=log)
+    return str(cache_path("XtX", key))
+
+
 def search_evaluator(c: SearchConfig, needed: set[str] | None = None) -> tuple[Evaluator, SearchData]:
     """One in-process evaluator of `c`'s search (model, primitives, chunks), for scoring metrics
     outside a search; `needed` primitives default to those of the search terminals."""
     model, tok = load_model(c.model, c.dtype, c.device)
     data, _ = search_data(tok, c)
     needed = terminals_needed(c, c.terminals or load_space().search["terminals"]) if needed is None else needed
-    return Evaluator(setup_for(c, data, primitive_files(model, c, data.calibration, needed)), model=model), data
+    files = primitive_files(model, c, data.calibration, needed)
+    return Evaluator(setup_for(c, data, files, hessian_file(model, c, data.calibration)), model=model), data
 
 
 def run_evolve(config: SearchConfig | None = None, output=None, resume=None, data: SearchData | None = None,
@@ -94,12 +118,14 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
     try:
         needed = terminals_needed(config, config.terminals or load_space().search["terminals"])
         files = primitive_files(model, config, data.calibration, needed, log)
+        hessians = hessian_file(model, config, data.calibration, log)
         if not resume:
             run.create(dict(config.to_dict(), data=dict(source=data.source, note=data.note or note,
+                                                         search_source=data.search_source,
                                                          sequences=data.sequences,
                                                          search_chunks=len(data.search),
                                                          heldout_chunks=len(data.heldout))))
-        pool = make_pool(setup_for(config, data, files), config.workers, config.ray, config.ray_address,
+        pool = make_pool(setup_for(config, data, files, hessians), config.workers, config.ray, config.ray_address,
                          config.gpus_per_worker, model=model)
         search = Search(config, run, pool, log, quiet)
         if not (resume and run.resume(search, log, state)):
@@ -129,7 +155,8 @@ def _check_metrics(c: SearchConfig):
 
 def reference_fitness(search: Search, c: SearchConfig) -> dict:
     """Search fitness (all search chunks) of the baselines, for the log and the plot."""
-    ppl = search._measure(list(c.baselines), search.stages[-1], "baselines", tag="baselines")
+    ppl = search._measure(list(c.baselines), search.stages[-1], "baselines", tag="baselines",
+                          recon=c.reconstructs(-1))
     out = {}
     for name in c.baselines:
         key = search.cache.describe(name)[1]
@@ -149,7 +176,7 @@ def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir, log) 
     measured = {}
     for name in sets:
         n = len(data.heldout if name == "heldout" else data.full)
-        results = search.pool.map([Task(r[0], 0, n, name) for r in rows])
+        results = search.pool.map([Task(r[0], 0, n, name, reconstruct=c.reconstructs(-1)) for r in rows])
         measured[name] = [r.perplexity for r in results]
 
     def row(i, r):
@@ -163,17 +190,40 @@ def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir, log) 
                hall_of_fame=[row(1 + len(baselines) + i, e) for i, e in enumerate(entries)],
                heldout=dict(source=data.source, chunks=len(data.heldout), seqlen=data.heldout.shape[1],
                             note=data.note, sequences=data.sequences),
+               search=dict(source=data.search_source or data.source, chunks=len(data.search)),
+               update=Update(c.update).describe(),
                counters=asdict(search.counters), generations=search.gen, settings=c.to_dict())
+    out["carry_over"] = carry_over(out)
     run.write_json("hall_of_fame.json", out)
     _print_summary(out, log)
     return out
 
 
+def carry_over(out, reference: str = "wanda") -> dict | None:
+    """How much of the best candidate's gain over `reference` on the search chunks survives on
+    the held-out chunks: gains are 1 - perplexity / reference's, the ratio held-out / search."""
+    ref = out["baselines"].get(reference)
+    if not ref or not out["hall_of_fame"]:
+        return None
+    best = out["hall_of_fame"][0]
+    vals = (best["search_perplexity"], ref["search_perplexity"], best["heldout_perplexity"], ref["heldout_perplexity"])
+    if any(v is None for v in vals):
+        return None
+    search_gain, heldout_gain = 1 - vals[0] / vals[1], 1 - vals[2] / vals[3]
+    return dict(reference=reference, search_gain=search_gain, heldout_gain=heldout_gain,
+                ratio=heldout_gain / search_gain if search_gain > 0 else None)
+
+
 def _print_summary(out, log):
     h = out["heldout"]
-    log(f"held-out perplexity ({h['source']}, {h['chunks']} x {h['seqlen']}):")
+    recipe = "" if out["update"]["kind"] == "none" else f", each with the {out['update']['kind']} update"
+    log(f"held-out perplexity ({h['source']}, {h['chunks']} x {h['seqlen']}{recipe}):")
     log(f"  {'dense':40} {out['dense']['heldout_perplexity'] or math.inf:10.3f}")
     for name, b in out["baselines"].items():
         log(f"  {name:40} {b['heldout_perplexity'] or math.inf:10.3f}")
     for i, e in enumerate(out["hall_of_fame"]):
         log(f"  #{i + 1} {e['simplified'][:37]:37} {e['heldout_perplexity'] or math.inf:10.3f}")
+    c = out.get("carry_over")
+    if c and c["ratio"] is not None:
+        log(f"carry-over: {c['search_gain']:+.2%} over {c['reference']} on the search chunks, "
+            f"{c['heldout_gain']:+.2%} held out (ratio {c['ratio']:.2f})")

@@ -1,0 +1,141 @@
+"""`prunerzero evolve --update ...`: a search over recipes (metric mask + reconstruction) on a
+tiny random Llama: the proxy stages, the fitness of the reconstructed model (the same weights
+that `apply` gives), separate caches for the mask alone and the recipe, kill and resume."""
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from prunerzero import apply_metric
+from prunerzero.cli import main
+from prunerzero.layers import matrix
+from prunerzero.models import all_prunable
+from prunerzero.search import run as run_mod
+from prunerzero.search.cache import Measured
+from prunerzero.search.config import SearchConfig
+from prunerzero.search.evaluator import Evaluator, Task
+from prunerzero.search.run import run_evolve
+
+from helpers import kill_and_resume, search_script
+from tiny import search_data, tiny_llama
+
+
+pytestmark = pytest.mark.usefixtures("own_cache")
+
+
+def data():
+    return search_data()
+
+
+def config(tiny_dir, **kw):
+    base = dict(model=str(tiny_dir), population=8, generations=2, elite=1, stages=(1, 2, 4), promote=0.5,
+                heldout_chunks=4, hof_size=3, threads=1, update="admm")
+    return SearchConfig(**{**base, **kw})
+
+
+def evaluations(run):
+    return [json.loads(line) for line in (Path(run) / "evaluations.jsonl").read_text().splitlines()]
+
+
+def test_a_recipe_search_ranks_by_the_mask_first_and_by_the_reconstructed_model_after(tiny_dir, tmp_path):
+    out = run_evolve(config(tiny_dir), tmp_path / "run", data=data(), log=lambda *a: None, quiet=True)
+    rows = [e for e in evaluations(tmp_path / "run") if e["gen"] != "baselines" and not e["cached"]]
+    first = [e for e in rows if e["chunks"] == [0, 1]]
+    later = [e for e in rows if e["chunks"][1] > 1]
+    assert first and all(e["update"] == "none" for e in first)          # stage 1: the proxy
+    assert later and all(e["update"] == "admm" for e in later)          # stages 2, 3: the recipe
+    baselines = [e for e in evaluations(tmp_path / "run") if e["gen"] == "baselines"]
+    assert baselines and all(e["update"] == "admm" for e in baselines)
+    assert out["update"]["kind"] == "admm" and out["update"]["iters"] == 20
+    assert out["hall_of_fame"] and all(e["heldout_perplexity"] > 1 for e in out["hall_of_fame"])
+    c = out["carry_over"]
+    wanda, best = out["baselines"]["wanda"], out["hall_of_fame"][0]
+    assert c["search_gain"] == pytest.approx(1 - best["search_perplexity"] / wanda["search_perplexity"])
+    assert c["heldout_gain"] == pytest.approx(1 - best["heldout_perplexity"] / wanda["heldout_perplexity"])
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["update"] == "admm" and saved["proxy_stages"] == 1
+
+
+def test_proxy_stages_zero_measures_every_stage_with_the_update(tiny_dir, tmp_path):
+    run_evolve(config(tiny_dir, generations=1, proxy_stages=0), tmp_path / "run", data=data(), log=lambda *a: None,
+               quiet=True)
+    assert {e["update"] for e in evaluations(tmp_path / "run")} == {"admm"}
+
+
+def test_the_search_scores_the_weights_that_apply_gives(tiny_dir):
+    """A candidate's fitness is that of the model `apply --one-shot --update` would save."""
+    cfg = config(tiny_dir, update="obs")
+    model = tiny_llama()
+    files = run_mod.primitive_files(model, cfg, data().calibration, {"X"})
+    hessians = run_mod.hessian_file(model, cfg, data().calibration, log=lambda *a: None)
+    ev = Evaluator(run_mod.setup_for(cfg, data(), files, hessians), model=tiny_llama())
+    searched = ev.reconstructed("abs(W)*X")
+    applied = tiny_llama()
+    apply_metric(applied, "wanda", 0.5, calibration=data().calibration, sequential=False, update="obs",
+                 progress=False)
+    for name, lin in all_prunable(applied).items():
+        assert torch.equal(searched[name] == 0, matrix(lin) == 0), name
+        torch.testing.assert_close(searched[name], matrix(lin), rtol=1e-4, atol=1e-5)
+    # and the model the evaluator measures is that one, with the dense weights put back after
+    dense = {n: w.clone() for n, w in ev.dense.items()}
+    r = ev(Task("abs(W)*X", 0, 2, reconstruct=True))
+    masked = ev(Task("abs(W)*X", 0, 2))
+    assert r.error is None and r.fingerprint != masked.fingerprint and r.nll != masked.nll
+    assert all(torch.equal(matrix(lin), dense[n]) for n, lin in ev.layers.items())
+
+
+def test_a_mask_measured_further_in_one_go_still_answers_a_shorter_stage():
+    m = Measured()
+    m.add(0, 4, 8.0, 40)
+    assert m.perplexity(2) == pytest.approx(math.exp(0.2))   # the 4-chunk figure, not "failed"
+    m2 = Measured([(0, 1, 3.0, 10), (1, 4, 6.0, 30)])
+    assert m2.perplexity(1) == pytest.approx(math.exp(0.3)) and m2.perplexity(4) == pytest.approx(math.exp(9 / 40))
+    assert Measured([(0, 1, 3.0, 10)]).perplexity(2) == math.inf
+
+
+def test_a_killed_recipe_search_resumes_to_the_same_hall_of_fame(tiny_dir, tmp_path):
+    script = tmp_path / "search.py"
+    script.write_text(search_script(tiny_dir, 5, update="admm"))
+    kill_and_resume(script, tmp_path, "hall_of_fame.json", signal.SIGKILL)
+    whole, cut = (json.loads((tmp_path / r / "hall_of_fame.json").read_text()) for r in ("whole", "cut"))
+    assert [e["canonical"] for e in cut["hall_of_fame"]] == [e["canonical"] for e in whole["hall_of_fame"]]
+    assert [e["heldout_perplexity"] for e in cut["hall_of_fame"]] == [e["heldout_perplexity"] for e in whole["hall_of_fame"]]
+    assert cut["update"]["kind"] == "admm"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--update", "sgd"], "--update"),
+    (["--update", "admm", "--proxy-stages", "3"], "--proxy-stages"),
+    (["--update", "admm", "--proxy-stages", "-1"], "--proxy-stages"),
+])
+def test_cli_refuses_bad_recipe_settings(tmp_path, args, message):
+    r = CliRunner().invoke(main, ["evolve", "--output", str(tmp_path / "run"), *args])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_catalogued_recipe_prunes_with_its_update_unless_told_otherwise():
+    from prunerzero.apply_config import ApplyConfig
+    from prunerzero.reconstruct import UPDATES
+    from prunerzero.allocation import ALLOCATIONS
+    from prunerzero.space import load_space
+    for name, entry in load_space().catalog.items():
+        assert entry.update in UPDATES and entry.allocation in ALLOCATIONS, name
+    samples = data().calibration
+    named, spelled, plain = tiny_llama(), tiny_llama(), tiny_llama()
+    report = apply_metric(named, "wanda-admm", 0.5, "2:4", calibration=samples, progress=False)
+    apply_metric(spelled, "wanda", 0.5, "2:4", calibration=samples, update="admm", progress=False)
+    apply_metric(plain, "wanda-admm", 0.5, "2:4", calibration=samples, update="none", progress=False)
+    assert report.update["kind"] == "admm" and report.canonical == "abs(W)*X"
+    for (name, a), b, c in zip(all_prunable(named).items(), all_prunable(spelled).values(),
+                               all_prunable(plain).values()):
+        assert torch.equal(matrix(a), matrix(b)), name
+        assert not torch.equal(matrix(a), matrix(c)), name      # the mask alone keeps the dense weights
+    assert ApplyConfig(metric="wanda-admm").update == "admm"
+    assert ApplyConfig(metric="wanda-admm", update="obs").update == "obs"
+    assert ApplyConfig(metric="wanda").update == "none" and ApplyConfig(metric="wanda").allocation == "uniform"
+    assert ApplyConfig(metric="wanda-admm", method="sparsegpt").update == "none"
