@@ -8,18 +8,21 @@ weights exact to the weight.
   The blocks' outlier ratios are scaled to [0, 2*lambda], centred, and subtracted from the
   target, so block sparsities lie within target +- lambda (M = 5, lambda = 0.08 as published);
   X comes from one pass of the dense model, block by block.
+- `search`: each layer's sparsity found by evolution with KL to the dense model as fitness
+  (EvoPress-style; allocation_search.py).
 """
 from __future__ import annotations
 
 import torch
 
+from .allocation_search import AllocationSearchConfig, search_allocation
 from .blocks import blockwise
 from .calibration import InputNorms
 from . import checks
 from .checks import SettingsError
 from .layers import matrix
 
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("uniform", "owl", "search")
 OWL_M, OWL_LAMBDA = 5.0, 0.08   # the published outlier threshold and sparsity spread
 
 
@@ -64,12 +67,21 @@ def layer_counts(layers: dict, sparsity_of: dict[str, float], sparsity: float) -
     return counts
 
 
-def allocate(kind: str, model, layers: dict, samples, sparsity: float, structure: str,
-             progress: bool = True) -> tuple[dict[str, int] | None, dict]:
-    """(weights to prune per layer, or None for uniform; what to write in the report)."""
+def allocate(kind, model, layers: dict, samples, sparsity: float, structure: str,
+             progress: bool = True, metric=None, log=print) -> tuple[dict[str, int] | None, dict]:
+    """(weights to prune per layer, or None for uniform; what to write in the report). kind:
+    "uniform", "owl", "search", or an AllocationSearchConfig (a search with those settings),
+    which ranks candidate masks by `metric`."""
+    settings = kind if isinstance(kind, AllocationSearchConfig) else None
+    kind = "search" if settings else kind
     check_allocation(kind, structure)
     if kind == "uniform":
         return None, {"kind": "uniform"}
+    if kind == "search":
+        settings = settings or AllocationSearchConfig()
+        per_layer, report = search_allocation(model, layers, metric, samples, sparsity, settings, settings.run, log,
+                                              progress)
+        return layer_counts(layers, per_layer, sparsity), report
     blocks = owl_block_sparsities(model, samples, sparsity, progress=progress)
     per_layer = {name: blocks[int(name.split(".")[1])] for name in layers}
     return layer_counts(layers, per_layer, sparsity), {"kind": "owl", "M": OWL_M, "lambda": OWL_LAMBDA,

@@ -48,7 +48,8 @@ class ApplyConfig(EvalConfig):
     group: str | None = None          # unstructured comparison group; None: the metric's own
     update: str | None = None         # reconstruction of the kept weights: none, obs, obs-adaptive, admm;
                                       # None: the catalogued recipe's (none for other metrics)
-    allocation: str | None = None     # per-layer sparsity: uniform or owl (unstructured only); None: likewise
+    allocation: str | None = None     # per-layer sparsity: uniform, owl or search (unstructured only); None: likewise
+    allocation_generations: int = 20  # generations of --allocation search (resumed and extended from the cache)
     nsamples: int = 32
     calibration: str = "wikipedia"
     seed: int = 0
@@ -68,6 +69,7 @@ class ApplyConfig(EvalConfig):
             raise checks.SettingsError("--allocation applies to --method metric")
         if self.method == "sparsegpt" and self.update != "none":
             raise checks.SettingsError("--update reconstructs after a metric's mask; --method sparsegpt has its own")
+        checks.integer("allocation_generations", self.allocation_generations)
         checks.integer("nsamples", self.nsamples)
         checks.integer("seed", self.seed, minimum=0)
         checks.text_source("calibration", self.calibration)

@@ -111,17 +111,20 @@ def _common(f):
 @click.option("--update", type=click.Choice(["none", "obs", "obs-adaptive", "admm"]), default=None,
               help="Reconstruct the kept weights after each layer's mask (see README); default: the catalogued "
                    "recipe's (wanda-admm: admm), else none.")
-@click.option("--allocation", type=click.Choice(["uniform", "owl"]), default=None,
+@click.option("--allocation", type=click.Choice(["uniform", "owl", "search"]), default=None,
               help="Per-layer sparsity (unstructured): owl gives blocks with more outliers fewer pruned weights; "
-                   "default: the catalogued recipe's, else uniform.")
+                   "search evolves each layer's sparsity (KL to the dense model); default: the catalogued "
+                   "recipe's, else uniform.")
+@click.option("--allocation-generations", default=20, show_default=True,
+              help="Generations of --allocation search (a rerun with more continues the cached search).")
 def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, bos, metric, sparsity, structure, output,
-          nsamples, calibration, seed, one_shot, method, group, update, allocation):
+          nsamples, calibration, seed, one_shot, method, group, update, allocation, allocation_generations):
     """Prune a model with a metric (or SparseGPT), report perplexity, and save it."""
     from .apply_config import ApplyConfig
     from .pipeline import run_apply
     _on_interrupt("nothing was saved (a half-written output is removed); run the command again")
     cfg = ApplyConfig(model=model, metric=metric, method=method, sparsity=sparsity, structure=structure, group=group,
-                      update=update, allocation=allocation,
+                      update=update, allocation=allocation, allocation_generations=allocation_generations,
                       nsamples=nsamples, seqlen=seqlen, calibration=calibration, eval_data=eval_data,
                       eval_chunks=eval_chunks, seed=seed, sequential=not one_shot, dtype=dtype, device=device,
                       data_dir=data_dir, bos=bos)

@@ -13,11 +13,12 @@ import torch
 
 from . import checks, data
 from .apply_config import ApplyConfig, EvalConfig
-from .calibration import cached, compute_g, compute_h, compute_x
+from .allocation_search import AllocationSearchConfig
+from .calibration import cache_key, cached, compute_g, compute_h, compute_x
 from .evaluate import perplexity
 from .masks import check_widths
 from .metric import Metric
-from .models import all_prunable, check_seqlen, load_model, require_prunable
+from .models import all_prunable, cache_dir, check_seqlen, load_model, require_prunable
 from .prune import PruneError, apply_metric, apply_sparsegpt
 
 
@@ -150,11 +151,26 @@ def _prune(model, m: Metric | None, cfg: ApplyConfig, samples, log):
     key = primitive_settings(cfg.model, cfg.calibration, samples, cfg.seed, cfg.dtype)
     grads, x_norms, curvature = dense_primitives(model, m, samples, key, cfg.sequential, log)
     t_prims = time.perf_counter() - t1
+    allocation = cfg.allocation
+    if allocation == "search":
+        allocation = allocation_search_for(cfg, m, key)
+        log(f"allocation search: {allocation.generations} generations, run folder {allocation.run}")
     report = apply_metric(model, m, cfg.sparsity, cfg.structure, calibration=samples, sequential=cfg.sequential,
                           grads=grads, x_norms=x_norms, curvature=curvature, group=cfg.group, update=cfg.update,
-                          allocation=cfg.allocation)
+                          allocation=allocation, log=log)
     report.timings["dense_primitives_s"] = t_prims
     return report
+
+
+def allocation_search_for(cfg: ApplyConfig, m: Metric, primitives_key: dict) -> AllocationSearchConfig:
+    """The allocation search of an `apply`, its run folder in the cache keyed by everything it
+    depends on, so an interrupted search continues and a finished one is reused."""
+    search = AllocationSearchConfig(generations=cfg.allocation_generations, seed=cfg.seed)
+    key = cache_key(kind="allocation", metric=m.canonical(), group=m.group, sparsity=cfg.sparsity,
+                    search={k: v for k, v in search.to_dict().items() if k not in ("generations", "time_limit")},
+                    **primitives_key)
+    search.run = str(cache_dir() / "allocations" / key)
+    return search
 
 
 def _check_sparsity(report):

@@ -39,7 +39,7 @@ def db(model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def space(db):
-    return LevelSpace(db)
+    return LevelSpace.of_database(db)
 
 
 @pytest.fixture(autouse=True)

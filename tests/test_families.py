@@ -189,7 +189,7 @@ def test_darwin_shrinks_each_family_it_accepts_to_the_masked_models_function(fam
     model = tiny(family)
     check_supported(model)
     db = build_database(model, token_samples(8, 32), tmp_path / "db", {"family": family}, progress=False)
-    space = LevelSpace(db)
+    space = LevelSpace.of_database(db)
     rng = random.Random(0)
     genomes = [space.mutate(space.uniform(0.6), rng, switches=3) for _ in range(3)]
     genomes.append(tuple([1, 4, 0, 2] + [2, 0, 10, 5]))  # single heads, no attention, no MLP

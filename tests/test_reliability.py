@@ -62,6 +62,8 @@ CASES = [
     ("apply {base} --seed -1", "--seed must be at least 0"),
     ("apply {base} --method sparsegpt --update admm", "--method sparsegpt has its own"),
     ("apply {base} --structure 2:4 --allocation owl", "N:M keeps one pattern in every layer"),
+    ("apply {base} --structure 2:4 --allocation search", "N:M keeps one pattern in every layer"),
+    ("apply {base} --allocation search --allocation-generations 0", "--allocation-generations"),
     ("apply {base} --device cuda", "CUDA is not available"),
     ("apply {base} --device cuda:7", "CUDA is not available"),
     ("apply {base} --device foo", "--device must be auto, cpu, cuda"),

@@ -3,7 +3,7 @@
 A run folder may come from another machine, so resuming one must not execute anything it
 holds. A checkpoint is `checkpoint.json`:
 
-    {"format": "prunerzero-checkpoint", "version": 1, "kind": "evolve" | "darwin",
+    {"format": "prunerzero-checkpoint", "version": 1, "kind": "evolve" | "darwin" | "allocation",
      "sha256": <hex digest of the canonical JSON of "state">, "state": {...}}
 
 The evolve state holds metric texts (re-parsed by prunerzero's own parser, never eval'd),

@@ -19,11 +19,17 @@ class DenseReference:
         self.hidden: dict[int, torch.Tensor] = {}
 
     @torch.inference_mode()
-    def logprobs(self, index: int) -> torch.Tensor:
+    def hidden_states(self, index: int) -> torch.Tensor:
+        """The dense final hidden states of window `index`, computed once (call this for every
+        window before changing the model's decoder weights in place)."""
         if index not in self.hidden:
             ids = self.windows[index:index + 1].to(_device(self.model))
             self.hidden[index] = self.model.base_model(input_ids=ids).last_hidden_state
-        return F.log_softmax(self.model.get_output_embeddings()(self.hidden[index]).float(), -1)
+        return self.hidden[index]
+
+    @torch.inference_mode()
+    def logprobs(self, index: int) -> torch.Tensor:
+        return F.log_softmax(self.model.get_output_embeddings()(self.hidden_states(index)).float(), -1)
 
 
 def _device(model):

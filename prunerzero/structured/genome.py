@@ -23,14 +23,24 @@ Genome = tuple[int, ...]
 
 
 class LevelSpace:
-    def __init__(self, db: Database):
-        self.n_layers = db.n_layers
-        self.modules = db.levels["attn"] + db.levels["mlp"]
-        self.kinds = ["attn"] * self.n_layers + ["mlp"] * self.n_layers
-        self.cost = [[lv.params for lv in mod] for mod in self.modules]
-        self.error = [[lv.error for lv in mod] for mod in self.modules]
-        self.ladder = db.ladder
-        self.db = db
+    """Modules with levels, each level a parameter count (`cost`) and an error estimate. DarwinLM's
+    modules are attention and MLP of every block (`of_database`); an allocation search's are the
+    prunable layers at sparsity levels (allocation_search.py)."""
+
+    def __init__(self, cost: list[list[int]], error: list[list[float]] | None = None, ladder=(), db: Database | None = None):
+        self.cost = cost
+        self.error = error if error is not None else [[0.0] * len(c) for c in cost]
+        self.ladder, self.db = tuple(ladder), db
+        self.modules = None
+
+    @classmethod
+    def of_database(cls, db: Database) -> "LevelSpace":
+        modules = db.levels["attn"] + db.levels["mlp"]
+        space = cls([[lv.params for lv in mod] for mod in modules], [[lv.error for lv in mod] for mod in modules],
+                    db.ladder, db)
+        space.modules, space.n_layers = modules, db.n_layers
+        space.kinds = ["attn"] * db.n_layers + ["mlp"] * db.n_layers
+        return space
 
     @property
     def dense(self) -> Genome:

@@ -85,7 +85,7 @@ def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, dat
     db = build_database(model, data.calibration, path, settings, c.ladder, c.multiple, c.percdamp,
                         progress=not quiet)
     t_db = time.perf_counter() - t0
-    space = LevelSpace(db)
+    space = LevelSpace.of_database(db)
     start = space.uniform(c.target)
     half = len(data.fitness) // 2
     fit = FitnessData(DenseReference(model, data.fitness[:half]), data.fitness[half:])

@@ -36,10 +36,15 @@ def select(scores: dict, keep: int, parent) -> list:
 
 
 class DarwinSearch:
+    """config: the search settings (DarwinConfig, or any object with its generations, offspring,
+    max_switches, reach, stages, seqlen, lr, seed and time_limit); build(genome) -> the model to
+    score (default: DarwinLM's structured model from the level database)."""
+
     def __init__(self, config: DarwinConfig, model, space: LevelSpace, data: FitnessData, run: RunDir,
-                 log=print, quiet=False):
+                 log=print, quiet=False, build=None):
         self.c, self.model, self.space, self.data, self.run = config, model, space, data, run
         self.log, self.quiet = log, quiet
+        self.build = build or (lambda genome: materialize(self.model, self.space.db, genome))
         self.gen, self.parent, self.elapsed = 0, None, 0.0
         self.evaluations = 0
 
@@ -70,7 +75,7 @@ class DarwinSearch:
 
     def score(self, genome: Genome, train_idx, eval_idx, seed: int) -> float:
         torch.manual_seed(seed)
-        model = materialize(self.model, self.space.db, genome)
+        model = self.build(genome)
         light_train(model, self.data.train[train_idx], self.c.lr)
         self.evaluations += 1
         kl = kl_divergence(model, self.data.reference, eval_idx)
