@@ -9,7 +9,9 @@ Parts (each result is saved as soon as it is measured; a rerun skips what is don
           --chunks chunks;
   sweeps  wanda and pruner-zero at sparsity 0.1 ... 0.7, and with 4 ... 64 calibration
           samples at 50% (Pruner-Zero's Figure 3);
-  allocation  wanda and wanda+admm with uniform and OWL per-layer sparsity at 60% and 70%;
+  allocation  wanda and wanda+admm with uniform, OWL and searched per-layer sparsity at 60% and 70%
+          (the search: --allocation-generations generations, 8 offspring, KL on 2 then 8 calibration
+          windows; its run folders in experiments/runs/bench_pruning, reused by a rerun);
   full    the 50% unstructured row of the table on the whole WikiText-2 test split;
   times   prune every table row again, without evaluating, and keep that prune time: run this
           part alone on a quiet machine (the other parts may share the CPU with other work).
@@ -30,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from common import common_options
+from common import HERE, common_options
 from prunerzero import apply_metric, apply_sparsegpt, perplexity
+from prunerzero.allocation_search import AllocationSearchConfig
 from prunerzero.calibration import cache_path, cached, compute_g
 from prunerzero.metric import Metric
 from prunerzero.models import load_model
@@ -42,7 +45,11 @@ METHODS = ["magnitude", "wanda", "wanda (one-shot)", "ria", "gblm", "pruner-zero
 PATTERNS = [("unstructured", 0.5), ("2:4", 0.5), ("4:8", 0.5)]
 SWEEP_SPARSITY = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 # per-layer allocation at high sparsity: metric[+update][@allocation]
-ALLOCATION_METHODS = ["wanda", "wanda@owl", "wanda+admm", "wanda+admm@owl"]
+ALLOCATION_METHODS = ["wanda", "wanda@owl", "wanda@search", "wanda+admm", "wanda+admm@owl", "wanda+admm@search"]
+# --allocation search in this benchmark: (train tokens, eval tokens, survivors) per stage, and the
+# run folders (one per metric and sparsity: a recipe with an update reuses its metric's search)
+ALLOCATION_STAGES = ((0, 1024, 2), (0, 4096, 1))
+RUNS = HERE / "runs" / "bench_pruning"
 ALLOCATION_SPARSITY = [0.6, 0.7]
 SWEEP_NSAMPLES = [4, 8, 16, 32, 64]
 # WT2-512x64 perplexity of the published code (locuslab/wanda, pprp/Pruner-Zero) on the default
@@ -162,10 +169,16 @@ class Bench:
             if "G" in Metric.parse(metric).terminals:  # G is computed once per calibration set
                 grads, extra["gradients_s"] = self.gradients(nsamples)
                 self.restore()
+            if allocation == "search":
+                allocation = AllocationSearchConfig(generations=self.args.allocation_generations, seed=self.args.seed,
+                                                    stages=ALLOCATION_STAGES,
+                                                    run=str(RUNS / f"allocation-{metric}-{sparsity}-{nsamples}"))
             t0 = time.perf_counter()
             report = apply_metric(self.model, metric, sparsity, structure, calibration=samples,
                                   sequential=sequential, grads=grads, update=update or "none",
                                   allocation=allocation or "uniform")
+            if report.allocation["kind"] != "uniform":
+                extra["allocation"] = {k: v for k, v in report.allocation.items() if k != "layer_sparsity"}
         return dict(prune_s=time.perf_counter() - t0, sparsity=report.sparsity, canonical=report.canonical,
                     sequential=report.sequential, **extra)
 
@@ -222,11 +235,12 @@ def report(data, out):
 def _allocation_table(rows, s):
     got = {(r["method"], r["sparsity_target"]): r for r in rows
            if r["eval_chunks"] == s.get("chunks") and r["nsamples"] == s.get("nsamples")}
-    if not any((m, sp) in got for m in ALLOCATION_METHODS[1::2] for sp in ALLOCATION_SPARSITY):
+    if not any((m, sp) in got for m in ALLOCATION_METHODS if "@" in m for sp in ALLOCATION_SPARSITY):
         return []
     lines = ["", f"Per-layer allocation (unstructured, first {s.get('chunks')} chunks; uniform: every layer at the "
              "target, int(in * sparsity) per row; owl: outlier-weighted, M 5, lambda 0.08, total exactly "
-             "int(weights * sparsity)):", "",
+             "int(weights * sparsity); search: each layer's level evolved, KL to the dense model, same total; "
+             "prune time includes the search):", "",
              "| method | " + " | ".join(f"{sp:.0%}" for sp in ALLOCATION_SPARSITY) + " |",
              "|---|" + "---:|" * len(ALLOCATION_SPARSITY)]
     for m in ALLOCATION_METHODS:
@@ -289,6 +303,7 @@ def main():
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=64)
+    ap.add_argument("--allocation-generations", type=int, default=12)
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma-separated subset of the methods for the table, times and full parts")
     common_options(ap, "bench_pruning", runs=False)

@@ -139,3 +139,25 @@ def test_a_catalogued_recipe_prunes_with_its_update_unless_told_otherwise():
     assert ApplyConfig(metric="wanda-admm", update="obs").update == "obs"
     assert ApplyConfig(metric="wanda").update == "none" and ApplyConfig(metric="wanda").allocation == "uniform"
     assert ApplyConfig(metric="wanda-admm", method="sparsegpt").update == "none"
+
+
+def test_search_data_wikipedia_heldout_searches_on_other_text_than_it_reports(monkeypatch):
+    """Search chunks from Wikipedia outside every calibration window; held-out chunks from the
+    evaluation text (a stand-in for WikiText-2 here), so gains are checked across sources."""
+    from prunerzero import data as data_mod
+    from tiny import text, word_tokenizer
+    wiki, report = text(4000, seed=1), text(2000, seed=2)
+    monkeypatch.setattr(data_mod, "wikipedia_text", lambda: wiki)
+    monkeypatch.setattr(data_mod, "wikitext2_rows", lambda split, d=None: [report])
+    tok = word_tokenizer(False)
+    cfg = SearchConfig(search_data="wikipedia-heldout", stages=(2, 8), heldout_chunks=4, nsamples=6, seqlen=32)
+    got, note = run_mod.search_data(tok, cfg)
+    assert got.search_source == "wikipedia-heldout" and got.source == "wikitext2" and not note
+    ids = tok(wiki, return_tensors="pt").input_ids[0]
+    starts = [int(s) for s in (got.calibration[:, None, :] == ids.unfold(0, 32, 1)[None]).all(-1).nonzero()[:, 1]]
+    assert len(starts) == 6
+    for chunk in got.search:
+        lo = int((ids.unfold(0, 32, 1) == chunk).all(-1).nonzero()[0])
+        assert all(lo + 32 <= s or s + 32 <= lo for s in starts)          # disjoint from calibration
+    report_ids = tok(report, return_tensors="pt").input_ids[0]
+    assert torch.equal(got.heldout, report_ids[:4 * 32].reshape(4, 32))   # the first chunks of the report text
