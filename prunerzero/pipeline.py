@@ -100,10 +100,19 @@ def primitive_settings(model_name, calibration: str, samples: torch.Tensor, seed
                 samples=hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:16])
 
 
+def _settings(kind, config, settings: dict):
+    """A settings object from `config` or from keyword settings, never both (settings beside a
+    config would otherwise be silently ignored)."""
+    if config is not None and settings:
+        raise checks.SettingsError(f"give either config=({kind.__name__}) or keyword settings "
+                                   f"({', '.join(settings)}), not both")
+    return config if config is not None else kind(**settings)
+
+
 def run_apply(config: ApplyConfig | None = None, output=None, log=print, **settings) -> dict:
     """Prune a model as `config` (or ApplyConfig(**settings)) says, measure perplexity before and
     after, and save the model with report.json in `output` (when given)."""
-    cfg = config or ApplyConfig(**settings)
+    cfg = _settings(ApplyConfig, config, settings)
     m = Metric.parse(cfg.metric) if cfg.method == "metric" else None
     out = checks.output_folder("output", output)
     if out is not None:
@@ -213,7 +222,7 @@ def _save(model, tok, out: Path, result: dict):
 
 def run_eval(config: EvalConfig | None = None, log=print, **settings) -> float:
     """Perplexity of a model as `config` (or EvalConfig(**settings)) says."""
-    cfg = config or EvalConfig(**settings)
+    cfg = _settings(EvalConfig, config, settings)
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     check_seqlen(model, cfg.seqlen)
     seq = data.sequences_for(tok, cfg.bos)

@@ -199,3 +199,12 @@ def test_a_hand_edited_run_config_is_one_line_error(tmp_path, command, config):
     r = CliRunner().invoke(main, [command, "--resume", str(run)])
     assert r.exit_code == 2 and r.output.startswith("error: "), r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_settings_beside_a_config_are_refused_not_ignored():
+    from prunerzero.apply_config import ApplyConfig, EvalConfig
+    from prunerzero.checks import SettingsError
+    with pytest.raises(SettingsError, match="not both"):
+        pipeline.run_apply(ApplyConfig(), sparsity=0.6)
+    with pytest.raises(SettingsError, match="not both"):
+        pipeline.run_eval(EvalConfig(), eval_chunks=2)
