@@ -63,16 +63,20 @@ def run_block(block, inputs, call):
     return outs
 
 
-def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning blocks"):
+def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning blocks", dense: bool = False):
     """Sequential pruning: record each block's inputs statistics with `recorder`, prune it with
     `prune_block(index, linears, recorder)`, and pass the calibration activations through the
-    pruned block to the next one."""
+    pruned block to the next one. dense: pass on the block's outputs from before it was pruned
+    instead (one-shot pruning from the dense model's statistics, one block's in memory at a time)."""
     inputs, calls = block_inputs(model, calibration)
     blocks = decoder_layers(model)
     for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, leave=False)):
         linears = prunable_linears(block)
         with torch.no_grad(), recorder(linears) as rec:
-            run_block(block, inputs, calls[i])
+            outputs = run_block(block, inputs, calls[i])
         prune_block(i, linears, rec)
-        with torch.no_grad():
-            inputs = run_block(block, inputs, calls[i])
+        if dense:
+            inputs = outputs
+        else:
+            with torch.no_grad():
+                inputs = run_block(block, inputs, calls[i])

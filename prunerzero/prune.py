@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import Hessians, InputNorms, compute_g, compute_h, compute_x, record_dense
+from .calibration import Hessians, InputNorms, compute_g, compute_h, compute_x
 from .allocation import allocate
 from .blocks import blockwise
 from .compile import check_scores
@@ -114,14 +114,9 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
     # nothing to recompute between blocks unless the metric reads activations or weights are updated
     sequential = sequential and (bool(uses & {"X", "H"}) or reconstructs)
     t1 = time.perf_counter()
-    if sequential:
+    if sequential or reconstructs:  # one-shot reconstruction: block by block on the dense activations
         _prune_sequential(model, fn, uses, _need(calibration, "X"), grads, sparsity, structure, group, progress,
-                          update, counts)
-    elif reconstructs:
-        hess = record_dense(model, _need(calibration, "the layer Hessians"), Hessians, desc="hessians",
-                            progress=progress)
-        _prune_block_layers("", all_prunable(model), hess, fn, uses, grads, len(calibration), sparsity, structure,
-                            group, update, counts)
+                          update, counts, dense=not sequential)
     else:
         if "X" in uses and x_norms is None:
             x_norms = compute_x(model, _need(calibration, "X"))
@@ -155,14 +150,14 @@ def layer_primitives(name, uses, stats, n):
 
 
 def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, group, progress,
-                      update: Update = NO_UPDATE, counts=None):
+                      update: Update = NO_UPDATE, counts=None, dense: bool = False):
     # H (the terminal, or the reconstruction) needs the full input covariance; X alone only its diagonal
     needs_h = "H" in uses or update.kind != "none"
 
     def prune_block(i, linears, rec):
         _prune_block_layers(f"layers.{i}.", linears, rec, fn, uses, grads, len(calibration), sparsity, structure,
                             group, update, counts)
-    blockwise(model, calibration, Hessians if needs_h else InputNorms, prune_block, progress)
+    blockwise(model, calibration, Hessians if needs_h else InputNorms, prune_block, progress, dense=dense)
 
 
 def _prune_block_layers(prefix, linears, rec, fn, uses, grads, n, sparsity, structure, group, update, counts=None):
@@ -191,10 +186,8 @@ def apply_sparsegpt(model, sparsity: float = 0.5, structure: str = "unstructured
     samples = _need(calibration, "the layer Hessians")
     t0 = time.perf_counter()
     prune = lambda linears, rec: prune_with_sparsegpt(linears, rec, sparsity, nm, percdamp, blocksize)  # noqa: E731
-    if sequential:
-        blockwise(model, samples, Hessians, lambda i, linears, rec: prune(linears, rec), progress)
-    else:
-        prune(all_prunable(model), record_dense(model, samples, Hessians, desc="hessians", progress=progress))
+    # one-shot: the same walk on the dense activations, so only one block's Hessians are held
+    blockwise(model, samples, Hessians, lambda i, linears, rec: prune(linears, rec), progress, dense=not sequential)
     timings = {"prune_s": time.perf_counter() - t0}
     total, per = measured_sparsity(all_prunable(model))
     return PruneReport(metric="sparsegpt", canonical=f"SparseGPT (percdamp {percdamp}, blocksize {blocksize})",

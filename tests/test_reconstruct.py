@@ -132,3 +132,30 @@ def test_apply_on_the_command_line_reconstructs_and_reports_it(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["update"] == {"kind": "obs-adaptive", "percdamp": 0.01, "blocksize": 128}
     assert report["settings"]["update"] == "obs-adaptive" and report["sparsity"] == 0.5
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "admm"])
+def test_one_shot_reconstruction_walks_block_by_block_on_the_dense_activations(method):
+    """One-shot pruning with an update holds one block's Hessians at a time, yet every layer is
+    reconstructed from the dense model's inputs, as from one pass recording all of them."""
+    from prunerzero import apply_sparsegpt
+    from prunerzero.calibration import Hessians, record_dense
+    from prunerzero.layers import matrix
+    from prunerzero.models import all_prunable
+    samples = token_samples(4, 32, 0)
+    dense = tiny_llama(layers=3)
+    rec = record_dense(dense, samples, Hessians, progress=False)
+    pruned = tiny_llama(layers=3)
+    if method == "sparsegpt":
+        apply_sparsegpt(pruned, 0.5, calibration=samples, sequential=False, progress=False)
+    else:
+        apply_metric(pruned, "wanda", 0.5, calibration=samples, sequential=False, update="admm", progress=False)
+    x = rec.x_norms()
+    for name, lin in all_prunable(pruned).items():
+        W, H = matrix(all_prunable(dense)[name]), rec.H[rec.owner[name]]
+        if method == "sparsegpt":
+            want = sparsegpt_weights(W, *inverse_factor(H), 0.5)
+        else:
+            want = reconstruct(W, H, Update("admm"), lambda w, name=name: w.abs() * x[name], 0.5)
+        assert torch.equal(matrix(lin) == 0, want == 0), name
+        torch.testing.assert_close(matrix(lin), want, rtol=1e-4, atol=1e-5)
