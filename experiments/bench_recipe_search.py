@@ -37,7 +37,7 @@ from prunerzero.models import load_model
 from prunerzero.pipeline import calibration_for, eval_data_for
 from prunerzero.search.config import SearchConfig
 from prunerzero.search.rundir import RunDir
-from prunerzero.search.run import run_evolve
+from prunerzero.search.run import carry_over, run_evolve
 
 
 def config(args, structure: str) -> SearchConfig:
@@ -98,7 +98,7 @@ def summary(args, structure, hof) -> dict:
     out = dict(generations=len(log), search_s=log[-1]["elapsed_s"], candidates=log[-1]["candidates"],
                evaluations=log[-1]["evaluations"], best_metric=best["simplified"],
                curve=[(r["elapsed_s"], r["best"]) for r in log], hall_of_fame=hof["hall_of_fame"],
-               baselines=hof["baselines"], dense=hof["dense"], carry_over=hof["carry_over"],
+               baselines=hof["baselines"], dense=hof["dense"], carry_over=carry_over(hof),
                search_source=hof["search"]["source"], heldout_source=hof["heldout"]["source"],
                proxy=proxy_ranking(run, args.update))
     out["sequential"] = sequential_rows(args, structure, best["simplified"])

@@ -161,3 +161,13 @@ def test_search_data_wikipedia_heldout_searches_on_other_text_than_it_reports(mo
         assert all(lo + 32 <= s or s + 32 <= lo for s in starts)          # disjoint from calibration
     report_ids = tok(report, return_tensors="pt").input_ids[0]
     assert torch.equal(got.heldout, report_ids[:4 * 32].reshape(4, 32))   # the first chunks of the report text
+
+
+def test_carry_over_has_no_ratio_without_a_search_gain():
+    def out(best, wanda):
+        row = lambda s, h: dict(search_perplexity=s, heldout_perplexity=h)  # noqa: E731
+        return dict(baselines={"wanda": row(*wanda)}, hall_of_fame=[row(*best)])
+    assert run_mod.carry_over(out((17.515, 54.531), (17.515, 54.531)))["ratio"] is None
+    c = run_mod.carry_over(out((9.0, 19.0), (10.0, 20.0)))
+    assert c["search_gain"] == pytest.approx(0.1) and c["ratio"] == pytest.approx(0.5)
+    assert run_mod.carry_over(dict(baselines={}, hall_of_fame=[])) is None

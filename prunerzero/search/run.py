@@ -17,7 +17,7 @@ from ..reconstruct import Update
 from .config import SearchConfig
 from .evaluator import DENSE, Evaluator, Task
 from .gp import from_text, primitive_set
-from .evolve import Search, SearchData, _finite, setup_for
+from .evolve import BEAT_MARGIN, Search, SearchData, _finite, setup_for
 from .pools import make_pool
 from .rundir import RunDir
 
@@ -210,8 +210,9 @@ def carry_over(out, reference: str = "wanda") -> dict | None:
     if any(v is None for v in vals):
         return None
     search_gain, heldout_gain = 1 - vals[0] / vals[1], 1 - vals[2] / vals[3]
+    # below the margin that separates a better metric from rounding there is no gain to carry
     return dict(reference=reference, search_gain=search_gain, heldout_gain=heldout_gain,
-                ratio=heldout_gain / search_gain if search_gain > 0 else None)
+                ratio=heldout_gain / search_gain if search_gain > BEAT_MARGIN else None)
 
 
 def _print_summary(out, log):
