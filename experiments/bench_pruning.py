@@ -304,6 +304,8 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=64)
     ap.add_argument("--allocation-generations", type=int, default=12)
+    ap.add_argument("--allocation-methods", default=",".join(ALLOCATION_METHODS),
+                    help="comma-separated subset (in this order) for the allocation part")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma-separated subset of the methods for the table, times and full parts")
     common_options(ap, "bench_pruning", runs=False)
@@ -325,7 +327,7 @@ def main():
                 report(bench.data, out)
     if "allocation" in parts:
         for sp in ALLOCATION_SPARSITY:
-            for method in ALLOCATION_METHODS:
+            for method in args.allocation_methods.split(","):
                 bench.run(method, "unstructured", sp)
                 report(bench.data, out)
     if "sweeps" in parts:
