@@ -68,10 +68,12 @@ def layer_counts(layers: dict, sparsity_of: dict[str, float], sparsity: float) -
 
 
 def allocate(kind, model, layers: dict, samples, sparsity: float, structure: str,
-             progress: bool = True, metric=None, log=print) -> tuple[dict[str, int] | None, dict]:
+             progress: bool = True, metric=None, log=print, known: dict | None = None
+             ) -> tuple[dict[str, int] | None, dict]:
     """(weights to prune per layer, or None for uniform; what to write in the report). kind:
     "uniform", "owl", "search", or an AllocationSearchConfig (a search with those settings),
-    which ranks candidate masks by `metric`."""
+    which ranks candidate masks by `metric` (from the dense primitives `known`, the others
+    computed)."""
     settings = kind if isinstance(kind, AllocationSearchConfig) else None
     kind = "search" if settings else kind
     check_allocation(kind, structure)
@@ -80,7 +82,7 @@ def allocate(kind, model, layers: dict, samples, sparsity: float, structure: str
     if kind == "search":
         settings = settings or AllocationSearchConfig()
         per_layer, report = search_allocation(model, layers, metric, samples, sparsity, settings, settings.run, log,
-                                              progress)
+                                              progress, known)
         return layer_counts(layers, per_layer, sparsity), report
     blocks = owl_block_sparsities(model, samples, sparsity, progress=progress)
     per_layer = {name: blocks[int(name.split(".")[1])] for name in layers}

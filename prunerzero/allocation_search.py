@@ -28,6 +28,7 @@ import torch
 
 from . import checks
 from .calibration import compute_g, compute_h, compute_x
+from .compile import layer_primitives, scorer
 from .layers import matrix, set_matrix
 from .metric import Metric
 from .settings import Settings
@@ -80,17 +81,18 @@ class LevelMasks:
     sparsity s prunes the int(in * s) lowest-scoring weights of each row (of the whole layer
     for a metric compared per layer)."""
 
-    def __init__(self, model, layers: dict, metric: Metric, samples: torch.Tensor, progress: bool = True):
+    def __init__(self, model, layers: dict, metric: Metric, samples: torch.Tensor, known: dict | None = None):
+        """known: dense primitives already at hand (terminal -> per-layer tensors, e.g. G that
+        apply_metric computed); the others the metric reads are computed here."""
         uses = metric.terminals
-        stats = {"X": compute_x(model, samples) if "X" in uses else None,
-                 "G": compute_g(model, samples) if "G" in uses else None,
-                 "H": compute_h(model, samples) if "H" in uses else None}
+        compute = {"X": compute_x, "G": compute_g, "H": compute_h}
+        stats = {t: (known or {}).get(t) for t in compute}
+        stats = {t: compute[t](model, samples) if t in uses and v is None else v for t, v in stats.items()}
         fn, self.group = metric.compile(), metric.group
         self.order = {}
         for name, lin in layers.items():
             W = matrix(lin)
-            prims = {t: (len(samples) if t == "N" else stats[t][name]) for t in uses if t != "W"}
-            scores = fn(W, **prims).float()
+            scores = scorer(name, fn, layer_primitives(name, uses, stats, len(samples)))(W).float()
             if self.group == "layer":
                 scores = scores.reshape(1, -1)
             kind = torch.int16 if scores.shape[1] < 2 ** 15 else torch.int32
@@ -106,10 +108,10 @@ class LevelMasks:
 
 def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsity: float,
                       config: AllocationSearchConfig | None = None, run_path=None, log=print,
-                      progress: bool = True) -> tuple[dict[str, float], dict]:
+                      progress: bool = True, known: dict | None = None) -> tuple[dict[str, float], dict]:
     """(sparsity of each layer, report) found by evolution; the model is left dense. run_path:
     a folder for the run (resumed when it holds one, reused when finished); None: a
-    temporary one."""
+    temporary one. known: dense primitives already computed (see LevelMasks)."""
     from .search.rundir import RunDir
     from .structured.fitness import DenseReference
     from .structured.genome import LevelSpace
@@ -134,7 +136,7 @@ def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsi
         space = LevelSpace([[dense[n].numel() - _pruned(dense[n], s, m.group) for s in levels] for n in names],
                            ladder=levels)
         start = tuple([levels.index(sparsity)] * len(names))
-        masks = LevelMasks(model, layers, m, samples, progress)
+        masks = LevelMasks(model, layers, m, samples, known)
         reference = DenseReference(model, samples)
         for i in range(len(samples)):  # the dense side, before any candidate changes the weights
             reference.hidden_states(i)
@@ -152,9 +154,9 @@ def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsi
             state = run.load_checkpoint()
             if state is None and run.path.exists():  # stopped before its first checkpoint: nothing to keep
                 shutil.rmtree(run.path)
-            elif state is not None and _unlike(run.config(), settings):
+            elif state is not None and (differ := _unlike(run.config(), settings)):
                 raise checks.SettingsError(f"the allocation run in {run.path} was made with other settings "
-                                           f"({_unlike(run.config(), settings)}); give another folder")
+                                           f"({differ}); give another folder")
             if not run.resume(search, log, state):
                 run.create(settings)
                 search.start(start)

@@ -9,14 +9,7 @@ from .allocation import check_allocation
 from .masks import parse_structure, resolve_sparsity
 from .reconstruct import UPDATES
 from .settings import Settings
-from .space import load_space
-
-def recipe_defaults(metric: str | None, update: str | None, allocation: str | None) -> tuple[str, str]:
-    """The update and allocation to prune with: those given, else the catalogued recipe's when
-    `metric` names one, else none and uniform."""
-    entry = load_space().catalog.get(metric) if isinstance(metric, str) else None
-    return (update if update is not None else entry.update if entry else "none",
-            allocation if allocation is not None else entry.allocation if entry else "uniform")
+from .space import recipe_defaults
 
 
 @dataclass

@@ -7,6 +7,8 @@ import click
 
 from .errors import PrunerZeroError
 
+UPDATES = ("none", "obs", "obs-adaptive", "admm")  # reconstruct.UPDATES, without importing torch for --help
+
 
 class _Group(click.Group):
     """Turns prunerzero's own errors into one clear line and exit status 2."""
@@ -108,7 +110,7 @@ def _common(f):
               help="sparsegpt: second-order reconstruction instead of a metric (--metric is ignored).")
 @click.option("--group", type=click.Choice(["row", "layer"]), default=None,
               help="Unstructured comparison group (default: the metric's published one, else row).")
-@click.option("--update", type=click.Choice(["none", "obs", "obs-adaptive", "admm"]), default=None,
+@click.option("--update", type=click.Choice(UPDATES), default=None,
               help="Reconstruct the kept weights after each layer's mask (see README); default: the catalogued "
                    "recipe's (wanda-admm: admm), else none.")
 @click.option("--allocation", type=click.Choice(["uniform", "owl", "search"]), default=None,
@@ -179,7 +181,7 @@ def _tuple(text, cast=str, option=""):
 @click.option("--search-data", default=None,
               help="Search text (default WikiText-2 test); wikipedia-heldout: search on held-out Wikipedia "
                    "and report on WikiText-2.")
-@click.option("--update", type=click.Choice(["none", "obs", "obs-adaptive", "admm"]), default="none",
+@click.option("--update", type=click.Choice(UPDATES), default="none",
               show_default=True, help="Search recipes: each candidate's kept weights reconstructed (see apply).")
 @click.option("--proxy-stages", default=1, show_default=True,
               help="With --update: leading stages ranked by the mask alone, a cheap proxy.")

@@ -101,6 +101,20 @@ def check_scores(scores: torch.Tensor, where: str = "") -> None:
         raise DegenerateMetricError(f"metric gives every weight of a row the same score{at}")
 
 
+def scorer(name, fn, prims):
+    """score(W) -> the compiled metric's checked scores of weights W of layer `name`."""
+    def score(W):
+        scores = fn(W, **prims)
+        check_scores(scores, where=name)
+        return scores
+    return score
+
+
+def layer_primitives(name, uses, stats, n):
+    """The primitives a metric uses for one layer: per-layer tensors from `stats`, N a number."""
+    return {t: (n if t == "N" else stats[t][name]) for t in uses if t != "W"}
+
+
 @functools.lru_cache(maxsize=4096)
 def compile_cached(text: str) -> CompiledMetric:
     """Compile a simplified form given by its canonical printing (the cache key)."""

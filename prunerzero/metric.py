@@ -88,12 +88,6 @@ class Metric:
         return load_space().catalog[self.name].group if self.name else "row"
 
     @property
-    def recipe(self) -> tuple[str, str]:
-        """(update, allocation) that a catalogued recipe prunes with by default; else none, uniform."""
-        entry = load_space().catalog[self.name] if self.name else None
-        return (entry.update, entry.allocation) if entry else ("none", "uniform")
-
-    @property
     def terminals(self) -> frozenset[str]:
         return frozenset(s.name for s in self.simplify().expr.free_symbols)
 

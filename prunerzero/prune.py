@@ -11,13 +11,14 @@ from tqdm.auto import tqdm
 from .calibration import Hessians, InputNorms, compute_g, compute_h, compute_x
 from .allocation import allocate
 from .blocks import blockwise
-from .compile import check_scores
+from .compile import layer_primitives, scorer
 from .masks import make_mask, measured_sparsity, parse_structure
 from .metric import Metric
 from .layers import matrix
 from .errors import PrunerZeroError
 from .models import all_prunable, require_prunable, skipped_layers
 from .reconstruct import Update, factorise, reconstruct
+from .space import recipe_defaults
 from .sparsegpt import prune_with_sparsegpt
 
 NO_UPDATE = Update()
@@ -46,15 +47,6 @@ class PruneReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def scorer(name, fn, prims):
-    """score(W) -> the compiled metric's checked scores of weights W of layer `name`."""
-    def score(W):
-        scores = fn(W, **prims)
-        check_scores(scores, where=name)
-        return scores
-    return score
 
 
 def metric_mask(name, W, fn, prims, sparsity, structure, group="row", count=None) -> torch.Tensor:
@@ -96,8 +88,7 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
     nm = parse_structure(structure, sparsity)
     require_prunable(model)
     m = Metric.parse(metric) if not isinstance(metric, Metric) else metric
-    update = update if update is not None else m.recipe[0]
-    allocation = allocation if allocation is not None else m.recipe[1]
+    update, allocation = recipe_defaults(m.name, update, allocation)
     update = update if isinstance(update, Update) else Update(update)
     fn, uses = m.compile(), m.terminals
     group = group or m.group
@@ -109,7 +100,8 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
     n = len(calibration) if calibration is not None else 0
     counts, allocated = allocate(allocation, model, all_prunable(model),
                                  None if allocation == "uniform" else _need(calibration, "a per-layer allocation"),
-                                 sparsity, structure, progress, metric=m, log=log)
+                                 sparsity, structure, progress, metric=m, log=log,
+                                 known={"G": grads, "X": x_norms, "H": curvature})
     reconstructs = update.kind != "none"
     # nothing to recompute between blocks unless the metric reads activations or weights are updated
     sequential = sequential and (bool(uses & {"X", "H"}) or reconstructs)
@@ -142,11 +134,6 @@ def _need(calibration, what):
     if calibration is None:
         raise ValueError(f"this metric needs calibration samples to compute {what}")
     return calibration
-
-
-def layer_primitives(name, uses, stats, n):
-    """The primitives a metric uses for one layer: per-layer tensors from `stats`, N a number."""
-    return {t: (n if t == "N" else stats[t][name]) for t in uses if t != "W"}
 
 
 def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, group, progress,

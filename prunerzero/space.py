@@ -91,3 +91,11 @@ def load_space(folder: str | None = None) -> SearchSpace:
                                c.get("group", "row"), c.get("update", "none"), c.get("allocation", "uniform"))
                for n, c in _read(root / "catalog.toml").items()}
     return SearchSpace(terminals, operators, raw.get("search", {}), catalog)
+
+
+def recipe_defaults(metric, update, allocation) -> tuple:
+    """The update and allocation to prune with: those given (not None), else the catalogued
+    recipe's when `metric` is a catalog name, else none and uniform."""
+    entry = load_space().catalog.get(metric) if isinstance(metric, str) else None
+    return (update if update is not None else entry.update if entry else "none",
+            allocation if allocation is not None else entry.allocation if entry else "uniform")

@@ -8,6 +8,7 @@ import torch
 from prunerzero import apply_metric
 from prunerzero.allocation_search import AllocationSearchConfig, LevelMasks, ladder, search_allocation
 from prunerzero.checks import SettingsError
+from prunerzero.errors import NonFiniteScoreError
 from prunerzero.layers import matrix
 from prunerzero.masks import make_mask
 from prunerzero.metric import Metric
@@ -31,13 +32,18 @@ def zeros(model):
 def test_the_levels_are_prefixes_of_one_sort_of_the_metrics_scores():
     model = tiny_llama()
     layers = all_prunable(model)
-    masks = LevelMasks(model, layers, Metric.parse("wanda"), SAMPLES, progress=False)
+    masks = LevelMasks(model, layers, Metric.parse("wanda"), SAMPLES)
     from prunerzero.calibration import compute_x
     x = compute_x(model, SAMPLES)
     for name, lin in layers.items():
         W = matrix(lin)
         for s in (0.3, 0.55):
             assert torch.equal(masks.mask(name, W.shape, s), make_mask(W.abs() * x[name], s)), name
+    # dense primitives at hand are used, not computed again, and their scores are checked
+    bad = {name: v.clone() for name, v in x.items()}
+    bad[next(iter(bad))][0, 0] = float("nan")
+    with pytest.raises(NonFiniteScoreError):
+        LevelMasks(model, layers, Metric.parse("wanda"), SAMPLES, known={"X": bad})
     assert ladder(0.5, settings()) == [0.425, 0.45, 0.475, 0.5, 0.525, 0.55, 0.575]
     assert ladder(0.9, settings(max_sparsity=0.95)) == [0.825, 0.85, 0.875, 0.9, 0.925, 0.95]
 

@@ -125,6 +125,8 @@ def test_a_catalogued_recipe_prunes_with_its_update_unless_told_otherwise():
     from prunerzero.space import load_space
     for name, entry in load_space().catalog.items():
         assert entry.update in UPDATES and entry.allocation in ALLOCATIONS, name
+    from prunerzero.cli import UPDATES as CLI_UPDATES
+    assert CLI_UPDATES == UPDATES   # the command line's copy, kept so --help does not import torch
     samples = data().calibration
     named, spelled, plain = tiny_llama(), tiny_llama(), tiny_llama()
     report = apply_metric(named, "wanda-admm", 0.5, "2:4", calibration=samples, progress=False)

@@ -21,7 +21,8 @@ from ..evaluate import nll_sum
 from ..metric import Metric
 from ..layers import matrix, set_matrix
 from ..models import all_prunable, load_model
-from ..prune import layer_primitives, metric_mask, scorer
+from ..compile import layer_primitives, scorer
+from ..prune import metric_mask
 from ..reconstruct import Update, factorise, reconstruct
 
 
