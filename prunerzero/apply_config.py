@@ -20,7 +20,7 @@ class EvalConfig(Settings):
     eval_chunks: int | None = None    # None: the whole split
     data_dir: str | None = None
     bos: str = "auto"                 # BOS per sequence: auto (as the tokenizer does), always, never
-    dtype: str = "fp32"
+    dtype: str = "auto"
     device: str = "auto"
 
     def __post_init__(self):

@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import PrunerZeroError
 
 TEXT_SOURCES = ("wikitext2", "wikipedia")
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 class SettingsError(PrunerZeroError, ValueError):

@@ -8,6 +8,7 @@ import click
 from .errors import PrunerZeroError
 
 UPDATES = ("none", "obs", "obs-adaptive", "admm")  # reconstruct.UPDATES, without importing torch for --help
+DTYPES = ("auto", "fp32", "bf16", "fp16")  # checks.DTYPES, likewise
 
 
 class _Group(click.Group):
@@ -82,7 +83,8 @@ def _bos_option():
 def _common(f):
     opts = [
         click.option("--model", default=None, help="HF id or folder; default: bundled SmolLM2-135M."),
-        click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True),
+        click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="auto: the checkpoint's own dtype (fp16 runs as bf16 on a CPU)"),
         click.option("--device", default="auto", show_default=True, help="auto picks CUDA when present."),
         click.option("--seqlen", default=512, show_default=True),
         click.option("--eval-data", default=None, help="wikitext2 (default), wikipedia, or a text file."),
@@ -194,7 +196,8 @@ def _tuple(text, cast=str, option=""):
 @click.option("--ray", "use_ray", is_flag=True, help="Evaluate on Ray actors (pip install 'prunerzero[ray]').")
 @click.option("--ray-address", default=None, help="Address of an existing Ray cluster.")
 @click.option("--gpus-per-worker", default=0.0, show_default=True)
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="auto: the checkpoint's own dtype (fp16 runs as bf16 on a CPU)")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No live lines or progress bars; the run folder has the logs.")
 def evolve(model, output, resume, sparsity, structure, strategy, population, generations, elite, tournament, stages,
@@ -246,7 +249,8 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
 @click.option("--seed", default=0, show_default=True)
 @click.option("--time-limit", type=float, default=None, help="Seconds; stop after the generation that passes it.")
 @click.option("--threads", type=int, default=None)
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="auto: the checkpoint's own dtype (fp16 runs as bf16 on a CPU)")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No live lines or progress bars; the run folder has the logs.")
 def darwin(model, output, resume, target, generations, offspring, stages, lr, ladder, multiple, database,

@@ -32,12 +32,46 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PRUNERZERO_CACHE", Path.home() / ".cache" / "prunerzero"))
 
 
+_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def dtype_name(model) -> str:
+    """fp32, bf16 or fp16: the dtype a loaded model's weights are in."""
+    return _NAMES.get(next(model.parameters()).dtype, str(next(model.parameters()).dtype))
+
+
 def resolve_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ModelError(f"unknown dtype '{dtype}': use one of fp32, bf16, fp16")
+        raise ModelError(f"unknown dtype '{dtype}': use one of auto, fp32, bf16, fp16")
     return _DTYPES[dtype]
+
+
+def concrete_dtype(name: str | None, dtype: str = "auto", device: str | None = "auto") -> str:
+    """fp32, bf16 or fp16: `dtype` itself, or for "auto" the checkpoint's own (its config's
+    dtype; fp32 when it names none), so a bf16 checkpoint stays bf16 (a 7B model in half the
+    memory). On the CPU an fp16 checkpoint runs in bf16: the same size, with CPU kernels for
+    every op and fp32's exponent range."""
+    if dtype != "auto":
+        return _NAMES[resolve_dtype(dtype)]
+    found = _config_dtype(default_model_path() if name in (None, DEFAULT_MODEL) else name)
+    if found == "fp16" and resolve_device(device).type == "cpu":
+        return "bf16"
+    return found
+
+
+def _config_dtype(path) -> str:
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - load_model reports an unloadable model with its own message
+        return "fp32"
+    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    try:
+        return _NAMES.get(resolve_dtype(str(found).replace("torch.", "")), "fp32") if found else "fp32"
+    except ModelError:
+        return "fp32"
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -80,15 +114,17 @@ def default_model_path() -> Path:
     return out
 
 
-def load_model(name: str | None = None, dtype="fp32", device: str | None = "auto", tokenizer: bool = True):
+def load_model(name: str | None = None, dtype="auto", device: str | None = "auto", tokenizer: bool = True):
     """(model, tokenizer) from a HF id, a local folder, or None / 'smollm2-135m' for the default;
-    tokenizer=False skips the tokenizer (returned as None), e.g. in search workers."""
+    dtype: "auto" (the checkpoint's, see concrete_dtype), fp32, bf16 or fp16; tokenizer=False
+    skips the tokenizer (returned as None), e.g. in search workers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = default_model_path() if name in (None, DEFAULT_MODEL) else name
     device = resolve_device(device)
     if _looks_local(str(path)) and not Path(path).is_dir():
         raise ModelError(f"no model folder at {path} (give a Hugging Face id, a local folder with config.json, "
                          "or omit --model for the bundled SmolLM2-135M)")
+    dtype = concrete_dtype(str(path), dtype, str(device)) if dtype == "auto" else dtype
     try:
         tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
         if (Path(path) / "prunerzero_structure.json").is_file():  # a `prunerzero darwin` model
@@ -157,6 +193,32 @@ def grads_only_for(model: nn.Module, params):
     finally:
         for p, r in saved.items():
             p.requires_grad_(r)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device`: the CUDA driver's figure, or the host's MemAvailable; None when
+    unknown (another OS or device kind)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            found = [line for line in f if line.startswith("MemAvailable:")]
+        return int(found[0].split()[1]) * 1024 if found else None
+    except OSError:
+        return None
+
+
+def copy_fits(linears, margin: float = 1.5) -> bool:
+    """Whether a masked copy of these layers' weights plus their boolean masks fits, with
+    `margin`, in the free memory of the device they are on (unknown free memory: assume yes)."""
+    linears = list(linears)
+    if not linears:
+        return True
+    need = sum(m.weight.numel() * (m.weight.element_size() + 1) for m in linears)
+    free = free_memory(linears[0].weight.device)
+    return free is None or need * margin < free
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

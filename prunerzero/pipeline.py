@@ -18,7 +18,7 @@ from .calibration import cache_key, cached, compute_g, compute_h, compute_x
 from .evaluate import perplexity
 from .masks import check_widths
 from .metric import Metric
-from .models import all_prunable, cache_dir, check_seqlen, load_model, require_prunable
+from .models import all_prunable, cache_dir, check_seqlen, dtype_name, load_model, require_prunable
 from .prune import PruneError, apply_metric, apply_sparsegpt
 
 
@@ -157,7 +157,7 @@ def _prune(model, m: Metric | None, cfg: ApplyConfig, samples, log):
     if m is None:
         return apply_sparsegpt(model, cfg.sparsity, cfg.structure, calibration=samples, sequential=cfg.sequential)
     t1 = time.perf_counter()
-    key = primitive_settings(cfg.model, cfg.calibration, samples, cfg.seed, cfg.dtype)
+    key = primitive_settings(cfg.model, cfg.calibration, samples, cfg.seed, dtype_name(model))
     grads, x_norms, curvature = dense_primitives(model, m, samples, key, cfg.sequential, log)
     t_prims = time.perf_counter() - t1
     allocation = cfg.allocation

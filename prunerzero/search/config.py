@@ -55,7 +55,7 @@ class SearchConfig(Settings):
     ray: bool = False
     ray_address: str | None = None
     gpus_per_worker: float = 0.0
-    dtype: str = "fp32"
+    dtype: str = "auto"
     device: str = "auto"
     extra: dict = field(default_factory=dict)
 

@@ -7,9 +7,11 @@ one. Everything it needs travels in a picklable `Setup`, and its answers depend 
 task, so any worker gives the same result."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from ..calibration import shared_inputs
-from ..evaluate import nll_sum
+from ..evaluate import nll_blockwise, nll_sum
 from ..metric import Metric
 from ..layers import matrix, set_matrix
-from ..models import all_prunable, load_model
+from ..models import all_prunable, copy_fits, load_model, prunable_linears
 from ..compile import layer_primitives, scorer
 from ..prune import metric_mask
 from ..reconstruct import Update, factorise, reconstruct
@@ -39,13 +41,16 @@ class Setup:
     sparsity: float
     structure: str
     chunks: dict[str, torch.Tensor]
-    dtype: str = "fp32"
+    dtype: str = "auto"
     device: str = "auto"
     threads: int | None = None          # torch threads per evaluator (None: torch's default)
     batch_size: int = 4
     update: dict = field(default_factory=dict)   # Update fields of the recipe's reconstruction
     hessians: str | None = None         # safetensors of the dense X^T X per shared input (see
                                         # calibration.compute_hessians), needed by an update
+    per_block: bool | None = None       # mask-only candidates pruned in place one decoder block at a
+                                        # time (see Evaluator); None: when a whole-model copy of the
+                                        # masked weights would not fit in free memory
 
 
 @dataclass
@@ -80,10 +85,26 @@ class Result:
 
 def fingerprint(masks: dict[str, torch.Tensor]) -> str:
     """A hash of every layer's mask: equal fingerprints mean the same pruned model."""
+    return packed_fingerprint({name: packed(m) for name, m in masks.items()})
+
+
+def packed(mask: torch.Tensor) -> np.ndarray:
+    """A mask as bits, 1/8 of a byte per weight (what a per-block evaluation keeps of it)."""
+    return np.packbits(mask.cpu().numpy())
+
+
+def unpacked(bits: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """The boolean mask shaped and placed like `like`, from its packed bits."""
+    flat = np.unpackbits(bits, count=like.numel()).view(np.bool_)
+    return torch.from_numpy(flat).reshape(like.shape).to(like.device)
+
+
+def packed_fingerprint(bits: dict[str, np.ndarray]) -> str:
+    """fingerprint() from masks already packed (the same hash)."""
     h = hashlib.blake2b(digest_size=16)
-    for name in sorted(masks):
+    for name in sorted(bits):
         h.update(name.encode())
-        h.update(np.packbits(masks[name].cpu().numpy()).tobytes())
+        h.update(bits[name].tobytes())
     return h.hexdigest()
 
 
@@ -98,6 +119,13 @@ def weights_fingerprint(weights: dict[str, torch.Tensor], update: Update) -> str
 
 
 class Evaluator:
+    """Fitness of candidates on one model copy. A mask-only candidate is evaluated either on a
+    masked copy of every prunable weight (the whole model at once, batched), or, per block
+    (Setup.per_block, chosen automatically for models whose copy would not fit), with its masks
+    kept as bits and applied in place to one decoder block at a time while all chunks pass
+    through it, then undone from a copy of that block's pruned values: extra memory is one
+    block's, never the model's."""
+
     def __init__(self, setup: Setup, model=None):
         if setup.threads:
             torch.set_num_threads(setup.threads)
@@ -112,6 +140,7 @@ class Evaluator:
         self.update = Update(**setup.update)
         self.factors: dict = {}   # shared input -> factorise(H, update), made on first use, then kept
         self._hessians = None
+        self.per_block = setup.per_block if setup.per_block is not None else not copy_fits(self.layers.values())
 
     def masks(self, text: str) -> dict[str, torch.Tensor]:
         m = Metric.parse(text)
@@ -148,12 +177,43 @@ class Evaluator:
     def pruned(self, task: Task) -> tuple[str, dict[str, torch.Tensor]]:
         """(fingerprint, new weights of every layer) of a task's candidate."""
         if task.text == DENSE:
-            return fingerprint({n: torch.zeros_like(w, dtype=torch.bool) for n, w in self.dense.items()}), self.dense
+            return self.dense_fingerprint(), self.dense
         if task.reconstruct:
             weights = self.reconstructed(task.text)
             return weights_fingerprint(weights, self.update), weights
         masks = self.masks(task.text)
         return fingerprint(masks), {n: self.dense[n].masked_fill(masks[n], 0) for n in masks}
+
+    def dense_fingerprint(self) -> str:
+        return packed_fingerprint({n: np.zeros((w.numel() + 7) // 8, np.uint8) for n, w in self.dense.items()})
+
+    def packed_masks(self, text: str) -> tuple[str, dict[str, np.ndarray]]:
+        """(fingerprint, every layer's mask as bits), scored one layer at a time."""
+        if text == DENSE:
+            return self.dense_fingerprint(), {}
+        m = Metric.parse(text)
+        fn, s = m.compile(), self.setup
+        bits = {name: packed(metric_mask(name, W, fn, layer_primitives(name, m.terminals, self.prims, s.nsamples),
+                                         s.sparsity, s.structure, m.group))
+                for name, W in self.dense.items()}
+        return packed_fingerprint(bits), bits
+
+    @contextmanager
+    def pruned_block(self, bits: dict, i: int, block):
+        """Block i pruned in place by the masks `bits` (none: dense) while the block runs."""
+        saved = []
+        for name, lin in prunable_linears(block).items():
+            mask = bits.get(f"layers.{i}.{name}")
+            if mask is not None:
+                W = matrix(lin)
+                mask = unpacked(mask, W)
+                saved.append((W, mask, W[mask]))
+                W.masked_fill_(mask, 0)
+        try:
+            yield
+        finally:
+            for W, mask, values in saved:
+                W[mask] = values
 
     def nll(self, weights, chunks: torch.Tensor) -> tuple[float, int]:
         """NLL of the model with `weights` in its prunable layers; the dense ones are put back after."""
@@ -169,13 +229,19 @@ class Evaluator:
         t0 = time.perf_counter()
         r = Result(task.text)
         try:
-            r.fingerprint, weights = self.pruned(task)
+            if self.per_block and not task.reconstruct:
+                r.fingerprint, bits = self.packed_masks(task.text)
+                around = functools.partial(self.pruned_block, bits)
+                measure = lambda chunks: nll_blockwise(self.model, chunks, around, progress=False)  # noqa: E731
+            else:
+                r.fingerprint, weights = self.pruned(task)
+                measure = functools.partial(self.nll, weights)
             lo = max(task.lo, task.known.get(r.fingerprint, 0))
             if lo >= task.hi:
                 r.cached, r.lo, r.hi = True, task.hi, task.hi
             else:
                 r.lo, r.hi = lo, task.hi
-                r.nll, r.tokens = self.nll(weights, self.setup.chunks[task.chunks][lo:task.hi])
+                r.nll, r.tokens = measure(self.setup.chunks[task.chunks][lo:task.hi])
                 if not math.isfinite(r.nll):
                     r.error = f"non-finite loss ({r.nll})"
         except Exception as e:  # noqa: BLE001 - any failing candidate gets the worst fitness, never a crash

@@ -10,7 +10,7 @@ from ..calibration import cache_path, cached, compute_g, compute_h, compute_hess
 from ..data import DataError, sequences_for
 from ..metric import Metric
 from ..masks import check_widths
-from ..models import all_prunable, check_seqlen, load_model, require_prunable
+from ..models import all_prunable, check_seqlen, concrete_dtype, copy_fits, load_model, require_prunable
 from ..space import load_space
 from ..pipeline import WIKIPEDIA_HELDOUT, calibration_for, eval_data_for, primitive_settings
 from ..reconstruct import Update
@@ -59,7 +59,7 @@ def terminals_needed(c: SearchConfig, pset_terminals) -> set[str]:
 
 def primitive_files(model, c: SearchConfig, samples: torch.Tensor, needed, log=print) -> dict[str, str]:
     """Dense X, G, H of the calibration samples, from the shared on-disk cache (computed once)."""
-    key = primitive_settings(c.model, c.calibration, samples, c.seed, c.dtype)
+    key = primitive_settings(c.model, c.calibration, samples, c.seed, concrete_dtype(c.model, c.dtype, c.device))
     files = {}
     for kind in sorted(needed):
         cached(kind, key, lambda kind=kind: COMPUTE[kind](model, samples), names=list(all_prunable(model)), log=log)
@@ -71,7 +71,7 @@ def hessian_file(model, c: SearchConfig, samples: torch.Tensor, log=print) -> st
     """The dense layer-input Hessians that a recipe's update needs, from the shared cache."""
     if c.update == "none":
         return None
-    key = primitive_settings(c.model, c.calibration, samples, c.seed, c.dtype)
+    key = primitive_settings(c.model, c.calibration, samples, c.seed, concrete_dtype(c.model, c.dtype, c.device))
     owners = sorted(set(shared_inputs(model, samples).values()))
     cached("XtX", key, lambda: compute_hessians(model, samples), names=owners, log=log)
     return str(cache_path("XtX", key))
@@ -125,6 +125,9 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
                                                          sequences=data.sequences,
                                                          search_chunks=len(data.search),
                                                          heldout_chunks=len(data.heldout))))
+        if not copy_fits(all_prunable(model).values()):
+            log("candidates are evaluated one decoder block at a time, pruned in place: a copy of every "
+                "masked weight would not fit in free memory")
         pool = make_pool(setup_for(config, data, files, hessians), config.workers, config.ray, config.ray_address,
                          config.gpus_per_worker, model=model)
         search = Search(config, run, pool, log, quiet)

@@ -55,7 +55,7 @@ class DarwinConfig(Settings):
     finetune_lr: float = 1e-5
     baselines: bool = True                    # uniform and per-layer-error allocations, same parameters
     speed: bool = True                        # latency of the saved model against the dense one
-    dtype: str = "fp32"
+    dtype: str = "auto"
     device: str = "auto"
     threads: int | None = None
 

@@ -11,7 +11,7 @@ import torch
 from ..calibration import cache_key
 from ..data import calibration_samples, sequences_for
 from ..evaluate import perplexities
-from ..models import cache_dir, check_seqlen, load_model
+from ..models import cache_dir, check_seqlen, concrete_dtype, load_model
 from ..pipeline import model_identity, calibration_for, eval_data_for
 from ..search.rundir import RunDir
 from .config import DarwinConfig
@@ -45,7 +45,8 @@ def darwin_data(tok, c: DarwinConfig) -> DarwinData:
 
 def database_path(c: DarwinConfig, samples: torch.Tensor):
     settings = database_settings(model_identity(c.model), c.calibration, len(samples), samples.shape[1], c.seed,
-                                 c.ladder, c.multiple, c.percdamp, c.dtype)
+                                 c.ladder, c.multiple, c.percdamp,
+                                 concrete_dtype(c.model, c.dtype, c.device))
     path = c.database or cache_dir() / "darwin" / cache_key(**settings)
     return path, settings
 
