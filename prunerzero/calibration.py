@@ -157,8 +157,17 @@ def shared_inputs(model, ids: torch.Tensor) -> dict[str, str]:
 
 
 def compute_x(model, samples: torch.Tensor, batch_size: int = 1) -> dict[str, torch.Tensor]:
-    """X of every prunable layer of the dense model (one-shot: no pruning between layers)."""
-    return record_dense(model, samples, InputNorms, batch_size).norms()
+    """X of every prunable layer of the dense model (one-shot: no pruning between layers); block
+    by block in fp32 for a half-precision model on a CPU without half-precision units."""
+    from .blocks import blockwise, compute_dtype
+    if compute_dtype(model) is None:
+        return record_dense(model, samples, InputNorms, batch_size).norms()
+    out = {}
+
+    def keep(i, linears, rec):
+        out.update({f"layers.{i}.{k}": v for k, v in rec.norms().items()})
+    blockwise(model, samples, InputNorms, keep, progress=True, desc="activations", dense=True)
+    return out
 
 
 def compute_g(model, samples: torch.Tensor, scale: float = 1.0) -> dict[str, torch.Tensor]:

@@ -15,7 +15,12 @@ from tqdm.auto import tqdm
 
 @torch.inference_mode()
 def nll_sum(model, chunks: torch.Tensor, batch_size: int = 4, progress: bool = True) -> tuple[float, int]:
-    """Total next-token NLL over (k, seqlen) token chunks, and the number of tokens scored."""
+    """Total next-token NLL over (k, seqlen) token chunks, and the number of tokens scored.
+    A half-precision model on a CPU without half-precision units is evaluated block by block
+    in fp32 instead (see blocks.compute_dtype): the same model, at fp32 speed."""
+    from .blocks import compute_dtype
+    if compute_dtype(model) is not None:
+        return nll_blockwise(model, chunks, progress=progress)
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for i in tqdm(range(0, len(chunks), batch_size), desc="perplexity", disable=not progress, leave=False):
@@ -56,15 +61,18 @@ def nll_blockwise(model, chunks: torch.Tensor, around_block=None, progress: bool
     nll_sum(batch_size=1) bit for bit. around_block(i, block), when given, is a context manager
     entered while block i runs: the search evaluator prunes the block in place inside it and
     restores it on exit, so no whole-model copy of weights or masks is ever made."""
-    from .blocks import block_inputs, run_block
+    from .blocks import as_dtype, block_inputs, compute_dtype, run_block, running_in
     from .models import decoder_layers
     blocks = decoder_layers(model)
     hidden, calls = block_inputs(model, chunks)
-    as_tuple = _returns_tuple(blocks[-1], hidden[0], calls[-1])
+    stored, dtype = hidden[0].dtype, compute_dtype(model)
     for i, block in enumerate(tqdm(blocks, desc="perplexity (by block)", disable=not progress, leave=False)):
-        with around_block(i, block) if around_block else nullcontext():
-            hidden = run_block(block, hidden, calls[i])
-    return _head_nll(model, blocks, chunks, hidden, as_tuple)
+        hidden, call = as_dtype(hidden, calls[i], dtype)
+        with running_in(block, dtype), around_block(i, block) if around_block else nullcontext():
+            if i == len(blocks) - 1:
+                as_tuple = _returns_tuple(block, hidden[0], call)
+            hidden = run_block(block, hidden, call)
+    return _head_nll(model, blocks, chunks, [h.to(stored) for h in hidden], as_tuple)
 
 
 def _returns_tuple(block, x, call) -> bool:

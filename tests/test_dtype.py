@@ -50,3 +50,39 @@ def test_a_bf16_model_is_scored_in_fp32():
     for (name, a), b in zip(all_prunable(half).items(), all_prunable(full).values()):
         assert matrix(a).dtype == torch.bfloat16
         assert torch.equal(matrix(a) == 0, matrix(b) == 0), name
+
+
+@pytest.fixture
+def fp32_blocks(monkeypatch):
+    """Blocks of a half-precision model run in fp32, as on a CPU without bf16 units (whatever
+    this machine has)."""
+    import prunerzero.blocks as blocks
+
+    def upcast(model):
+        return torch.float32 if next(model.parameters()).dtype != torch.float32 else None
+    monkeypatch.setattr(blocks, "compute_dtype", upcast)
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral", "gpt2"])
+def test_blocks_upcast_to_fp32_prune_the_stored_half_precision_weights(fp32_blocks, family):
+    """Each block runs in fp32 and is stored back in bf16: the pruning lands in the stored
+    weights (MoE experts are views of 3D tensors, GPT-2's Conv1D transposed), exactly half of
+    every row, and nothing is left in fp32."""
+    from families import tiny
+    model = tiny(family).to(torch.bfloat16)
+    report = apply_metric(model, "wanda", 0.5, calibration=token_samples(4, 32), progress=False)
+    assert report.sparsity == pytest.approx(0.5)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    for name, lin in all_prunable(model).items():
+        W = matrix(lin)
+        assert ((W == 0).sum(1) == W.shape[1] // 2).all(), name
+
+
+def test_upcast_evaluation_is_the_bf16_model_computed_in_fp32(fp32_blocks):
+    from prunerzero.evaluate import nll_sum
+    half = tiny_llama().to(torch.bfloat16)
+    full = tiny_llama().to(torch.bfloat16).float()
+    ids = token_samples(3, 32, seed=4)
+    a, b = nll_sum(half, ids, progress=False), nll_sum(full, ids, progress=False)
+    assert a[1] == b[1] and a[0] == pytest.approx(b[0], rel=2e-3)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
