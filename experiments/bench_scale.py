@@ -117,16 +117,17 @@ def report(data, out: Path):
     s = data["settings"]
     lines = [f"# Pruning at scale: random-weight LLaMA shapes on {s['device']} ({s['threads']} threads, "
              f"{s['machine']}, {s['ram_gib']:.0f} GiB RAM, torch {s['torch']})", "",
-             f"Sequential 50% unstructured, calibration {s['nsamples']} x 512 Wikipedia tokens; perplexity on "
-             f"{s['chunks']} WikiText-2 chunks of 512 (random weights: only memory and time mean anything). "
-             "Peak RSS: the phase's process, from its start (load included).", "",
-             "| shape | dtype | params (B) | model GiB | phase | load s | work s | eval s | peak RSS GiB | "
-             "peak device GiB |", "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "Sequential 50% unstructured, calibration `calib` x 512 Wikipedia tokens; perplexity on `chunks` "
+             "WikiText-2 chunks of 512 (random weights: only memory and time mean anything). Peak RSS: the "
+             "phase's process, from its start (load included). search: X cached, then one candidate (W*X) "
+             "evaluated as a search worker does.", "",
+             "| shape | dtype | params (B) | model GiB | calib | chunks | phase | load s | work s | eval s | "
+             "peak RSS GiB | peak device GiB |", "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
         dev = f"{r['peak_device_gib']:.1f}" if "peak_device_gib" in r else "not measured"
         work = r["work_s"]
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['parameters'] / 1e9:.2f} | {r['model_gib']:.1f} | "
-                     f"{r['phase']} | {r['load_s']:.0f} | {work:.0f} | {r.get('eval_s', 0):.0f} | "
+                     f"{r.get('nsamples', 8)} | {r.get('chunks', 4)} | {r['phase']} | {r['load_s']:.0f} | {work:.0f} | {r.get('eval_s', 0):.0f} | "
                      f"{r['peak_rss_gib']:.1f} | {dev} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -155,8 +156,7 @@ def main():
         return report(data, out)
     build(folder, args.shape, args.dtype, args.seed)
     data["settings"] = dict(device=args.device, threads=torch.get_num_threads(), machine=platform.machine(),
-                            ram_gib=_ram_gib(), torch=torch.__version__, nsamples=args.nsamples, chunks=args.chunks,
-                            seed=args.seed)
+                            ram_gib=_ram_gib(), torch=torch.__version__, seed=args.seed)
     for name in args.phases.split(","):
         cmd = [sys.executable, __file__, "--phase", name, "--shape", args.shape, "--dtype", args.dtype,
                "--device", args.device, "--nsamples", str(args.nsamples), "--chunks", str(args.chunks),
@@ -166,7 +166,8 @@ def main():
         if proc.returncode or not result:
             print(f"{name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
             continue
-        row = dict(json.loads(result[-1][7:]), shape=args.shape, dtype=args.dtype, device=args.device)
+        row = dict(json.loads(result[-1][7:]), shape=args.shape, dtype=args.dtype, device=args.device,
+                   nsamples=args.nsamples, chunks=args.chunks)
         data["rows"] = [r for r in data["rows"] if (r["shape"], r["dtype"], r["phase"], r["device"])
                         != (args.shape, args.dtype, name, args.device)] + [row]
         print(row, flush=True)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from .models import decoder_layers, prunable_linears
+from .models import ONLOAD_ATTR, decoder_layers, prunable_linears
 
 
 class _Stop(Exception):
@@ -55,46 +55,101 @@ def block_inputs(model, samples: torch.Tensor):
     return inputs, calls
 
 
+def execution_device(model) -> torch.device:
+    """Where decoder blocks run: the device load_model chose for block-wise onloading (the
+    weights then stay in host memory, see models.place), else where the weights are."""
+    return getattr(model, ONLOAD_ATTR, None) or next(model.parameters()).device
+
+
+def onloading(model) -> bool:
+    return getattr(model, ONLOAD_ATTR, None) is not None
+
+
 def compute_dtype(model) -> torch.dtype | None:
     """The dtype that decoder blocks run in when walked one at a time: None (their own) unless
-    the weights are half precision on a CPU without half-precision matrix units (AVX2 and
-    older: bf16 products run about 4x slower than fp32 there). Then each block is upcast to fp32
-    while it runs and stored back in its own dtype after, which is exact for the stored weights:
-    the model keeps half the memory, the work runs at fp32 speed."""
+    the weights are half precision and run on a CPU without half-precision matrix units (AVX2
+    and older: bf16 products run about 4x slower than fp32 there). Then each block is upcast to
+    fp32 while it runs and stored back in its own dtype after, which is exact for the stored
+    weights: the model keeps half the memory, the work runs at fp32 speed."""
     p = next(model.parameters())
-    if p.device.type != "cpu" or p.dtype not in (torch.bfloat16, torch.float16):
+    if execution_device(model).type != "cpu" or p.dtype not in (torch.bfloat16, torch.float16):
         return None
     has_units = (torch.ops.mkldnn._is_mkldnn_bf16_supported() if p.dtype == torch.bfloat16
                  else torch.ops.mkldnn._is_mkldnn_fp16_supported())
     return None if has_units else torch.float32
 
 
+def by_block(model) -> bool:
+    """Whether whole-model passes (perplexity, dense statistics) must walk the decoder blocks one
+    at a time: the model is onloaded block by block, or its blocks run in another dtype."""
+    return onloading(model) or compute_dtype(model) is not None
+
+
+def _onload(tensors, device: torch.device, dtype: torch.dtype | None) -> list:
+    """Move parameters and buffers to `device` (floating parameters also to `dtype`; buffers keep
+    theirs: rotary frequencies must not round through bf16) by swapping their .data; returns
+    what _offload needs to put them back into their own storage."""
+    moved = []
+    for t in tensors:
+        want = dtype if dtype is not None and isinstance(t, torch.nn.Parameter) and t.is_floating_point() else t.dtype
+        if t.device != device or t.dtype != want:
+            moved.append((t, t.data))
+            t.data = t.data.to(device=device, dtype=want)
+    return moved
+
+
+def _offload(moved: list, write_back: bool) -> None:
+    """Undo _onload. write_back copies the values into the original storage (changes made while
+    onloaded, such as pruning, persist); the storage itself is kept, so views taken of the
+    weights before (the search evaluator's dense weights) stay valid and nothing is reallocated."""
+    for t, home in moved:
+        if write_back:
+            home.copy_(t.data)
+        t.data = home
+
+
+def _tensors(module) -> list:
+    return [*module.parameters(), *module.buffers()]
+
+
 @contextmanager
-def running_in(block, dtype: torch.dtype | None):
-    """Block converted to `dtype` inside (None: as it is), back to its own dtype on exit. Views of
-    its weights (prunable_linears' per-expert views) must be taken inside."""
-    stored = next(block.parameters()).dtype
-    if dtype is None or dtype == stored:
-        yield
-        return
-    block.to(dtype)
+def running_in(block, dtype: torch.dtype | None, device: torch.device | None = None, write_back: bool = True):
+    """Block on `device` in `dtype` inside (None: as it is), back in its own storage on exit,
+    with the values it has then (write_back=False: as they were; for callers that undo their
+    own changes). Views of its weights (prunable_linears' per-expert views) must be taken
+    inside."""
+    moved = _onload(_tensors(block), device or next(block.parameters()).device, dtype)
     try:
         yield
     finally:
-        block.to(stored)
+        _offload(moved, write_back)
 
 
-def as_dtype(inputs: list, call, dtype: torch.dtype | None):
-    """Block inputs and call arguments with their floating tensors in `dtype` (None: unchanged)."""
-    if dtype is None:
+@contextmanager
+def rest_running_in(model, dtype: torch.dtype | None, device: torch.device):
+    """Everything outside the decoder blocks (embeddings, final norm, head, rotary tables) on
+    `device` in `dtype` inside, back on exit unchanged: the model's own forward then runs its
+    head where the blocks ran."""
+    inside = {id(t) for b in decoder_layers(model) for t in _tensors(b)}
+    moved = _onload([t for t in _tensors(model) if id(t) not in inside], device, dtype)
+    try:
+        yield
+    finally:
+        _offload(moved, write_back=False)
+
+
+def as_dtype(inputs: list, call, dtype: torch.dtype | None, device: torch.device | None = None):
+    """Block inputs and call arguments with their tensors on `device` and floating ones in `dtype`
+    (None: unchanged)."""
+    if dtype is None and device is None:
         return inputs, call
 
     def cast(v):
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            return v.to(dtype)
+        if isinstance(v, torch.Tensor):
+            return v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
         return tuple(cast(t) for t in v) if isinstance(v, tuple) else v
     args, kwargs = call
-    return [x.to(dtype) for x in inputs], (cast(args), {k: cast(v) for k, v in kwargs.items()})
+    return [cast(x) for x in inputs], (cast(args), {k: cast(v) for k, v in kwargs.items()})
 
 
 def run_block(block, inputs, call):
@@ -112,14 +167,15 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
     `prune_block(index, linears, recorder)`, and pass the calibration activations through the
     pruned block to the next one. dense: pass on the block's outputs from before it was pruned
     instead (one-shot pruning from the dense model's statistics, one block's in memory at a time).
-    Each block runs in compute_dtype(model) (fp32 for a half-precision model on a CPU without
+    Each block runs on execution_device(model) (moved there only while it runs when the model is
+    onloaded) and in compute_dtype(model) (fp32 for a half-precision model on a CPU without
     half-precision units), so statistics come from fp32 activations there."""
     inputs, calls = block_inputs(model, calibration)
     blocks = decoder_layers(model)
-    dtype = compute_dtype(model)
+    dtype, device = compute_dtype(model), execution_device(model)
     for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, leave=False)):
-        inputs, call = as_dtype(inputs, calls[i], dtype)
-        with running_in(block, dtype):
+        inputs, call = as_dtype(inputs, calls[i], dtype, device)
+        with running_in(block, dtype, device):
             linears = prunable_linears(block)
             with torch.no_grad(), recorder(linears) as rec:
                 outputs = run_block(block, inputs, call)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .layers import as_matrix, in_features, matrix
-from .models import all_prunable, cache_dir, grads_only_for
+from .models import ModelError, all_prunable, cache_dir, copy_fits, grads_only_for
 from .reconstruct import inverse_factor
 
 
@@ -147,7 +147,15 @@ def record_dense(model, samples: torch.Tensor, recorder, batch_size: int = 1, de
 def compute_hessians(model, samples: torch.Tensor, progress: bool = True) -> dict[str, torch.Tensor]:
     """H = X^T X of the dense model's inputs to every prunable layer, one tensor per group of
     layers that read the same input (see shared_inputs), keyed by the group's first layer."""
-    return record_dense(model, samples, Hessians, desc="hessians", progress=progress).H
+    from .blocks import blockwise, by_block
+    if not by_block(model):
+        return record_dense(model, samples, Hessians, desc="hessians", progress=progress).H
+    out = {}
+
+    def keep(i, linears, rec):  # kept where the model's weights live, not on the execution device
+        out.update({f"layers.{i}.{k}": v.to(next(model.parameters()).device) for k, v in rec.H.items()})
+    blockwise(model, samples, Hessians, keep, progress=progress, desc="hessians", dense=True)
+    return out
 
 
 def shared_inputs(model, ids: torch.Tensor) -> dict[str, str]:
@@ -158,35 +166,45 @@ def shared_inputs(model, ids: torch.Tensor) -> dict[str, str]:
 
 def compute_x(model, samples: torch.Tensor, batch_size: int = 1) -> dict[str, torch.Tensor]:
     """X of every prunable layer of the dense model (one-shot: no pruning between layers); block
-    by block in fp32 for a half-precision model on a CPU without half-precision units."""
-    from .blocks import blockwise, compute_dtype
-    if compute_dtype(model) is None:
+    by block when the model is onloaded or its blocks run in another dtype (see blocks.by_block)."""
+    from .blocks import blockwise, by_block
+    if not by_block(model):
         return record_dense(model, samples, InputNorms, batch_size).norms()
     out = {}
 
     def keep(i, linears, rec):
-        out.update({f"layers.{i}.{k}": v for k, v in rec.norms().items()})
+        out.update({f"layers.{i}.{k}": v.to(next(model.parameters()).device) for k, v in rec.norms().items()})
     blockwise(model, samples, InputNorms, keep, progress=True, desc="activations", dense=True)
     return out
 
 
 def compute_g(model, samples: torch.Tensor, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """G = sqrt(sum over samples of (scale * dLoss/dW)^2), labels = inputs, in fp32.
+    """G = sqrt(sum over samples of (scale * dLoss/dW)^2), labels = inputs, accumulated in fp32.
 
-    Each gradient is squared into one fp32 accumulator per layer as soon as it is ready
-    and then freed, so memory holds one extra copy of the prunable weights, not several.
+    Each gradient is squared into one fp32 accumulator per layer as soon as it is ready and then
+    freed, so memory holds one extra fp32 copy of the prunable weights, not several. The
+    accumulators live on the model's device when they fit in its free memory, else in host memory
+    (7B: 26 GB of fp32 beside a 13 GB bf16 model), filled one layer's gradient at a time. A
+    half-precision model's G is returned (and cached) in its dtype; scores are computed in fp32
+    whatever the primitives' dtype.
     """
+    from .blocks import onloading
+    if onloading(model):
+        raise ModelError("G (gradients) needs the whole model on its device, and this one is onloaded one block "
+                         "at a time because it does not fit: use a metric without G (wanda, or W and X terms), "
+                         "or a device with room for the model")
     layers = all_prunable(model)
-    acc = {name: torch.zeros(matrix(m).shape, dtype=torch.float32, device=m.weight.device)
+    device = next(model.parameters()).device
+    acc_device = device if copy_fits(layers.values(), bytes_per_weight=4) else torch.device("cpu")
+    acc = {name: torch.zeros(matrix(m).shape, dtype=torch.float32, device=acc_device)
            for name, m in layers.items()}
     hooks = []
-    device = next(model.parameters()).device
     # the hooks go on once gradients are on: per-expert views start without them
     with grads_only_for(model, [m.weight for m in layers.values()]):
         try:
             for name, m in layers.items():
                 def hook(param, name=name, m=m):
-                    acc[name].add_(as_matrix(m, param.grad).float().mul(scale).square_())
+                    acc[name].add_(as_matrix(m, param.grad).float().mul(scale).square_().to(acc_device))
                     param.grad = None
                 hooks.append(m.weight.register_post_accumulate_grad_hook(hook))
             for i in tqdm(range(len(samples)), desc="gradients", leave=False):
@@ -195,7 +213,9 @@ def compute_g(model, samples: torch.Tensor, scale: float = 1.0) -> dict[str, tor
         finally:
             for h in hooks:
                 h.remove()
-    return {name: a.sqrt_() for name, a in acc.items()}
+    stored = next(model.parameters()).dtype
+    keep = stored if stored in (torch.bfloat16, torch.float16) else torch.float32
+    return {name: a.sqrt_().to(keep) for name, a in acc.items()}
 
 
 def cache_key(**settings) -> str:

@@ -195,7 +195,8 @@ def _tuple(text, cast=str, option=""):
 @click.option("--threads", type=int, default=None, help="Torch threads per worker.")
 @click.option("--ray", "use_ray", is_flag=True, help="Evaluate on Ray actors (pip install 'prunerzero[ray]').")
 @click.option("--ray-address", default=None, help="Address of an existing Ray cluster.")
-@click.option("--gpus-per-worker", default=0.0, show_default=True)
+@click.option("--gpus-per-worker", type=float, default=None,
+              help="GPUs each Ray actor asks for (default: 1 when the cluster has GPUs, else 0).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="auto: the checkpoint's own dtype (fp16 runs as bf16 on a CPU)")
 @click.option("--device", default="auto", show_default=True)

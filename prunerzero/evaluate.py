@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 @torch.inference_mode()
 def nll_sum(model, chunks: torch.Tensor, batch_size: int = 4, progress: bool = True) -> tuple[float, int]:
     """Total next-token NLL over (k, seqlen) token chunks, and the number of tokens scored.
-    A half-precision model on a CPU without half-precision units is evaluated block by block
-    in fp32 instead (see blocks.compute_dtype): the same model, at fp32 speed."""
-    from .blocks import compute_dtype
-    if compute_dtype(model) is not None:
+    A model onloaded block by block, or a half-precision model on a CPU without half-precision
+    units, is evaluated block by block instead (see blocks.by_block): for the latter, in fp32,
+    the same model at fp32 speed."""
+    from .blocks import by_block
+    if by_block(model):
         return nll_blockwise(model, chunks, progress=progress)
     device = next(model.parameters()).device
     nll, count = 0.0, 0
@@ -61,18 +62,21 @@ def nll_blockwise(model, chunks: torch.Tensor, around_block=None, progress: bool
     nll_sum(batch_size=1) bit for bit. around_block(i, block), when given, is a context manager
     entered while block i runs: the search evaluator prunes the block in place inside it and
     restores it on exit, so no whole-model copy of weights or masks is ever made."""
-    from .blocks import as_dtype, block_inputs, compute_dtype, run_block, running_in
+    from .blocks import as_dtype, block_inputs, compute_dtype, execution_device, rest_running_in, run_block, running_in
     from .models import decoder_layers
     blocks = decoder_layers(model)
     hidden, calls = block_inputs(model, chunks)
-    stored, dtype = hidden[0].dtype, compute_dtype(model)
+    dtype, device = compute_dtype(model), execution_device(model)
     for i, block in enumerate(tqdm(blocks, desc="perplexity (by block)", disable=not progress, leave=False)):
-        hidden, call = as_dtype(hidden, calls[i], dtype)
-        with running_in(block, dtype), around_block(i, block) if around_block else nullcontext():
+        hidden, call = as_dtype(hidden, calls[i], dtype, device)
+        # evaluation changes no weight (around_block undoes its own): nothing to write back
+        with running_in(block, dtype, device, write_back=False), \
+                around_block(i, block) if around_block else nullcontext():
             if i == len(blocks) - 1:
                 as_tuple = _returns_tuple(block, hidden[0], call)
             hidden = run_block(block, hidden, call)
-    return _head_nll(model, blocks, chunks, [h.to(stored) for h in hidden], as_tuple)
+    with rest_running_in(model, dtype, device):  # the head runs where and as the blocks ran
+        return _head_nll(model, blocks, chunks, hidden, as_tuple)
 
 
 def _returns_tuple(block, x, call) -> bool:

@@ -114,10 +114,13 @@ def default_model_path() -> Path:
     return out
 
 
-def load_model(name: str | None = None, dtype="auto", device: str | None = "auto", tokenizer: bool = True):
+def load_model(name: str | None = None, dtype="auto", device: str | None = "auto", tokenizer: bool = True,
+               onload: str = "auto"):
     """(model, tokenizer) from a HF id, a local folder, or None / 'smollm2-135m' for the default;
     dtype: "auto" (the checkpoint's, see concrete_dtype), fp32, bf16 or fp16; tokenizer=False
-    skips the tokenizer (returned as None), e.g. in search workers."""
+    skips the tokenizer (returned as None), e.g. in search workers. onload: "auto" keeps the model
+    in host memory and runs it on `device` one decoder block at a time when it would not fit
+    there whole (see place), "always" or "never" force the choice."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = default_model_path() if name in (None, DEFAULT_MODEL) else name
     device = resolve_device(device)
@@ -138,9 +141,59 @@ def load_model(name: str | None = None, dtype="auto", device: str | None = "auto
         raise ModelError(f"cannot load model '{name}': {type(e).__name__}: {first} (give a Hugging Face id, "
                          "a local folder with config.json and complete weights, or omit --model for the "
                          "bundled SmolLM2-135M)") from None
-    model.to(device).eval()
+    place(model, device, onload)
+    model.eval()
     model.config.use_cache = False
     return model, tok
+
+
+def finish_saved_config(folder, **extra) -> None:
+    """Make a saved config.json what users' tools expect: use_cache back on (prunerzero turns it
+    off while it works, and generation without a KV cache is slow), plus `extra` entries."""
+    import json
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    config.update(use_cache=True, **extra)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+ONLOAD_ATTR = "prunerzero_execution_device"
+ONLOAD_MODES = ("auto", "always", "never")
+
+
+def place(model, device: torch.device, onload: str = "auto") -> str:
+    """Put a freshly loaded (host) model where it will run, and say how: "whole" (every weight
+    on `device`) or "onload" (weights stay in host memory; block-wise passes move one decoder
+    block at a time to `device` while it runs, see blocks.running_in). auto onloads when the
+    weights, with a quarter more for one block's work and the activations, exceed the device's
+    free memory; the host itself is never onloaded onto."""
+    if onload not in ONLOAD_MODES:
+        raise ModelError(f"unknown onload mode '{onload}': use one of {', '.join(ONLOAD_MODES)}")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = free_memory(device) if device.type != "cpu" else None
+    if onload == "always" or (onload == "auto" and free is not None and size * 1.25 > free):
+        model.to("cpu")
+        setattr(model, ONLOAD_ATTR, device)
+        return "onload"
+    model.to(device)
+    return "whole"
+
+
+def hand_back_memory() -> None:
+    """Return what dropped tensors held to the system (the CUDA allocator keeps freed blocks for
+    reuse, invisible to other processes): call after dropping the last reference to a model."""
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def placement(model) -> str:
+    """How a model runs, in words for logs and reports: its device, and block-wise onloading
+    from host memory when load_model chose it."""
+    onto = getattr(model, ONLOAD_ATTR, None)
+    home = next(model.parameters()).device
+    return f"{onto} (one block at a time from {home} memory)" if onto is not None else str(home)
 
 
 def _looks_local(name: str) -> bool:
@@ -210,13 +263,14 @@ def free_memory(device: torch.device) -> int | None:
         return None
 
 
-def copy_fits(linears, margin: float = 1.5) -> bool:
-    """Whether a masked copy of these layers' weights plus their boolean masks fits, with
-    `margin`, in the free memory of the device they are on (unknown free memory: assume yes)."""
+def copy_fits(linears, margin: float = 1.5, bytes_per_weight: int | None = None) -> bool:
+    """Whether `bytes_per_weight` per weight of these layers (default: a masked copy of their
+    weights plus boolean masks) fits, with `margin`, in the free memory of the device they are
+    on (unknown free memory: assume yes)."""
     linears = list(linears)
     if not linears:
         return True
-    need = sum(m.weight.numel() * (m.weight.element_size() + 1) for m in linears)
+    need = sum(m.weight.numel() * (bytes_per_weight or m.weight.element_size() + 1) for m in linears)
     free = free_memory(linears[0].weight.device)
     return free is None or need * margin < free
 

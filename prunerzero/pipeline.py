@@ -18,7 +18,9 @@ from .calibration import cache_key, cached, compute_g, compute_h, compute_x
 from .evaluate import perplexity
 from .masks import check_widths
 from .metric import Metric
-from .models import all_prunable, cache_dir, check_seqlen, dtype_name, load_model, require_prunable
+from .blocks import onloading
+from .models import (all_prunable, cache_dir, check_seqlen, dtype_name, finish_saved_config, load_model, placement,
+                     require_prunable)
 from .prune import PruneError, apply_metric, apply_sparsegpt
 
 
@@ -122,6 +124,8 @@ def run_apply(config: ApplyConfig | None = None, output=None, log=print, **setti
     check_seqlen(model, cfg.seqlen)
     check_widths(require_prunable(model), cfg.structure)
     t_load = time.perf_counter() - t0
+    if onloading(model):
+        log(f"model on {placement(model)}: it does not fit on the device whole")
     seq = data.sequences_for(tok, cfg.bos)
     log(f"sequences: {seq.describe()}")
     samples, cal_ids, starts = calibration_for(tok, cfg.calibration, cfg.nsamples, cfg.seqlen, cfg.seed,
@@ -141,7 +145,7 @@ def run_apply(config: ApplyConfig | None = None, output=None, log=print, **setti
         f"measured sparsity: perplexity {ppl['pruned']:.3f}")
     report.perplexity = ppl
     report.settings = dict(cfg.to_dict(), model=cfg.model or "smollm2-135m (bundled)", eval_data=ev.source,
-                           eval_chunks=len(ev.chunks), device=str(next(model.parameters()).device),
+                           eval_chunks=len(ev.chunks), device=placement(model),
                            bos=seq.describe(), note=ev.note)
     report.timings["load_s"] = t_load
     result = report.to_dict()
@@ -210,6 +214,7 @@ def _save(model, tok, out: Path, result: dict):
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
+        finish_saved_config(tmp)
         tok.save_pretrained(tmp)
         (tmp / "report.json").write_text(json.dumps(result, indent=2))
         if out.exists():

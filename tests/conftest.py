@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from helpers import primitives
 from tiny import tiny_llama
@@ -21,3 +22,14 @@ def tiny_dir(tmp_path_factory):
 def own_cache(tmp_path, monkeypatch):
     """A primitive cache of this test's own (modules opt in with usefixtures)."""
     monkeypatch.setenv("PRUNERZERO_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def fp32_blocks(monkeypatch):
+    """Blocks of a half-precision model run in fp32, as on a CPU without bf16 units (whatever
+    this machine has)."""
+    import prunerzero.blocks as blocks
+
+    def upcast(model):
+        return torch.float32 if next(model.parameters()).dtype != torch.float32 else None
+    monkeypatch.setattr(blocks, "compute_dtype", upcast)

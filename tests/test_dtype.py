@@ -52,17 +52,6 @@ def test_a_bf16_model_is_scored_in_fp32():
         assert torch.equal(matrix(a) == 0, matrix(b) == 0), name
 
 
-@pytest.fixture
-def fp32_blocks(monkeypatch):
-    """Blocks of a half-precision model run in fp32, as on a CPU without bf16 units (whatever
-    this machine has)."""
-    import prunerzero.blocks as blocks
-
-    def upcast(model):
-        return torch.float32 if next(model.parameters()).dtype != torch.float32 else None
-    monkeypatch.setattr(blocks, "compute_dtype", upcast)
-
-
 @pytest.mark.parametrize("family", ["llama", "mixtral", "gpt2"])
 def test_blocks_upcast_to_fp32_prune_the_stored_half_precision_weights(fp32_blocks, family):
     """Each block runs in fp32 and is stored back in bf16: the pruning lands in the stored

@@ -192,7 +192,8 @@ def test_darwin_shrinks_each_family_it_accepts_to_the_masked_models_function(fam
     space = LevelSpace.of_database(db)
     rng = random.Random(0)
     genomes = [space.mutate(space.uniform(0.6), rng, switches=3) for _ in range(3)]
-    genomes.append(tuple([1, 4, 0, 2] + [2, 0, 10, 5]))  # single heads, no attention, no MLP
+    genomes.append(tuple([4, 1, 0, 2] + [2, 0, 10, 5]))  # no attention in block 0 (generation reads
+    # its cache for the positions), a single head, no MLP
     x = token_samples(2, 32, seed=7)
     for g in genomes:
         small = materialize(model, db, g)
@@ -203,6 +204,16 @@ def test_darwin_shrinks_each_family_it_accepts_to_the_masked_models_function(fam
     save_structured(small, tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(load_structured(tmp_path / "m")(x).logits, small(x).logits)
+    # stock transformers loads the saved folder through its modeling file, and generates with a
+    # KV cache the same greedy tokens as the full-size masked model (the family's own attention)
+    from transformers import AutoModelForCausalLM
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True)
+    assert stock.config.use_cache and type(stock).__name__ == "PrunerZeroForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(stock(x).logits, small(x).logits, rtol=0, atol=0)
+    prompt = x[:1, :8]
+    greedy = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    assert torch.equal(stock.generate(prompt, **greedy), masked.generate(prompt, **greedy))
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in DARWIN_FAMILIES])

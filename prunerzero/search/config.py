@@ -54,7 +54,7 @@ class SearchConfig(Settings):
     threads: int | None = None               # torch threads per worker (None: torch's default)
     ray: bool = False
     ray_address: str | None = None
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float | None = None     # per Ray actor; None: one when the cluster has GPUs
     dtype: str = "auto"
     device: str = "auto"
     extra: dict = field(default_factory=dict)
@@ -85,7 +85,7 @@ class SearchConfig(Settings):
         checks.integer("seed", self.seed, minimum=0)
         checks.integer("threads", self.threads, optional=True)
         checks.number("time_limit", self.time_limit, low=0, low_open=True, optional=True)
-        checks.number("gpus_per_worker", self.gpus_per_worker, low=0)
+        checks.number("gpus_per_worker", self.gpus_per_worker, low=0, optional=True)
         checks.number("cxpb", self.cxpb, 0, 1)
         checks.number("mutpb", self.mutpb, 0, 1)
         if not self.stages or any(b <= a for a, b in zip(self.stages, self.stages[1:])) or self.stages[0] < 1:

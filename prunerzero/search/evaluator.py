@@ -7,18 +7,22 @@ one. Everything it needs travels in a picklable `Setup`, and its answers depend 
 task, so any worker gives the same result."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..calibration import shared_inputs
+from ..blocks import execution_device, onloading
 from ..evaluate import nll_blockwise, nll_sum
 from ..metric import Metric
 from ..layers import matrix, set_matrix
@@ -36,7 +40,7 @@ class Setup:
     """What every evaluator needs: the model, the primitive files, the pruning target and
     the chunk sets (name -> (k, seqlen) token ids)."""
     model: str | None
-    primitives: dict[str, str]          # terminal -> safetensors file of per-layer tensors
+    primitives: dict[str, str | dict]   # terminal -> safetensors file of per-layer tensors (or the tensors)
     nsamples: int                       # the N terminal
     sparsity: float
     structure: str
@@ -46,11 +50,42 @@ class Setup:
     threads: int | None = None          # torch threads per evaluator (None: torch's default)
     batch_size: int = 4
     update: dict = field(default_factory=dict)   # Update fields of the recipe's reconstruction
-    hessians: str | None = None         # safetensors of the dense X^T X per shared input (see
-                                        # calibration.compute_hessians), needed by an update
+    hessians: str | dict | None = None  # safetensors of the dense X^T X per shared input (see
+                                        # calibration.compute_hessians; or the tensors), needed by an update
     per_block: bool | None = None       # mask-only candidates pruned in place one decoder block at a
                                         # time (see Evaluator); None: when a whole-model copy of the
                                         # masked weights would not fit in free memory
+
+
+    def inline(self) -> "Setup":
+        """This setup with its files read into tensors, for workers that cannot read this disk."""
+        return dataclasses.replace(self, primitives={t: _tensors(p) for t, p in self.primitives.items()},
+                                   hessians=_tensors(self.hessians) if self.hessians else None)
+
+
+def _tensors(source, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Per-layer tensors from a safetensors file, or as given."""
+    if isinstance(source, dict):
+        return {k: v.to(device) for k, v in source.items()}
+    return load_file(source, device=str(device))
+
+
+class LazyLayers(Mapping):
+    """Per-layer tensors of a safetensors file read one layer at a time when asked for (and
+    dropped by the caller after): a 7B model's G (13 GB in bf16) is never held whole."""
+
+    def __init__(self, path: str, device):
+        self.file, self.device = safe_open(path, framework="pt"), device
+        self.names = list(self.file.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.file.get_tensor(name).to(self.device)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
 
 
 @dataclass
@@ -135,12 +170,15 @@ class Evaluator:
         self.layers = all_prunable(self.model)
         self.dense = {name: matrix(lin) for name, lin in self.layers.items()}
         device = next(self.model.parameters()).device
-        self.prims = {t: {k: v.to(device) for k, v in load_file(path).items()}
-                      for t, path in setup.primitives.items()}
         self.update = Update(**setup.update)
         self.factors: dict = {}   # shared input -> factorise(H, update), made on first use, then kept
         self._hessians = None
-        self.per_block = setup.per_block if setup.per_block is not None else not copy_fits(self.layers.values())
+        self.device = execution_device(self.model)
+        self.per_block = (setup.per_block if setup.per_block is not None
+                          else onloading(self.model) or not copy_fits(self.layers.values()))
+        # a model too big for whole copies reads its per-weight primitives (G) a layer at a time
+        self.prims = {t: LazyLayers(source, self.device) if self.per_block and isinstance(source, str)
+                      else _tensors(source, device) for t, source in setup.primitives.items()}
 
     def masks(self, text: str) -> dict[str, torch.Tensor]:
         m = Metric.parse(text)
@@ -166,7 +204,7 @@ class Evaluator:
             if not self.setup.hessians:
                 raise ValueError("a reconstructing task needs the dense Hessians (Setup.hessians)")
             device = next(self.model.parameters()).device
-            self._hessians = (load_file(self.setup.hessians, device=str(device)),
+            self._hessians = (_tensors(self.setup.hessians, device),
                               shared_inputs(self.model, self.setup.chunks["search"]))
         H, owner = self._hessians
         key = owner[name]
@@ -193,7 +231,9 @@ class Evaluator:
             return self.dense_fingerprint(), {}
         m = Metric.parse(text)
         fn, s = m.compile(), self.setup
-        bits = {name: packed(metric_mask(name, W, fn, layer_primitives(name, m.terminals, self.prims, s.nsamples),
+        # scored where the blocks run: one layer's weights visit the device of an onloaded model
+        bits = {name: packed(metric_mask(name, W.to(self.device), fn,
+                                         layer_primitives(name, m.terminals, self.prims, s.nsamples),
                                          s.sparsity, s.structure, m.group))
                 for name, W in self.dense.items()}
         return packed_fingerprint(bits), bits

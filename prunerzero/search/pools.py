@@ -3,11 +3,24 @@ each holding one model copy. `map` returns results in task order, so the search 
 depend on which worker answered."""
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
+import queue
+
+import torch
 
 from .evaluator import Evaluator, Setup
 
 _worker: Evaluator | None = None
+
+
+def worker_devices(device: str, workers: int) -> list[str]:
+    """The device of each local worker: with several CUDA devices visible and `device` "auto" or
+    "cuda", round robin over them (worker i on cuda:i mod count); otherwise `device` for all."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device in ("auto", "cuda") and count > 1:
+        return [f"cuda:{i % count}" for i in range(workers)]
+    return [device] * workers
 
 
 def _gather(results, on_result):
@@ -31,8 +44,14 @@ class InProcess:
         pass
 
 
-def _init(setup):
+def _init(setup, devices):
+    """A worker process's evaluator, on the next device of the driver's list (`devices`: a
+    queue holding one device per worker process)."""
     global _worker
+    try:
+        setup = dataclasses.replace(setup, device=devices.get(timeout=5))
+    except queue.Empty:  # a replacement for a worker that died: any device of the setup's kind
+        pass
     _worker = Evaluator(setup)
 
 
@@ -41,10 +60,16 @@ def _run(task):
 
 
 class Processes:
-    """N spawned processes (spawn: safe with torch threads, same on every OS)."""
+    """N spawned processes (spawn: safe with torch threads, same on every OS), spread over the
+    visible GPUs (see worker_devices)."""
 
     def __init__(self, setup: Setup, workers: int):
-        self.pool = mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(setup,))
+        ctx = mp.get_context("spawn")
+        self.devices = worker_devices(setup.device, workers)
+        devices = ctx.Queue()
+        for d in self.devices:
+            devices.put(d)
+        self.pool = ctx.Pool(workers, initializer=_init, initargs=(setup, devices))
 
     def map(self, tasks, on_result=None):
         return _gather(self.pool.imap(_run, tasks, chunksize=1), on_result)
@@ -55,10 +80,12 @@ class Processes:
 
 
 class Ray:
-    """One Ray actor per worker (and per GPU when the cluster has them), on an existing
-    cluster (`address`) or a local one started here."""
+    """One Ray actor per worker, on an existing cluster (`address`) or a local one started here.
+    Each actor asks for `gpus_per_worker` GPUs (None: one when the cluster has GPUs; Ray hides
+    the GPUs from an actor that asks for none). On an existing cluster, whose nodes may not
+    share this machine's disk, the primitive files travel in Ray's object store."""
 
-    def __init__(self, setup: Setup, workers: int, address: str | None = None, gpus_per_worker: float = 0):
+    def __init__(self, setup: Setup, workers: int, address: str | None = None, gpus_per_worker: float | None = None):
         try:
             import ray
             from ray.util import ActorPool
@@ -68,8 +95,11 @@ class Ray:
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      num_cpus=None if address else max(workers, 1))
+        if gpus_per_worker is None:
+            gpus_per_worker = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        self.gpus_per_worker = gpus_per_worker
         actor = ray.remote(num_cpus=1, num_gpus=gpus_per_worker)(Evaluator)
-        ref = ray.put(setup)
+        ref = ray.put(setup.inline() if address else setup)
         self.actors = [actor.remote(ref) for _ in range(workers)]
         self.pool = ActorPool(self.actors)
 
@@ -82,7 +112,7 @@ class Ray:
 
 
 def make_pool(setup: Setup, workers: int = 1, ray: bool = False, ray_address: str | None = None,
-              gpus_per_worker: float = 0, model=None):
+              gpus_per_worker: float | None = None, model=None):
     if ray:
         return Ray(setup, workers, ray_address, gpus_per_worker)
     if workers > 1:

@@ -10,7 +10,9 @@ from ..calibration import cache_path, cached, compute_g, compute_h, compute_hess
 from ..data import DataError, sequences_for
 from ..metric import Metric
 from ..masks import check_widths
-from ..models import all_prunable, check_seqlen, concrete_dtype, copy_fits, load_model, require_prunable
+from ..blocks import onloading
+from ..models import (all_prunable, check_seqlen, concrete_dtype, copy_fits, hand_back_memory, load_model, placement,
+                      require_prunable)
 from ..space import load_space
 from ..pipeline import WIKIPEDIA_HELDOUT, calibration_for, eval_data_for, primitive_settings
 from ..reconstruct import Update
@@ -125,9 +127,14 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
                                                          sequences=data.sequences,
                                                          search_chunks=len(data.search),
                                                          heldout_chunks=len(data.heldout))))
-        if not copy_fits(all_prunable(model).values()):
+        if onloading(model):
+            log(f"model on {placement(model)}: candidates are evaluated one decoder block at a time")
+        elif not copy_fits(all_prunable(model).values()):
             log("candidates are evaluated one decoder block at a time, pruned in place: a copy of every "
                 "masked weight would not fit in free memory")
+        if config.workers > 1 or config.ray:
+            model = None  # the workers load their own: the driver's copy goes before they start
+            hand_back_memory()
         pool = make_pool(setup_for(config, data, files, hessians), config.workers, config.ray, config.ray_address,
                          config.gpus_per_worker, model=model)
         search = Search(config, run, pool, log, quiet)

@@ -68,7 +68,8 @@ def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, dat
     c = config
     if c.threads:
         torch.set_num_threads(c.threads)
-    model, tok = load_model(c.model, c.dtype, c.device, tokenizer=data is None)
+    # darwin's fitness and training run the whole model: never onloaded block by block
+    model, tok = load_model(c.model, c.dtype, c.device, tokenizer=data is None, onload="never")
     check_supported(model)  # refuse a family it cannot shrink before any data or database work
     if data is None:  # given data carries its own sequence length
         check_seqlen(model, c.seqlen)

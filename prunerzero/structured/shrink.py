@@ -9,65 +9,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..models import decoder_layers
+from ..models import decoder_layers, finish_saved_config
 from .database import Database
-from .units import ATTN, MLP, StructureError, child_with
+from .remote_code import NoMLP, pruned_attention, shrink_to
+from .units import ATTN, MLP, StructureError, attention_of, child_with
 
 STRUCTURE_FILE = "prunerzero_structure.json"
-
-
-class PrunedAttention(nn.Module):
-    """Attention over any subset of query heads: query head i reads key-value head
-    kv_index[i], so groups of unequal size (what removing single query heads of a GQA
-    model leaves) stay valid, unlike the uniform groups that HF attention assumes."""
-
-    def __init__(self, hidden: int, head_dim: int, kv_index: list[int], bias: bool, scaling: float,
-                 rotary, layer_idx: int, o_bias: bool | None = None, q_norm=None, k_norm=None):
-        super().__init__()
-        q, kv = len(kv_index), max(kv_index) + 1
-        self.head_dim, self.scaling, self.layer_idx, self.rotary = head_dim, scaling, layer_idx, rotary
-        self.q_proj = nn.Linear(hidden, q * head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, kv * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, kv * head_dim, bias=bias)
-        self.o_proj = nn.Linear(q * head_dim, hidden, bias=bias if o_bias is None else o_bias)
-        # Qwen3 normalises each query and key head (weights over head_dim, shared by all heads),
-        # so the norms carry over unchanged whatever heads are kept
-        self.q_norm = q_norm if q_norm is not None else nn.Identity()
-        self.k_norm = k_norm if k_norm is not None else nn.Identity()
-        self.register_buffer("kv_index", torch.tensor(kv_index), persistent=False)
-
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kw):
-        b, t, _ = hidden_states.shape
-        shape = (b, t, -1, self.head_dim)
-        q = self.q_norm(self.q_proj(hidden_states).view(shape)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(hidden_states).view(shape)).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = self.rotary(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
-        k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
-        mask = None if attention_mask is None else attention_mask[..., :k.shape[-2]]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-                                             scale=self.scaling)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
-
-
-class NoAttention(nn.Module):
-    """An attention module at 100% sparsity: adds nothing to the residual stream."""
-
-    def forward(self, hidden_states, *args, **kw):
-        return torch.zeros_like(hidden_states), None
-
-
-class NoMLP(nn.Module):
-    """An MLP at 100% sparsity: adds nothing to the residual stream."""
-
-    def forward(self, x):
-        return torch.zeros_like(x)
 
 
 def structure_of(db: Database, genome) -> list[dict]:
@@ -110,23 +59,18 @@ def _out_weights(db: Database, kind, layer, level, linear, rows) -> torch.Tensor
     return W.to(linear.weight.dtype)
 
 
-def _new_attention(attn, spec, an, i) -> PrunedAttention:
-    """An empty PrunedAttention in place of HF attention `attn`, for the heads in `spec`."""
-    kv_pos = {kv: j for j, kv in enumerate(spec["kv_heads"])}
-    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    new = PrunedAttention(an.hidden, an.head_dim, [kv_pos[an.kv_of(h)] for h in spec["heads"]], an.attn_bias,
-                          getattr(attn, "scaling", an.head_dim ** -0.5), rotary, getattr(attn, "layer_idx", i),
-                          o_bias=an.o_bias, q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))
-    return new.to(attn.o_proj.weight.device, attn.o_proj.weight.dtype)
+def _rotary_of(attn):
+    """The family's rotary-embedding function (the module of its attention class has one)."""
+    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
 
-def _shrink_attention(block, i, spec, db, level):
+def _shrink_attention(block, i, spec, db, level, config):
     an = db.anatomy
     name, attn = child_with(block, ATTN, "attention")
+    new = pruned_attention(attn, spec, config, _rotary_of(attn), i)
     if not spec["heads"]:
-        setattr(block, name, NoAttention())
+        setattr(block, name, new)
         return
-    new = _new_attention(attn, spec, an, i)
     q_rows, kv_rows = _unit_rows(spec["heads"], an.head_dim), _unit_rows(spec["kv_heads"], an.head_dim)
     new.q_proj = _rows(attn.q_proj, q_rows)
     new.k_proj = _rows(attn.k_proj, kv_rows)
@@ -157,7 +101,7 @@ def materialize(model, db: Database, genome):
     model = copy.deepcopy(model, memo)
     n, structure = db.n_layers, structure_of(db, genome)
     for i, (block, spec) in enumerate(zip(decoder_layers(model), structure)):
-        _shrink_attention(block, i, spec, db, genome[i])
+        _shrink_attention(block, i, spec, db, genome[i], model.config)
         _shrink_mlp(block, i, spec, db, genome[n + i])
     model.prunerzero_structure = structure
     return model
@@ -206,6 +150,35 @@ def save_structured(model, path, tokenizer=None, extra: dict | None = None):
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     (path / STRUCTURE_FILE).write_text(json.dumps({"layers": structure, **(extra or {})}, indent=1))
+    (path / f"{REMOTE_MODULE}.py").write_text(modeling_source(model))
+    finish_saved_config(path, prunerzero_structure=structure, architectures=[REMOTE_CLASS],
+                        auto_map={"AutoModelForCausalLM": f"{REMOTE_MODULE}.{REMOTE_CLASS}"})
+
+
+REMOTE_MODULE, REMOTE_CLASS = "modeling_prunerzero", "PrunerZeroForCausalLM"
+
+
+def modeling_source(model) -> str:
+    """The modeling file saved beside a materialised model: remote_code.py (torch and
+    transformers only) and a subclass of the model's own architecture that shrinks itself to
+    config.prunerzero_structure before transformers loads the weights."""
+    from . import remote_code
+    base = type(model)   # a materialised model keeps its family's class (LlamaForCausalLM, ...)
+    return Path(remote_code.__file__).read_text() + f'''
+
+# --- written by prunerzero for this model's architecture ---
+from transformers import {base.__name__} as _Base  # noqa: E402
+from {base.__module__} import apply_rotary_pos_emb as _rotary  # noqa: E402
+
+
+class {REMOTE_CLASS}(_Base):
+    """{base.__name__} with the attention heads and MLP channels that prunerzero kept
+    (config.prunerzero_structure: one entry per decoder block)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        shrink_to(self, config.prunerzero_structure, _rotary)
+'''
 
 
 def load_structured(path, dtype=None, device: str | None = "cpu"):
@@ -238,16 +211,4 @@ def load_structured(path, dtype=None, device: str | None = "cpu"):
 
 def _reshape(model, layers):
     """Give a freshly built model the saved shapes (values come from the state dict)."""
-    from .units import anatomy
-    an = anatomy(model)
-    dtype = next(model.parameters()).dtype
-    for i, (block, spec) in enumerate(zip(decoder_layers(model), layers)):
-        name, attn = child_with(block, ATTN, "attention")
-        setattr(block, name, _new_attention(attn, spec, an, i) if spec["heads"] else NoAttention())
-        mname, mlp = child_with(block, MLP, "MLP")
-        c = len(spec["channels"])
-        if not c:
-            setattr(block, mname, NoMLP())
-            continue
-        for proj, shape in (("gate_proj", (an.hidden, c)), ("up_proj", (an.hidden, c)), ("down_proj", (c, an.hidden))):
-            setattr(mlp, proj, nn.Linear(*shape, bias=an.mlp_bias, dtype=dtype))
+    shrink_to(model, layers, _rotary_of(attention_of(decoder_layers(model)[0])))
