@@ -3,6 +3,7 @@ line or by the caller) and carried down whole; written next to every result in r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import checks
 from .allocation import check_allocation
@@ -13,7 +14,28 @@ from .space import recipe_defaults
 
 
 @dataclass
-class EvalConfig(Settings):
+class TaskSettings:
+    """Zero-shot tasks through lm-eval (see zeroshot.py), shared by eval, apply and darwin;
+    no tasks: perplexity only."""
+    tasks: tuple = ()                 # lm-eval task names, or wiki_lastword (offline)
+    num_fewshot: int | None = None
+    task_batch_size: int = 8
+    task_limit: float | None = None   # documents per task: a count, or a fraction below 1
+    include_path: str | None = None   # a folder of the user's own task YAML
+
+    def validate_tasks(self):
+        if isinstance(self.tasks, str):
+            self.tasks = tuple(t.strip() for t in self.tasks.split(",") if t.strip())
+        self.tasks = tuple(self.tasks)
+        checks.integer("num_fewshot", self.num_fewshot, minimum=0, optional=True)
+        checks.integer("task_batch_size", self.task_batch_size)
+        checks.number("task_limit", self.task_limit, low=0, low_open=True, optional=True)
+        if self.include_path is not None and not Path(self.include_path).is_dir():
+            raise checks.SettingsError(f"--include-path {self.include_path} is not a folder of task YAML files")
+
+
+@dataclass
+class EvalConfig(Settings, TaskSettings):
     model: str | None = None          # HF id or folder; None: the bundled SmolLM2-135M
     seqlen: int = 512
     eval_data: str | None = None      # None: WikiText-2 test (held-out Wikipedia if missing)
@@ -30,6 +52,7 @@ class EvalConfig(Settings):
         checks.model_and_text(self.bos, self.dtype, self.device, self.seqlen)
         checks.integer("eval_chunks", self.eval_chunks, optional=True)
         checks.text_source("eval_data", self.eval_data, optional=True)
+        self.validate_tasks()
 
 
 @dataclass

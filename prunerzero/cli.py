@@ -22,12 +22,28 @@ class _Group(click.Group):
             sys.exit(2)
         except KeyboardInterrupt:
             # each command leaves its own hint in ctx.meta, which click shares with the group's context
-            click.echo(ctx.meta.get("interrupted", "interrupted"), err=True)
+            hint = ctx.meta.get("interrupted", "interrupted")
+            click.echo(hint() if callable(hint) else hint, err=True)
             sys.exit(130)
 
 
-def _on_interrupt(hint: str):
-    click.get_current_context().meta["interrupted"] = "interrupted; " + hint
+def _on_interrupt(hint):
+    """What Ctrl-C prints: `hint`, or for a callable, what it returns then."""
+    click.get_current_context().meta["interrupted"] = (lambda: "interrupted; " + hint()) if callable(hint) \
+        else "interrupted; " + hint
+
+
+def _resume_hint(command: str, folder: str, cached: str):
+    """The interrupt hint of a run folder, decided when Ctrl-C comes: --resume once the folder
+    holds a run, else the same command again (what was cached so far is reused)."""
+    from pathlib import Path
+
+    def hint():
+        if (Path(folder) / "config.json").is_file():
+            return f"the run continues from its last checkpoint with: prunerzero {command} --resume {folder}"
+        return (f"no run was written to {folder} yet; run the same command again ({cached} computed so far "
+                "are cached and reused)")
+    return hint
 
 
 @click.group(cls=_Group)
@@ -98,6 +114,25 @@ def _common(f):
     return f
 
 
+def _task_options(flag: str):
+    """lm-eval zero-shot options (`--tasks` on eval, `--eval-tasks` on apply)."""
+    def wrap(f):
+        opts = [
+            click.option(flag, "tasks", default="",
+                         help="Comma-separated lm-eval tasks (arc_easy, hellaswag, ...; wiki_lastword works "
+                              "offline); needs pip install 'prunerzero[eval]'."),
+            click.option("--num-fewshot", type=int, default=None, help="Few-shot examples (default: the task's)."),
+            click.option("--task-batch-size", default=8, show_default=True, help="lm-eval batch size."),
+            click.option("--limit", "task_limit", type=float, default=None,
+                         help="Documents per task: a count, or a fraction below 1."),
+            click.option("--include-path", default=None, help="A folder of your own lm-eval task YAML files."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return wrap
+
+
 @main.command()
 @_common
 @click.option("--metric", default="pruner-zero", show_default=True, help="Metric text or catalog name.")
@@ -121,8 +156,10 @@ def _common(f):
                    "recipe's, else uniform.")
 @click.option("--allocation-generations", default=20, show_default=True,
               help="Generations of --allocation search (a rerun with more continues the cached search).")
+@_task_options("--eval-tasks")
 def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, bos, metric, sparsity, structure, output,
-          nsamples, calibration, seed, one_shot, method, group, update, allocation, allocation_generations):
+          nsamples, calibration, seed, one_shot, method, group, update, allocation, allocation_generations, tasks,
+          num_fewshot, task_batch_size, task_limit, include_path):
     """Prune a model with a metric (or SparseGPT), report perplexity, and save it."""
     from .apply_config import ApplyConfig
     from .pipeline import run_apply
@@ -131,7 +168,8 @@ def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, bos, m
                       update=update, allocation=allocation, allocation_generations=allocation_generations,
                       nsamples=nsamples, seqlen=seqlen, calibration=calibration, eval_data=eval_data,
                       eval_chunks=eval_chunks, seed=seed, sequential=not one_shot, dtype=dtype, device=device,
-                      data_dir=data_dir, bos=bos)
+                      data_dir=data_dir, bos=bos, tasks=tasks, num_fewshot=num_fewshot,
+                      task_batch_size=task_batch_size, task_limit=task_limit, include_path=include_path)
     run_apply(cfg, output, log=click.echo)
 
 
@@ -208,7 +246,7 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
     from .search.config import SearchConfig
     from .search.run import run_evolve
     log = _log(quiet)
-    _on_interrupt(f"the run continues from its last checkpoint with: prunerzero evolve --resume {resume or output}")
+    _on_interrupt(_resume_hint("evolve", resume or output, "the primitives"))
     if _resumed(run_evolve, output, resume, generations, log, quiet):
         return
     cfg = SearchConfig(model=model, sparsity=sparsity, structure=structure, strategy=strategy, population=population,
@@ -254,15 +292,17 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
               help="auto: the checkpoint's own dtype (fp16 runs as bf16 on a CPU)")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No live lines or progress bars; the run folder has the logs.")
+@_task_options("--eval-tasks")
 def darwin(model, output, resume, target, generations, offspring, stages, lr, ladder, multiple, database,
            finetune_tokens, finetune_lr, no_baselines, nsamples, seqlen, calibration, eval_data, eval_chunks,
-           eval_full, data_dir, bos, seed, time_limit, threads, dtype, device, quiet):
+           eval_full, data_dir, bos, seed, time_limit, threads, dtype, device, quiet, tasks, num_fewshot,
+           task_batch_size, task_limit, include_path):
     """Evolve per-layer head and channel counts (DarwinLM) into a smaller, faster dense model."""
     from .structured.config import DarwinConfig, parse_stages
     from .structured.database import DEFAULT_LADDER
     from .structured.run import run_darwin
     log = _log(quiet)
-    _on_interrupt(f"the run continues from its last checkpoint with: prunerzero darwin --resume {resume or output}")
+    _on_interrupt(_resume_hint("darwin", resume or output, "the database levels"))
     if _resumed(run_darwin, output, resume, generations, log, quiet):
         return
     cfg = DarwinConfig(model=model, target=target, generations=generations, offspring=offspring,
@@ -271,18 +311,22 @@ def darwin(model, output, resume, target, generations, offspring, stages, lr, la
                        finetune_lr=finetune_lr, baselines=not no_baselines, nsamples=nsamples, seqlen=seqlen,
                        calibration=calibration, eval_data=eval_data, eval_chunks=eval_chunks, eval_full=eval_full,
                        data_dir=data_dir, bos=bos, seed=seed, time_limit=time_limit, threads=threads, dtype=dtype,
-                       device=device)
+                       device=device, tasks=tasks, num_fewshot=num_fewshot, task_batch_size=task_batch_size,
+                       task_limit=task_limit, include_path=include_path)
     run_darwin(cfg, output, log=log, quiet=quiet)
 
 
 @main.command("eval")
 @_common
-def eval_(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, bos):
-    """Print a model's perplexity (SparseGPT/Wanda protocol)."""
+@_task_options("--tasks")
+def eval_(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, bos, tasks, num_fewshot, task_batch_size,
+          task_limit, include_path):
+    """Print a model's perplexity (SparseGPT/Wanda protocol) and, with --tasks, its zero-shot accuracies."""
     from .apply_config import EvalConfig
     from .pipeline import run_eval
     cfg = EvalConfig(model=model, seqlen=seqlen, eval_data=eval_data, eval_chunks=eval_chunks, data_dir=data_dir,
-                     bos=bos, dtype=dtype, device=device)
+                     bos=bos, dtype=dtype, device=device, tasks=tasks, num_fewshot=num_fewshot,
+                     task_batch_size=task_batch_size, task_limit=task_limit, include_path=include_path)
     ppl = run_eval(cfg, log=click.echo)
     click.echo(f"perplexity: {ppl:.3f}")
 

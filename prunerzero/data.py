@@ -8,6 +8,7 @@ and any plain text file.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -36,15 +37,40 @@ def wikitext2_rows(split: str = "test", data_dir_: str | os.PathLike | None = No
     if path is not None and path.is_file():
         raw = path.read_text(encoding="utf-8")
         return ["" if line.strip() == "" else line + "\n" for line in raw.split("\n")[:-1]]
+    where = f" (looked for {path})" if path else ""
+    if not hub_reachable():  # at once, instead of datasets' retries (about 20 s of them)
+        raise DataError(f"WikiText-2 '{split}' is not available{where} and the Hugging Face hub cannot be reached. "
+                        "Give --data-dir DIR or set PRUNERZERO_DATA_DIR to a folder holding wikitext-2-raw/"
+                        f"wiki.{split}.raw, or connect to the hub.")
     try:
         import datasets
         return list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
-    except Exception as e:  # offline, no cache, ...: say every way to provide it
-        where = f" (looked for {path})" if path else ""
+    except Exception as e:  # no cache, a hub error, ...: say every way to provide it
         raise DataError(
             f"WikiText-2 '{split}' is not available{where}: `datasets` could not load it ({type(e).__name__}). "
             "Give --data-dir DIR or set PRUNERZERO_DATA_DIR to a folder holding wikitext-2-raw/"
             f"wiki.{split}.raw, or connect to the Hugging Face hub.") from None
+
+
+_HUB = ("huggingface.co", 443)
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers: False at once when HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE is set, else one TCP connection (asked once per process)."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    return _connects(_HUB, timeout)
+
+
+@functools.lru_cache(maxsize=None)
+def _connects(address, timeout: float) -> bool:
+    import socket
+    try:
+        socket.create_connection(address, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def wikipedia_text() -> str:

@@ -144,11 +144,14 @@ def run_apply(config: ApplyConfig | None = None, output=None, log=print, **setti
     log(f"pruned with {report.metric} ({report.canonical}{update}) {cfg.structure} at {report.sparsity:.4f} "
         f"measured sparsity: perplexity {ppl['pruned']:.3f}")
     report.perplexity = ppl
+    zero_shot = zero_shot_for(model, tok, cfg, log)
     report.settings = dict(cfg.to_dict(), model=cfg.model or "smollm2-135m (bundled)", eval_data=ev.source,
                            eval_chunks=len(ev.chunks), device=placement(model),
                            bos=seq.describe(), note=ev.note)
     report.timings["load_s"] = t_load
     result = report.to_dict()
+    if zero_shot:
+        result["zero_shot"] = zero_shot
     _check_sparsity(report)
     if out is not None:
         _save(model, tok, out, result)
@@ -235,4 +238,20 @@ def run_eval(config: EvalConfig | None = None, log=print, **settings) -> float:
     ev = eval_data_for(tok, cfg.eval_data, cfg.seqlen, cfg.eval_chunks, cfg.data_dir, seq=seq)
     if ev.note:
         log("NOTE: " + ev.note)
-    return perplexity(model, ev.chunks)
+    ppl = perplexity(model, ev.chunks)
+    zero_shot_for(model, tok, cfg, log)
+    return ppl
+
+
+def zero_shot_for(model, tok, cfg: EvalConfig, log) -> dict:
+    """cfg.tasks' zero-shot accuracies of the model (none asked: {}), logged as a table."""
+    if not cfg.tasks:
+        return {}
+    from .zeroshot import run_tasks, table
+    t0 = time.perf_counter()
+    limit = int(cfg.task_limit) if cfg.task_limit is not None and cfg.task_limit >= 1 else cfg.task_limit
+    results = run_tasks(model, tok, list(cfg.tasks), cfg.num_fewshot, cfg.task_batch_size, limit,
+                        cfg.include_path, getattr(cfg, "seed", 0))
+    log(table(results))
+    log(f"zero-shot tasks {', '.join(cfg.tasks)}: {time.perf_counter() - t0:.0f} s")
+    return results

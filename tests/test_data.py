@@ -43,3 +43,20 @@ def test_real_corpora_tokenize_to_the_reference_counts():
     tok = AutoTokenizer.from_pretrained(default_model_path())
     assert data.tokenize(tok, "\n\n".join(rows)).shape[1] == 304_986
     assert data.tokenize(tok, data.wikipedia_text()).shape[1] == 1_068_344
+
+
+def test_without_a_local_copy_an_unreachable_hub_fails_at_once(tmp_path, monkeypatch):
+    """No local WikiText-2 and no hub: one clear error straight away, not datasets' retries."""
+    import datasets
+
+    def never(*a, **k):
+        raise AssertionError("datasets was asked although the hub is unreachable")
+    monkeypatch.setattr(datasets, "load_dataset", never)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not data.hub_reachable()
+    with pytest.raises(data.DataError, match="hub cannot be reached.*PRUNERZERO_DATA_DIR"):
+        data.wikitext2_rows("test", tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(data, "_HUB", ("127.0.0.1", 9))   # nothing listens on the discard port
+    data._connects.cache_clear()
+    assert not data.hub_reachable(timeout=0.5)

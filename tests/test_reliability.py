@@ -168,13 +168,14 @@ def test_an_interrupted_apply_says_nothing_was_saved_and_leaves_no_partial(world
     assert not out.exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_an_interrupted_search_names_the_folder_to_resume(world, monkeypatch):
+def test_a_search_interrupted_before_its_run_folder_says_to_run_again(world, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr("prunerzero.search.run.load_model", interrupted)
     r = CliRunner().invoke(main, shlex.split("evolve " + SEARCH.format(w=world)))
     assert r.exit_code == 130
-    assert f"prunerzero evolve --resume {world}/run" in r.output
+    assert f"no run was written to {world}/run yet; run the same command again" in r.output
+    assert "--resume" not in r.output
 
 
 def test_a_partial_folder_left_by_a_killed_apply_is_removed_by_the_next_run(world, tmp_path):
@@ -208,3 +209,13 @@ def test_settings_beside_a_config_are_refused_not_ignored():
         pipeline.run_apply(ApplyConfig(), sparsity=0.6)
     with pytest.raises(SettingsError, match="not both"):
         pipeline.run_eval(EvalConfig(), eval_chunks=2)
+
+
+def test_the_interrupt_hint_names_what_actually_continues_the_work(tmp_path):
+    from prunerzero.cli import _resume_hint
+    run = tmp_path / "run"
+    hint = _resume_hint("darwin", str(run), "the database levels")
+    assert "no run was written" in hint() and "--resume" not in hint() and "database levels" in hint()
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert f"prunerzero darwin --resume {run}" in hint()   # decided when Ctrl-C comes, not at start

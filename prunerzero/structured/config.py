@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import checks
+from ..apply_config import TaskSettings
 from ..settings import Settings
 from .database import DEFAULT_LADDER
 
@@ -24,7 +25,7 @@ def parse_stages(text: str) -> tuple[tuple[int, int, int], ...]:
 
 
 @dataclass
-class DarwinConfig(Settings):
+class DarwinConfig(Settings, TaskSettings):
     model: str | None = None                  # HF id or folder; None: the bundled SmolLM2-135M
     target: float = 0.6                       # prunable parameters kept: a fraction in (0, 1] or a count
     # the level database
@@ -68,6 +69,7 @@ class DarwinConfig(Settings):
 
     def validate(self):
         checks.model_and_text(self.bos, self.dtype, self.device, self.seqlen)
+        self.validate_tasks()
         checks.text_source("calibration", self.calibration)
         checks.text_source("eval_data", self.eval_data, optional=True)
         self.target = checks.number("target_params", self.target, low=0, low_open=True)

@@ -12,7 +12,7 @@ from ..calibration import cache_key
 from ..data import calibration_samples, sequences_for
 from ..evaluate import perplexities
 from ..models import cache_dir, check_seqlen, concrete_dtype, load_model
-from ..pipeline import model_identity, calibration_for, eval_data_for
+from ..pipeline import model_identity, calibration_for, eval_data_for, zero_shot_for
 from ..search.rundir import RunDir
 from .config import DarwinConfig
 from .database import build_database, database_settings
@@ -136,6 +136,8 @@ def finish(search: DarwinSearch, model, tok, data: DarwinData, c: DarwinConfig, 
         report["speed"]["speedup"] = report["speed"]["dense"]["median_s"] / report["speed"]["evolved"]["median_s"]
         log(f"forward latency batch 1 x {c.seqlen}: dense {report['speed']['dense']['median_s']:.3f} s, "
             f"evolved {report['speed']['evolved']['median_s']:.3f} s ({report['speed']['speedup']:.2f}x)")
+    if c.tasks and tok is not None:
+        report["zero_shot"] = {"evolved": zero_shot_for(final, tok, c, log)}
     save_structured(final, run.path / "model", tok, extra={"report": "../report.json"})
     run.write_json("report.json", report)
     plot_allocation(run.path / "allocation.png", space, configs)
