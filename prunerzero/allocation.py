@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from . import progress
 from .allocation_search import AllocationSearchConfig, search_allocation
 from .blocks import blockwise
 from .calibration import InputNorms
@@ -68,7 +69,7 @@ def layer_counts(layers: dict, sparsity_of: dict[str, float], sparsity: float) -
 
 
 def allocate(kind, model, layers: dict, samples, sparsity: float, structure: str,
-             progress: bool = True, metric=None, log=print, known: dict | None = None
+             progress: bool = True, metric=None, log=progress.log, known: dict | None = None
              ) -> tuple[dict[str, int] | None, dict]:
     """(weights to prune per layer, or None for uniform; what to write in the report). kind:
     "uniform", "owl", "search", or an AllocationSearchConfig (a search with those settings),

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import progress
 from . import checks
 from .calibration import compute_g, compute_h, compute_x
 from .compile import layer_primitives, scorer
@@ -107,7 +108,7 @@ class LevelMasks:
 
 
 def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsity: float,
-                      config: AllocationSearchConfig | None = None, run_path=None, log=print,
+                      config: AllocationSearchConfig | None = None, run_path=None, log=progress.log,
                       progress: bool = True, known: dict | None = None) -> tuple[dict[str, float], dict]:
     """(sparsity of each layer, report) found by evolution; the model is left dense. run_path:
     a folder for the run (resumed when it holds one, reused when finished); None: a

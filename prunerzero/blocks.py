@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from tqdm.auto import tqdm
+from .progress import bar
 
 from .models import ONLOAD_ATTR, decoder_layers, prunable_linears
 
@@ -173,7 +173,7 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
     inputs, calls = block_inputs(model, calibration)
     blocks = decoder_layers(model)
     dtype, device = compute_dtype(model), execution_device(model)
-    for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, leave=False)):
+    for i, block in enumerate(bar(blocks, desc=desc, enabled=progress)):
         inputs, call = as_dtype(inputs, calls[i], dtype, device)
         with running_in(block, dtype, device):
             linears = prunable_linears(block)

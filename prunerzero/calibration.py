@@ -8,7 +8,8 @@ import json
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from . import progress
+from .progress import bar
 
 from .layers import as_matrix, in_features, matrix
 from .models import ModelError, all_prunable, cache_dir, copy_fits, grads_only_for
@@ -139,7 +140,7 @@ def record_dense(model, samples: torch.Tensor, recorder, batch_size: int = 1, de
     """One pass of the dense model over the samples with `recorder` on every prunable layer."""
     device = next(model.parameters()).device
     with recorder(all_prunable(model)) as rec:
-        for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress, leave=False):
+        for i in bar(range(0, len(samples), batch_size), desc=desc, enabled=progress):
             model(samples[i:i + batch_size].to(device))
     return rec
 
@@ -207,7 +208,7 @@ def compute_g(model, samples: torch.Tensor, scale: float = 1.0) -> dict[str, tor
                     acc[name].add_(as_matrix(m, param.grad).float().mul(scale).square_().to(acc_device))
                     param.grad = None
                 hooks.append(m.weight.register_post_accumulate_grad_hook(hook))
-            for i in tqdm(range(len(samples)), desc="gradients", leave=False):
+            for i in bar(range(len(samples)), desc="gradients"):
                 ids = samples[i:i + 1].to(device)
                 model(input_ids=ids, labels=ids).loss.backward()
         finally:
@@ -274,7 +275,7 @@ def _settings_text(settings: dict) -> str:
     return json.dumps(settings, sort_keys=True, default=str)
 
 
-def cached(kind: str, settings: dict, compute, names=None, log=print) -> dict[str, torch.Tensor]:
+def cached(kind: str, settings: dict, compute, names=None, log=progress.log) -> dict[str, torch.Tensor]:
     """`kind` primitives for `settings` from the cache, or computed and stored with their
     settings and a content checksum. A damaged entry is reported, discarded and recomputed;
     `names`, when given, are the layers the entry must hold."""

@@ -1,6 +1,7 @@
 """Command line: `prunerzero --help`."""
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -46,10 +47,36 @@ def _resume_hint(command: str, folder: str, cached: str):
     return hint
 
 
+class _Stderr(logging.StreamHandler):
+    """The prunerzero logger's lines on whatever sys.stderr is when they are written."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _setup_logging() -> None:
+    """The logger's lines (steps done, their times, warnings) to stderr, once per process;
+    results and the commands' own messages go to stdout."""
+    from .progress import logger, set_quiet
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    set_quiet(False)
+    logger.setLevel(logging.INFO)
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="prunerzero")
 def main():
     """Evolve symbolic pruning metrics for LLMs, and prune with them."""
+    _setup_logging()
 
 
 @main.command()
@@ -74,13 +101,19 @@ def metrics(operators):
     """List the named metrics of the catalog (primitives/catalog.toml)."""
     from .metric import Metric
     from .space import load_space
+    import shutil
+    import textwrap
     space = load_space()
+    width = max(len(n) for n in space.catalog) + 2   # every name aligned, however long
+    wrap = dict(width=max(60, shutil.get_terminal_size().columns - 1), initial_indent=" " * width,
+                subsequent_indent=" " * (width + 2))
     for name, entry in space.catalog.items():
         m = Metric.parse(name)
         recipe = [f"--update {entry.update}"] * (entry.update != "none") + \
             [f"--allocation {entry.allocation}"] * (entry.allocation != "uniform")
-        click.echo(f"{name:12} {m.simplify()}" + (f"  (recipe: {' '.join(recipe)})" if recipe else ""))
-        click.echo(f"{'':12} canonical {m.canonical()}  -- {entry.source}")
+        click.echo(f"{name:{width}}{m.simplify()}" + (f"  (recipe: {' '.join(recipe)})" if recipe else ""))
+        click.echo(textwrap.fill(f"canonical {m.canonical()}", **wrap))
+        click.echo(textwrap.fill(f"source: {entry.source}", **wrap))
     if operators:
         click.echo("\nterminals:")
         for t in space.terminals.values():
@@ -174,6 +207,9 @@ def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, bos, m
 
 
 def _log(quiet):
+    """The run's message callback; quiet also silences bars and the logger's info lines."""
+    from .progress import set_quiet
+    set_quiet(quiet)
     return (lambda *a: None) if quiet else click.echo
 
 

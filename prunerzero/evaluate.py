@@ -10,7 +10,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import bar
 
 
 @torch.inference_mode()
@@ -24,7 +24,7 @@ def nll_sum(model, chunks: torch.Tensor, batch_size: int = 4, progress: bool = T
         return nll_blockwise(model, chunks, progress=progress)
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for i in tqdm(range(0, len(chunks), batch_size), desc="perplexity", disable=not progress, leave=False):
+    for i in bar(range(0, len(chunks), batch_size), desc="perplexity", enabled=progress):
         ids = chunks[i:i + batch_size].to(device)
         nll += token_nll(model(ids).logits, ids)
         count += ids[:, 1:].numel()
@@ -67,7 +67,7 @@ def nll_blockwise(model, chunks: torch.Tensor, around_block=None, progress: bool
     blocks = decoder_layers(model)
     hidden, calls = block_inputs(model, chunks)
     dtype, device = compute_dtype(model), execution_device(model)
-    for i, block in enumerate(tqdm(blocks, desc="perplexity (by block)", disable=not progress, leave=False)):
+    for i, block in enumerate(bar(blocks, desc="perplexity (by block)", enabled=progress)):
         hidden, call = as_dtype(hidden, calls[i], dtype, device)
         # evaluation changes no weight (around_block undoes its own): nothing to write back
         with running_in(block, dtype, device, write_back=False), \

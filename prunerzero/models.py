@@ -97,8 +97,13 @@ def default_model_path() -> Path:
     out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if (out / "config.json").is_file():
         return out
+    import time
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .progress import logger
     gguf = _bundled_gguf()
+    t0 = time.perf_counter()
+    logger.warning(f"first use of the bundled model: converting {gguf.name} into a Hugging Face folder at {out} "
+                   "(once; later runs load it in about a second)")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; a fresh model with its weights saves normally.
@@ -111,6 +116,7 @@ def default_model_path() -> Path:
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.rename(out)  # atomic: an interrupted conversion leaves no half-written model
+    logger.warning(f"converted the bundled model in {time.perf_counter() - t0:.0f} s")
     return out
 
 

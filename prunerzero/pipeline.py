@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import progress
 from . import checks, data
 from .apply_config import ApplyConfig, EvalConfig
 from .allocation_search import AllocationSearchConfig
@@ -71,7 +72,7 @@ def heldout_wikipedia(tokenizer, seqlen=512, chunks=None, calibration_source="wi
     return EvalData(data.chunks(calib_ids, seqlen, chunks, exclude=exclude, seq=seq), WIKIPEDIA_HELDOUT)
 
 
-def dense_primitives(model, metric: Metric, samples, settings: dict, sequential: bool, log=print):
+def dense_primitives(model, metric: Metric, samples, settings: dict, sequential: bool, log=progress.log):
     """G (and X, H for one-shot pruning) of the dense model, from the on-disk cache when a run
     with the same settings computed them before. Sequential pruning recomputes X and H per block."""
     uses = metric.terminals
@@ -111,7 +112,7 @@ def _settings(kind, config, settings: dict):
     return config if config is not None else kind(**settings)
 
 
-def run_apply(config: ApplyConfig | None = None, output=None, log=print, **settings) -> dict:
+def run_apply(config: ApplyConfig | None = None, output=None, log=progress.log, **settings) -> dict:
     """Prune a model as `config` (or ApplyConfig(**settings)) says, measure perplexity before and
     after, and save the model with report.json in `output` (when given)."""
     cfg = _settings(ApplyConfig, config, settings)
@@ -228,7 +229,7 @@ def _save(model, tok, out: Path, result: dict):
         raise
 
 
-def run_eval(config: EvalConfig | None = None, log=print, **settings) -> float:
+def run_eval(config: EvalConfig | None = None, log=progress.log, **settings) -> float:
     """Perplexity of a model as `config` (or EvalConfig(**settings)) says."""
     cfg = _settings(EvalConfig, config, settings)
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)

@@ -6,7 +6,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm.auto import tqdm
+from . import progress
+from .progress import bar
 
 from .calibration import Hessians, InputNorms, compute_g, compute_h, compute_x
 from .allocation import allocate
@@ -71,7 +72,7 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
                  calibration: torch.Tensor | None = None, sequential: bool = True,
                  grads: dict | None = None, x_norms: dict | None = None, curvature: dict | None = None,
                  group: str | None = None, update: str | Update | None = None, allocation=None,
-                 progress: bool = True, log=print) -> PruneReport:
+                 progress: bool = True, log=progress.log) -> PruneReport:
     """Prune `model` in place with `metric` (text, catalog name or Metric) and report.
 
     calibration: (nsamples, seqlen) token ids, needed for X (unless `x_norms` is given for
@@ -115,7 +116,7 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
         if "H" in uses and curvature is None:
             curvature = compute_h(model, _need(calibration, "H"))
         stats = {"X": x_norms, "G": grads, "H": curvature}
-        for name, lin in tqdm(all_prunable(model).items(), desc="pruning", disable=not progress, leave=False):
+        for name, lin in bar(all_prunable(model).items(), desc="pruning", enabled=progress):
             _prune_linear(name, lin, fn, layer_primitives(name, uses, stats, n), sparsity, structure, group,
                           count=counts and counts[name])
     timings["prune_s"] = time.perf_counter() - t1

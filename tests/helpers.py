@@ -75,7 +75,8 @@ def search_script(model, generations: int, **extra) -> str:
     settings = dict(model=str(model), population=8, generations=generations, elite=1, stages=(1, 2, 4),
                     promote=0.5, heldout_chunks=4, hof_size=3, threads=1, seed=3, **extra)
     return f"""
-import sys
+import logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")  # the run's messages
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from tiny import search_data
 from prunerzero.search.config import SearchConfig

@@ -193,7 +193,8 @@ def test_a_run_writes_its_files_and_keeps_the_parameter_count(tiny_dir, tmp_path
 
 
 SCRIPT = """
-import sys
+import logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")  # the run's messages
 sys.path.insert(0, {tests!r})
 from test_darwin import tiny_run_config, tiny_data
 from prunerzero.structured.run import run_darwin

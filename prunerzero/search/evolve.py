@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from deap import tools
-from tqdm.auto import tqdm
+from .. import progress
 
 from .cache import Cache, Measured
 from .checkpoint import individual_from, individual_record, rng_state, set_rng_state
@@ -68,7 +68,7 @@ class Search:
     config: SearchConfig
     run: RunDir
     pool: object
-    log: callable = print
+    log: callable = progress.log
     quiet: bool = False
     cache: Cache = field(default_factory=Cache)
     counters: Counters = field(default_factory=Counters)
@@ -182,7 +182,7 @@ class Search:
             else:
                 keys.append(key)
                 tasks.append(Task(simplified, m.done if m else 0, k, "search", known, reconstruct=recon))
-        bar = tqdm(total=len(tasks), desc=desc.strip(), disable=self.quiet or not tasks, leave=False)
+        bar = progress.bar(total=len(tasks), desc=desc.strip(), enabled=not self.quiet and bool(tasks), done_line=False)
         results = self.pool.map(tasks, on_result=lambda r: bar.update())
         bar.close()
         for key, task, r in zip(keys, tasks, results):

@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 import torch
 
+from .. import progress
 from ..calibration import cache_path, cached, compute_g, compute_h, compute_hessians, compute_x, shared_inputs
 from ..data import DataError, sequences_for
 from ..metric import Metric
@@ -59,7 +60,7 @@ def terminals_needed(c: SearchConfig, pset_terminals) -> set[str]:
     return names & set(COMPUTE)
 
 
-def primitive_files(model, c: SearchConfig, samples: torch.Tensor, needed, log=print) -> dict[str, str]:
+def primitive_files(model, c: SearchConfig, samples: torch.Tensor, needed, log=progress.log) -> dict[str, str]:
     """Dense X, G, H of the calibration samples, from the shared on-disk cache (computed once)."""
     key = primitive_settings(c.model, c.calibration, samples, c.seed, concrete_dtype(c.model, c.dtype, c.device))
     files = {}
@@ -69,7 +70,7 @@ def primitive_files(model, c: SearchConfig, samples: torch.Tensor, needed, log=p
     return files
 
 
-def hessian_file(model, c: SearchConfig, samples: torch.Tensor, log=print) -> str | None:
+def hessian_file(model, c: SearchConfig, samples: torch.Tensor, log=progress.log) -> str | None:
     """The dense layer-input Hessians that a recipe's update needs, from the shared cache."""
     if c.update == "none":
         return None
@@ -90,7 +91,7 @@ def search_evaluator(c: SearchConfig, needed: set[str] | None = None) -> tuple[E
 
 
 def run_evolve(config: SearchConfig | None = None, output=None, resume=None, data: SearchData | None = None,
-               generations: int | None = None, log=print, quiet: bool = False) -> dict:
+               generations: int | None = None, log=progress.log, quiet: bool = False) -> dict:
     """Run (or continue, with resume=RUN) a metric search; returns the final summary."""
     if resume:
         run = RunDir(resume, "evolve")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from ..progress import bar
 
 from ..blocks import block_inputs, run_block
 from ..calibration import Hessians
@@ -150,7 +150,7 @@ def build_database(model, samples: torch.Tensor, path, settings: dict, ladder=DE
     step = mlp_step or max(1, an.channels // 256)  # a few channels per OBS step: same levels, fewer steps
     inputs, calls = block_inputs(model, samples)
     meta = {"settings": settings, "ladder": list(ladder), "anatomy": an.__dict__, "attn": [], "mlp": [], "build_s": 0.0}
-    for i, block in enumerate(tqdm(decoder_layers(model), desc="level database", disable=not progress)):
+    for i, block in enumerate(bar(decoder_layers(model), desc="level database", enabled=progress)):
         file = path / f"layer_{i:03d}.safetensors"
         if file.is_file():  # built before an interruption
             inputs = run_block(block, inputs, calls[i])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..progress import bar
 
 from ..models import decoder_layers, grads_only_for
 
@@ -64,7 +64,7 @@ def light_train(model, windows: torch.Tensor, lr: float, progress: bool = False,
     model.train()
     try:
         with grads_only_for(model, params):
-            for i in tqdm(range(len(windows)), desc=desc, disable=not progress, leave=False):
+            for i in bar(range(len(windows)), desc=desc, enabled=progress):
                 ids = windows[i:i + 1].to(_device(model))
                 model(input_ids=ids, labels=ids).loss.backward()
                 opt.step()

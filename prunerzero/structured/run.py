@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import progress
 from ..calibration import cache_key
 from ..data import calibration_samples, sequences_for
 from ..evaluate import perplexities
@@ -52,7 +53,7 @@ def database_path(c: DarwinConfig, samples: torch.Tensor):
 
 
 def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, data: DarwinData | None = None,
-               generations: int | None = None, log=print, quiet: bool = False) -> dict:
+               generations: int | None = None, log=progress.log, quiet: bool = False) -> dict:
     """Run (or continue, with resume=RUN) a structured search; returns the report."""
     if resume:
         run = RunDir(resume, "darwin")

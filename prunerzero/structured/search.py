@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from .. import progress
 
 from ..search.rundir import RunDir
 from .config import DarwinConfig
@@ -41,7 +41,7 @@ class DarwinSearch:
     score (default: DarwinLM's structured model from the level database)."""
 
     def __init__(self, config: DarwinConfig, model, space: LevelSpace, data: FitnessData, run: RunDir,
-                 log=print, quiet=False, build=None):
+                 log=progress.log, quiet=False, build=None):
         self.c, self.model, self.space, self.data, self.run = config, model, space, data, run
         self.log, self.quiet = log, quiet
         self.build = build or (lambda genome: materialize(self.model, self.space.db, genome))
@@ -87,8 +87,8 @@ class DarwinSearch:
         candidates = [self.parent] + self.children(rng)
         stages, first_median = [], None
         n_eval, n_train = len(self.data.reference.windows), len(self.data.train)
-        bar = tqdm(total=sum(min(len(candidates), s[2] + 1) for s in self.c.stages), disable=self.quiet,
-                   desc=f"generation {self.gen}", leave=False)
+        bar = progress.bar(total=sum(min(len(candidates), s[2] + 1) for s in self.c.stages), enabled=not self.quiet,
+                           desc=f"generation {self.gen}", done_line=False)
         for s, (train_tokens, eval_tokens, keep) in enumerate(self.c.stages):
             tr = rng.sample(range(n_train), min(n_train, train_tokens // self.c.seqlen))
             ev = rng.sample(range(n_eval), min(n_eval, -(-eval_tokens // self.c.seqlen)))

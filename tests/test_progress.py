@@ -1,0 +1,48 @@
+"""Messages through the `prunerzero` logger and bars through one helper (issue 15): each long
+step leaves a line with its time, and quiet mode silences both."""
+import logging
+
+import pytest
+
+from prunerzero import progress
+from prunerzero.evaluate import perplexity
+
+from tiny import tiny_llama, token_samples
+
+
+@pytest.fixture(autouse=True)
+def loud():
+    progress.set_quiet(False)
+    yield
+    progress.set_quiet(False)
+
+
+def test_a_finished_step_leaves_one_line_with_its_time(caplog):
+    caplog.set_level(logging.INFO, logger="prunerzero")
+    perplexity(tiny_llama(), token_samples(3, 16), batch_size=1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "prunerzero"]
+    assert len(lines) == 1 and lines[0].startswith("perplexity: 3 steps in ") and lines[0].endswith(" s")
+
+
+def test_quiet_mode_and_disabled_bars_leave_nothing(caplog):
+    caplog.set_level(logging.INFO, logger="prunerzero")
+    perplexity(tiny_llama(), token_samples(2, 16), progress=False)
+    progress.set_quiet(True)
+    perplexity(tiny_llama(), token_samples(2, 16))
+    progress.log("an info message")
+    assert not [r for r in caplog.records if r.name == "prunerzero"]
+    progress.logger.warning("a warning still shows")
+    assert [r.getMessage() for r in caplog.records] == ["a warning still shows"]
+
+
+def test_the_cli_sends_step_lines_to_stderr_and_results_to_stdout(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+    from prunerzero.cli import main
+    from tiny import WORDS, word_tokenizer
+    import random
+    word_tokenizer(False).save_pretrained(tiny_dir)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(random.Random(0).choice(WORDS) for _ in range(400)))
+    r = CliRunner().invoke(main, ["eval", "--model", str(tiny_dir), "--seqlen", "32", "--eval-data", str(text)])
+    assert r.exit_code == 0, r.output
+    assert "perplexity: " in r.stdout and "steps in" in r.stderr and "steps in" not in r.stdout
