@@ -249,6 +249,8 @@ def _tuple(text, cast=str, option=""):
 @click.option("--promote", default=0.25, show_default=True, help="Fraction of a stage promoted to the next.")
 @click.option("--heldout-chunks", default=64, show_default=True)
 @click.option("--heldout-full", is_flag=True, help="Also re-evaluate on the whole test split at the end.")
+@click.option("--baselines", default="magnitude,wanda,obs,pruner-zero", show_default=True,
+              help="Catalog metrics measured beside the search (search and held-out perplexity); 'none' for none.")
 @click.option("--seed-metrics", default="", help="Catalog metrics in the first population, e.g. wanda,magnitude.")
 @click.option("--terminals", default=None, help="Override the search terminals, e.g. W,X,G.")
 @click.option("--nsamples", default=32, show_default=True)
@@ -264,7 +266,9 @@ def _tuple(text, cast=str, option=""):
 @click.option("--data-dir", default=None, envvar="PRUNERZERO_DATA_DIR")
 @_bos_option()
 @click.option("--seed", default=0, show_default=True)
-@click.option("--time-limit", type=float, default=None, help="Seconds; stop after the generation that passes it.")
+@click.option("--time-limit", type=float, default=None,
+              help="Seconds for the whole run (set-up, generations and the final held-out scoring, estimated); "
+                   "generations stop when the next would pass it.")
 @click.option("--workers", default=1, show_default=True, help="Local evaluation processes, one model each.")
 @click.option("--threads", type=int, default=None, help="Torch threads per worker.")
 @click.option("--ray", "use_ray", is_flag=True, help="Evaluate on Ray actors (pip install 'prunerzero[ray]').")
@@ -276,7 +280,7 @@ def _tuple(text, cast=str, option=""):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No live lines or progress bars; the run folder has the logs.")
 def evolve(model, output, resume, sparsity, structure, strategy, population, generations, elite, tournament, stages,
-           promote, heldout_chunks, heldout_full, seed_metrics, terminals, nsamples, seqlen, calibration, search_data,
+           promote, heldout_chunks, heldout_full, baselines, seed_metrics, terminals, nsamples, seqlen, calibration, search_data,
            update, proxy_stages, data_dir, bos, seed, time_limit, workers, threads, use_ray, ray_address, gpus_per_worker, dtype, device, quiet):
     """Search for a pruning metric by genetic programming (Pruner-Zero)."""
     from .search.config import SearchConfig
@@ -288,6 +292,7 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
     cfg = SearchConfig(model=model, sparsity=sparsity, structure=structure, strategy=strategy, population=population,
                        generations=generations, elite=elite, tournament=tournament, stages=_tuple(stages, int, "--stages"),
                        promote=promote, heldout_chunks=heldout_chunks, heldout_full=heldout_full,
+                       baselines=() if baselines.strip() == "none" else _tuple(baselines),
                        seed_metrics=_tuple(seed_metrics), terminals=_tuple(terminals) or None, nsamples=nsamples,
                        seqlen=seqlen, calibration=calibration, search_data=search_data, update=update,
                        proxy_stages=proxy_stages, data_dir=data_dir, bos=bos, seed=seed,

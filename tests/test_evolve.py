@@ -189,3 +189,16 @@ def test_offspring_of_crossover_and_mutation_compile_and_score():
                 continue
             scored += 1
     assert scored > 30
+
+
+def test_the_time_limit_bounds_the_whole_run_and_baselines_are_chosen(tiny_dir, tmp_path):
+    """A limit the set-up alone nearly spends: one generation, then a stop that names the time
+    spent and the final scoring's estimate; only the chosen baseline is measured."""
+    lines = []
+    out = run_evolve(config(tiny_dir, generations=50, time_limit=1e-3, baselines=("wanda",)), tmp_path / "r",
+                     data=data(), log=lines.append)
+    assert out["generations"] == 1
+    assert any(line.startswith("--time-limit 0 s for the whole run") for line in lines)
+    stop = [line for line in lines if line.startswith("time limit")]
+    assert len(stop) == 1 and "stopping after generation 0" in stop[0] and "final scoring" in stop[0]
+    assert set(out["baselines"]) == {"wanda"}

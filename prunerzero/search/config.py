@@ -48,7 +48,7 @@ class SearchConfig(Settings):
     hof_size: int = 5
     baselines: tuple[str, ...] = ("magnitude", "wanda", "obs", "pruner-zero")
     seed: int = 0
-    time_limit: float | None = None          # seconds; stop after the generation that passes it
+    time_limit: float | None = None          # seconds for the whole run (set-up, generations, final scoring)
     # where evaluations run
     workers: int = 1
     threads: int | None = None               # torch threads per worker (None: torch's default)

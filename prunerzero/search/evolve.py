@@ -52,6 +52,7 @@ class Counters:
     failures: int = 0          # candidates that failed on the model (NaN, degenerate scores, ...)
     first_beat_wanda_s: float | None = None
     elapsed_s: float = 0.0
+    eval_s: float = 0.0        # seconds spent in those chunk evaluations (for time estimates)
 
 
 def same_key(a, b) -> bool:
@@ -206,6 +207,7 @@ class Search:
         elif m.add(r.lo, r.hi, r.nll, r.tokens):
             self.counters.evaluations += 1
             self.counters.chunk_evals += r.hi - r.lo
+            self.counters.eval_s += r.seconds
         ppl = m.perplexity(k) if m.done >= k else math.inf
         self.run.append("evaluations.jsonl", dict(gen=gen, metric=task.text, key=key, fingerprint=r.fingerprint,
                                                   chunks=[r.lo, r.hi], cached=r.cached, perplexity=_finite(ppl),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict
 
 import torch
@@ -92,7 +93,10 @@ def search_evaluator(c: SearchConfig, needed: set[str] | None = None) -> tuple[E
 
 def run_evolve(config: SearchConfig | None = None, output=None, resume=None, data: SearchData | None = None,
                generations: int | None = None, log=progress.log, quiet: bool = False) -> dict:
-    """Run (or continue, with resume=RUN) a metric search; returns the final summary."""
+    """Run (or continue, with resume=RUN) a metric search; returns the final summary. A time
+    limit bounds this whole call: set-up, generations and the final held-out scoring (estimated
+    from the measured seconds per evaluated chunk); generations stop when the next would pass it."""
+    t_start = time.perf_counter()
     if resume:
         run = RunDir(resume, "evolve")
         config = SearchConfig.from_dict(run.config())
@@ -143,16 +147,37 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
             search.seed_rngs()
             search.reference = reference_fitness(search, config)
             search.checkpoint()
+        if config.time_limit:
+            log(f"--time-limit {config.time_limit:.0f} s for the whole run: set-up took "
+                f"{time.perf_counter() - t_start:.0f} s, the final held-out scoring is estimated at "
+                f"{finish_estimate(search, config):.0f} s; generations get the rest")
+        gen_s = 0.0
         while search.gen < config.generations:
+            t_gen = time.perf_counter()
             search.step()
             search.checkpoint()
-            if config.time_limit and search.counters.elapsed_s > config.time_limit:
-                log(f"time limit {config.time_limit:.0f} s reached after generation {search.gen - 1}")
-                break
+            gen_s = max(gen_s, time.perf_counter() - t_gen)
+            if config.time_limit and search.gen < config.generations:
+                spent, reserve = time.perf_counter() - t_start, finish_estimate(search, config)
+                if spent + gen_s + reserve > config.time_limit:
+                    log(f"time limit {config.time_limit:.0f} s: stopping after generation {search.gen - 1} "
+                        f"({spent:.0f} s spent, another generation takes up to {gen_s:.0f} s and the final "
+                        f"scoring about {reserve:.0f} s)")
+                    break
         return finish(search, data, config, run, log)
     finally:
         if pool is not None:
             pool.close()
+
+
+def finish_estimate(search: Search, c: SearchConfig) -> float:
+    """Seconds the final held-out scoring should take: the dense model, the baselines and the hall
+    of fame on the held-out chunks, at the seconds per chunk measured so far (0 before any)."""
+    n = search.counters
+    if not n.chunk_evals:
+        return 0.0
+    models = 1 + len(c.baselines) + min(c.hof_size, max(len(search.hof), 1))
+    return n.eval_s / n.chunk_evals * c.heldout_chunks * models
 
 
 def _check_metrics(c: SearchConfig):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from ..progress import bar
+from ..progress import bar, logger
 
 from ..blocks import block_inputs, run_block
 from ..calibration import Hessians
@@ -160,6 +160,12 @@ def build_database(model, samples: torch.Tensor, path, settings: dict, ladder=DE
             with Hessians({"o": attn.o_proj, "down": mlp.down_proj}) as rec:
                 inputs = run_block(block, inputs, calls[i])  # the dense outputs feed the next block
             _build_block(attn, mlp, rec, an, head_counts, chan_counts, percdamp, step, file, t0)
+            left = sum(not (path / f"layer_{j:03d}.safetensors").is_file() for j in range(i + 1, len(calls)))
+            if left and not meta["build_s"]:  # the first block built: say what the rest will cost
+                took = time.perf_counter() - t0
+                logger.warning(f"level database: block {i} took {took:.0f} s; the {left} blocks left need about "
+                               f"{took * left / 60:.0f} min (once: the database is cached, and an interrupted build "
+                               "resumes; a ladder that removes less, e.g. --ladder 0,0.2,0.4,0.6, is cheaper)")
         with safe_open(str(file), "pt") as f:
             entry = json.loads(f.metadata()["levels"])
         meta["attn"].append(entry["attn"])
