@@ -135,7 +135,8 @@ def _common(f):
         click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="auto: the checkpoint's own dtype (fp16 runs as bf16 on a CPU)"),
         click.option("--device", default="auto", show_default=True, help="auto picks CUDA when present."),
-        click.option("--seqlen", default=512, show_default=True),
+        click.option("--seqlen", default=512, show_default=True,
+                     help="Tokens per calibration window and evaluation chunk."),
         click.option("--eval-data", default=None, help="wikitext2 (default), wikipedia, or a text file."),
         click.option("--eval-chunks", type=int, default=None, help="Use the first K chunks (default: all)."),
         click.option("--data-dir", default=None, envvar="PRUNERZERO_DATA_DIR",
@@ -172,9 +173,9 @@ def _task_options(flag: str):
 @click.option("--sparsity", type=float, default=None, help="Fraction pruned: default 0.5; N/M with --structure N:M.")
 @click.option("--structure", default="unstructured", show_default=True, help="unstructured, 2:4, 4:8, ...")
 @click.option("--output", default=None, help="Folder for the pruned model and report.json.")
-@click.option("--nsamples", default=32, show_default=True)
+@click.option("--nsamples", default=32, show_default=True, help="Calibration windows (of --seqlen tokens).")
 @click.option("--calibration", default="wikipedia", show_default=True, help="wikipedia, wikitext2 or a text file.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the calibration draw and of every random choice.")
 @click.option("--one-shot", is_flag=True, help="Score every layer from the dense model's activations.")
 @click.option("--method", type=click.Choice(["metric", "sparsegpt"]), default="metric", show_default=True,
               help="sparsegpt: second-order reconstruction instead of a metric (--metric is ignored).")
@@ -239,23 +240,25 @@ def _tuple(text, cast=str, option=""):
 @click.option("--resume", default=None, help="Continue the run in this folder where it stopped.")
 @click.option("--sparsity", type=float, default=None, help="Fraction pruned: default 0.5; N/M with --structure N:M.")
 @click.option("--structure", default="unstructured", show_default=True, help="unstructured, 2:4, 4:8")
-@click.option("--strategy", type=click.Choice(["evolution", "random"]), default="evolution", show_default=True)
-@click.option("--population", default=20, show_default=True)
+@click.option("--strategy", type=click.Choice(["evolution", "random"]), default="evolution", show_default=True,
+              help="evolution (genetic programming) or random search, as a control.")
+@click.option("--population", default=20, show_default=True, help="Metric trees per generation.")
 @click.option("--generations", default=15, show_default=True, help="With --resume: extend the run to this many.")
-@click.option("--elite", default=2, show_default=True)
-@click.option("--tournament", default=3, show_default=True)
+@click.option("--elite", default=2, show_default=True, help="Best trees copied unchanged into the next generation.")
+@click.option("--tournament", default=3, show_default=True, help="Trees drawn per parent-selection tournament.")
 @click.option("--stages", default="1,4,16", show_default=True,
               help="Search chunks seen at each evaluation stage (the last is the whole search set).")
 @click.option("--promote", default=0.25, show_default=True, help="Fraction of a stage promoted to the next.")
-@click.option("--heldout-chunks", default=64, show_default=True)
+@click.option("--heldout-chunks", default=64, show_default=True,
+              help="WikiText-2 chunks, never searched on, that re-score the hall of fame at the end.")
 @click.option("--heldout-full", is_flag=True, help="Also re-evaluate on the whole test split at the end.")
 @click.option("--baselines", default="magnitude,wanda,obs,pruner-zero", show_default=True,
               help="Catalog metrics measured beside the search (search and held-out perplexity); 'none' for none.")
 @click.option("--seed-metrics", default="", help="Catalog metrics in the first population, e.g. wanda,magnitude.")
 @click.option("--terminals", default=None, help="Override the search terminals, e.g. W,X,G.")
-@click.option("--nsamples", default=32, show_default=True)
-@click.option("--seqlen", default=512, show_default=True)
-@click.option("--calibration", default="wikipedia", show_default=True)
+@click.option("--nsamples", default=32, show_default=True, help="Calibration windows (of --seqlen tokens).")
+@click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration window and evaluation chunk.")
+@click.option("--calibration", default="wikipedia", show_default=True, help="wikipedia, wikitext2 or a text file.")
 @click.option("--search-data", default=None,
               help="Search text (default WikiText-2 test); wikipedia-heldout: search on held-out Wikipedia "
                    "and report on WikiText-2.")
@@ -263,9 +266,10 @@ def _tuple(text, cast=str, option=""):
               show_default=True, help="Search recipes: each candidate's kept weights reconstructed (see apply).")
 @click.option("--proxy-stages", default=1, show_default=True,
               help="With --update: leading stages ranked by the mask alone, a cheap proxy.")
-@click.option("--data-dir", default=None, envvar="PRUNERZERO_DATA_DIR")
+@click.option("--data-dir", default=None, envvar="PRUNERZERO_DATA_DIR",
+              help="Folder holding wikitext-2-raw/wiki.test.raw.")
 @_bos_option()
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the calibration draw and of every random choice.")
 @click.option("--time-limit", type=float, default=None,
               help="Seconds for the whole run (set-up, generations and the final held-out scoring, estimated); "
                    "generations stop when the next would pass it.")
@@ -277,7 +281,7 @@ def _tuple(text, cast=str, option=""):
               help="GPUs each Ray actor asks for (default: 1 when the cluster has GPUs, else 0).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="auto: the checkpoint's own dtype (fp16 runs as bf16 on a CPU)")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto picks CUDA when present.")
 @click.option("--quiet", is_flag=True, help="No live lines or progress bars; the run folder has the logs.")
 def evolve(model, output, resume, sparsity, structure, strategy, population, generations, elite, tournament, stages,
            promote, heldout_chunks, heldout_full, baselines, seed_metrics, terminals, nsamples, seqlen, calibration, search_data,
@@ -308,7 +312,7 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
 @click.option("--target-params", "target", default=0.6, show_default=True,
               help="Prunable parameters kept: a fraction in (0, 1] or an absolute count.")
 @click.option("--generations", default=10, show_default=True, help="With --resume: extend the run to this many.")
-@click.option("--offspring", default=8, show_default=True)
+@click.option("--offspring", default=8, show_default=True, help="Children of the parent each generation.")
 @click.option("--stages", default="512:1024:4,1024:2048:2,2048:4096:1", show_default=True,
               help="Selection stages as train tokens:scoring tokens:survivors.")
 @click.option("--lr", default=1e-5, show_default=True, help="Learning rate of the light training in selection.")
@@ -316,22 +320,24 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
 @click.option("--multiple", default=8, show_default=True, help="MLP channel counts are multiples of this.")
 @click.option("--database", default=None, help="Level database folder (default: the cache, keyed by settings).")
 @click.option("--finetune-tokens", default=0, show_default=True, help="Post-train the final models on this many tokens.")
-@click.option("--finetune-lr", default=1e-5, show_default=True)
+@click.option("--finetune-lr", default=1e-5, show_default=True,
+              help="AdamW learning rate of --finetune-tokens post-training.")
 @click.option("--no-baselines", is_flag=True, help="Skip the uniform and per-layer-error models.")
-@click.option("--nsamples", default=32, show_default=True)
-@click.option("--seqlen", default=512, show_default=True)
-@click.option("--calibration", default="wikipedia", show_default=True)
+@click.option("--nsamples", default=32, show_default=True, help="Calibration windows (of --seqlen tokens).")
+@click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration window and evaluation chunk.")
+@click.option("--calibration", default="wikipedia", show_default=True, help="wikipedia, wikitext2 or a text file.")
 @click.option("--eval-data", default=None, help="Perplexity text (default WikiText-2 test).")
 @click.option("--eval-chunks", type=int, default=64, show_default=True, help="Perplexity on the first K chunks.")
 @click.option("--eval-full", is_flag=True, help="Also perplexity on the whole split (slow on a CPU).")
-@click.option("--data-dir", default=None, envvar="PRUNERZERO_DATA_DIR")
+@click.option("--data-dir", default=None, envvar="PRUNERZERO_DATA_DIR",
+              help="Folder holding wikitext-2-raw/wiki.test.raw.")
 @_bos_option()
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the calibration draw and of every random choice.")
 @click.option("--time-limit", type=float, default=None, help="Seconds; stop after the generation that passes it.")
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=int, default=None, help="Torch threads (default: torch's).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="auto: the checkpoint's own dtype (fp16 runs as bf16 on a CPU)")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto picks CUDA when present.")
 @click.option("--quiet", is_flag=True, help="No live lines or progress bars; the run folder has the logs.")
 @_task_options("--eval-tasks")
 def darwin(model, output, resume, target, generations, offspring, stages, lr, ladder, multiple, database,

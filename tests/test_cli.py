@@ -31,3 +31,11 @@ def test_bad_metric_exits_2_with_a_message():
     r = run("simplify", "abs(W")
     assert r.exit_code == 2
     assert "unbalanced parentheses" in r.output
+
+
+def test_every_option_of_every_command_has_help_text():
+    import click
+    from prunerzero.cli import main
+    bare = [(name, p.opts[0]) for name, cmd in main.commands.items() for p in cmd.params
+            if isinstance(p, click.Option) and not p.help]
+    assert bare == []

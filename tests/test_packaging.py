@@ -23,3 +23,13 @@ def test_wheel_carries_the_primitives_and_reads_them(tmp_path):
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0].startswith(str(site))
     assert out[1] == "sqr(W)*mms(G)"
+
+
+def test_the_readme_lists_every_catalog_entry():
+    """The README's catalog line names every entry of primitives/catalog.toml (it went stale once)."""
+    import re
+    from pathlib import Path
+    from prunerzero.space import load_space
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = readme[readme.index("- **Catalog**"):].split("\n- ")[0]
+    assert set(load_space().catalog) <= set(re.findall(r"`([a-z0-9-]+)`", line))
