@@ -2,6 +2,7 @@
 task on the tiny model, and clear refusals."""
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,25 @@ def test_apply_puts_the_pruned_models_accuracies_in_its_report(cache, tiny_model
     assert report["zero_shot"]["tiny_choice"]["documents"] == 6
     assert report["settings"]["tasks"] == ["tiny_choice"] and report["settings"]["task_limit"] == 6
     assert json.loads((out / "config.json").read_text())["use_cache"] is True
+
+
+def test_lm_eval_loads_a_darwin_model_by_path_with_stock_transformers(cache, include, tmp_path):
+    """lm-eval's own loader (HFLM with a path) runs a saved structured model through its
+    modeling_prunerzero.py, and scores it as the in-library model scores."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from prunerzero.structured.database import build_database
+    from prunerzero.structured.shrink import materialize, save_structured
+    from lm_eval.tasks import TaskManager
+    from prunerzero.zeroshot import _task_manager
+    from tiny import token_samples
+    model = tiny_llama()
+    db = build_database(model, token_samples(8, 32), tmp_path / "db", {"t": 1}, progress=False)
+    small = materialize(model, db, (4, 1, 2, 0))   # block 0 without attention, block 1 a level down
+    tok = word_tokenizer(False)
+    save_structured(small, tmp_path / "m", tok)
+    by_path = HFLM(pretrained=str(tmp_path / "m"), trust_remote_code=True, device="cpu", batch_size=4)
+    manager = _task_manager(TaskManager, (str(zeroshot.task_folder().resolve()), str(Path(include).resolve())))
+    out = lm_eval.simple_evaluate(model=by_path, tasks=["tiny_choice"], task_manager=manager, bootstrap_iters=0)
+    in_library = zeroshot.run_tasks(small, tok, ["tiny_choice"], include_path=include)
+    assert out["results"]["tiny_choice"]["acc,none"] == in_library["tiny_choice"]["acc"]
