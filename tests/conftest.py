@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 
@@ -33,3 +35,16 @@ def fp32_blocks(monkeypatch):
     def upcast(model):
         return torch.float32 if next(model.parameters()).dtype != torch.float32 else None
     monkeypatch.setattr(blocks, "compute_dtype", upcast)
+
+
+@pytest.fixture(autouse=True)
+def _restore_prunerzero_logger():
+    """A CLI command run in-process owns the logger as it would own a process (stderr handler,
+    no propagation, INFO, maybe quiet); give it back as it was so later tests' caplog still sees records."""
+    from prunerzero import progress
+    logger = logging.getLogger("prunerzero")
+    saved = (list(logger.handlers), logger.propagate, logger.level, progress.quiet())
+    yield
+    logger.handlers[:], logger.propagate = saved[0], saved[1]
+    progress.set_quiet(saved[3])
+    logger.setLevel(saved[2])
