@@ -5,6 +5,7 @@ import logging
 import sys
 
 import click
+from click.core import ParameterSource
 
 from .errors import PrunerZeroError
 
@@ -339,28 +340,35 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
               help="auto: the checkpoint's own dtype (fp16 runs as bf16 on a CPU)")
 @click.option("--device", default="auto", show_default=True, help="auto picks CUDA when present.")
 @click.option("--quiet", is_flag=True, help="No live lines or progress bars; the run folder has the logs.")
+@click.option("--quick", is_flag=True,
+              help="A first look in minutes: 8 calibration windows, 3 generations of 4, stages 256:512:2,512:1024:1, "
+                   "16 evaluation chunks (options given explicitly win).")
 @_task_options("--eval-tasks")
 def darwin(model, output, resume, target, generations, offspring, stages, lr, ladder, multiple, database,
            finetune_tokens, finetune_lr, no_baselines, nsamples, seqlen, calibration, eval_data, eval_chunks,
-           eval_full, data_dir, bos, seed, time_limit, threads, dtype, device, quiet, tasks, num_fewshot,
+           eval_full, data_dir, bos, seed, time_limit, threads, dtype, device, quiet, quick, tasks, num_fewshot,
            task_batch_size, task_limit, include_path):
     """Evolve per-layer head and channel counts (DarwinLM) into a smaller, faster dense model."""
-    from .structured.config import DarwinConfig, parse_stages
+    from .structured.config import QUICK, DarwinConfig, parse_stages
     from .structured.database import DEFAULT_LADDER
     from .structured.run import run_darwin
     log = _log(quiet)
     _on_interrupt(_resume_hint("darwin", resume or output, "the database levels"))
     if _resumed(run_darwin, output, resume, generations, log, quiet):
         return
-    cfg = DarwinConfig(model=model, target=target, generations=generations, offspring=offspring,
-                       stages=parse_stages(stages), lr=lr, ladder=_tuple(ladder, float, "--ladder") or DEFAULT_LADDER,
-                       multiple=multiple, database=database, finetune_tokens=finetune_tokens,
-                       finetune_lr=finetune_lr, baselines=not no_baselines, nsamples=nsamples, seqlen=seqlen,
-                       calibration=calibration, eval_data=eval_data, eval_chunks=eval_chunks, eval_full=eval_full,
-                       data_dir=data_dir, bos=bos, seed=seed, time_limit=time_limit, threads=threads, dtype=dtype,
-                       device=device, tasks=tasks, num_fewshot=num_fewshot, task_batch_size=task_batch_size,
-                       task_limit=task_limit, include_path=include_path)
-    run_darwin(cfg, output, log=log, quiet=quiet)
+    settings = dict(model=model, target=target, generations=generations, offspring=offspring,
+                    stages=parse_stages(stages), lr=lr, ladder=_tuple(ladder, float, "--ladder") or DEFAULT_LADDER,
+                    multiple=multiple, database=database, finetune_tokens=finetune_tokens,
+                    finetune_lr=finetune_lr, baselines=not no_baselines, nsamples=nsamples, seqlen=seqlen,
+                    calibration=calibration, eval_data=eval_data, eval_chunks=eval_chunks, eval_full=eval_full,
+                    data_dir=data_dir, bos=bos, seed=seed, time_limit=time_limit, threads=threads, dtype=dtype,
+                    device=device, tasks=tasks, num_fewshot=num_fewshot, task_batch_size=task_batch_size,
+                    task_limit=task_limit, include_path=include_path)
+    if quick:
+        ctx = click.get_current_context()
+        settings.update({k: v for k, v in QUICK.items()
+                         if k not in ctx.params or ctx.get_parameter_source(k) is ParameterSource.DEFAULT})
+    run_darwin(DarwinConfig(**settings), output, log=log, quiet=quiet)
 
 
 @main.command("eval")

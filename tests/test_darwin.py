@@ -231,3 +231,21 @@ def test_bad_targets_and_models_are_clear_errors(space, tmp_path):
         anatomy(gpt2)
     r = CliRunner().invoke(main, ["darwin", "--output", str(tmp_path / "r"), "--stages", "1:2"])
     assert r.exit_code == 2 and "survivors" in r.output
+
+
+def test_quick_fills_the_options_not_given_and_explicit_ones_win(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from prunerzero.cli import main
+    from prunerzero.structured import run
+    from prunerzero.structured.config import QUICK
+    seen = []
+    monkeypatch.setattr(run, "run_darwin", lambda cfg, output, **kw: seen.append(cfg))
+    monkeypatch.delenv("PRUNERZERO_DATA_DIR", raising=False)  # --data-dir's environment default
+    r = CliRunner().invoke(main, ["darwin", "--quick", "--generations", "5", "--output", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    cfg = seen[0]
+    assert cfg.generations == 5  # given: wins over the preset
+    for name in ("nsamples", "offspring", "stages", "fitness_windows", "eval_chunks"):
+        assert getattr(cfg, name) == QUICK[name] != getattr(run.DarwinConfig(), name)
+    CliRunner().invoke(main, ["darwin", "--output", str(tmp_path / "s")])
+    assert seen[1] == run.DarwinConfig()  # without --quick: the defaults

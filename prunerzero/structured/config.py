@@ -24,6 +24,13 @@ def parse_stages(text: str) -> tuple[tuple[int, int, int], ...]:
                                 f"survivors), got {text!r}") from None
 
 
+# `darwin --quick`: minutes instead of hours on the bundled model on a CPU, for a first look
+# (a smaller calibration for the database, a short search, fewer evaluation chunks); each
+# value applies unless its own option is given.
+QUICK = dict(nsamples=8, generations=3, offspring=4, stages=((256, 512, 2), (512, 1024, 1)), fitness_windows=8,
+             eval_chunks=16)
+
+
 @dataclass
 class DarwinConfig(Settings, TaskSettings):
     model: str | None = None                  # HF id or folder; None: the bundled SmolLM2-135M
