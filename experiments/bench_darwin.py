@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from common import common_options
-from prunerzero.models import load_model
+from prunerzero.loading import load_model
 from prunerzero.structured.config import DarwinConfig
 from prunerzero.structured.run import run_darwin
 from prunerzero.structured.shrink import load_structured

@@ -37,7 +37,7 @@ from prunerzero import apply_metric, apply_sparsegpt, perplexity
 from prunerzero.allocation_search import AllocationSearchConfig
 from prunerzero.calibration import cache_path, cached, compute_g
 from prunerzero.metric import Metric
-from prunerzero.models import load_model
+from prunerzero.loading import load_model
 from prunerzero.pipeline import calibration_for, eval_data_for, primitive_settings
 
 METHODS = ["magnitude", "wanda", "wanda (one-shot)", "ria", "gblm", "pruner-zero", "sparsegpt", "evolved-smollm2-50",

@@ -33,7 +33,7 @@ from bench_evolve import spearman
 from bench_pruning import row_key
 from common import RESULTS, common_options, curve_axes, figure_row, save_figure
 from prunerzero import apply_metric, perplexity
-from prunerzero.models import load_model
+from prunerzero.loading import load_model
 from prunerzero.pipeline import calibration_for, eval_data_for
 from prunerzero.search.config import SearchConfig
 from prunerzero.search.rundir import RunDir

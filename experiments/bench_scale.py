@@ -64,7 +64,7 @@ def build(folder: Path, shape: str, dtype: str, seed: int) -> Path:
 def phase(name: str, folder: str, dtype: str, device: str, nsamples: int, chunks: int, seed: int) -> dict:
     """One phase in this process; its figures as a dict."""
     from prunerzero import apply_metric, apply_sparsegpt, perplexity
-    from prunerzero.models import load_model
+    from prunerzero.loading import load_model
     from prunerzero.pipeline import calibration_for, eval_data_for
     cuda = device.startswith("cuda")
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ import torch
 
 from common import RESULTS, common_options
 from prunerzero import apply_metric, apply_sparsegpt, perplexity
-from prunerzero.models import load_model
+from prunerzero.loading import load_model
 from prunerzero.pipeline import calibration_for, eval_data_for
 from prunerzero.zeroshot import OFFLINE_TASK, run_tasks
 

@@ -7,7 +7,7 @@ from .metric import Metric, catalog
 
 def __getattr__(name):
     # The pruning API imports transformers; load it on first use so the metric language stays light.
-    lazy = {"apply_metric": "prune", "apply_sparsegpt": "prune", "PruneReport": "prune", "perplexity": "evaluate", "load_model": "models",
+    lazy = {"apply_metric": "prune", "apply_sparsegpt": "prune", "PruneReport": "prune", "perplexity": "evaluate", "load_model": "loading",
             "load_text": "data", "tokenize": "data", "calibration_samples": "data", "chunks": "data",
             "run_apply": "pipeline", "calibration_for": "pipeline",
             "run_darwin": "structured.run", "DarwinConfig": "structured.config",

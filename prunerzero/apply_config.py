@@ -3,35 +3,13 @@ line or by the caller) and carried down whole; written next to every result in r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from . import checks
 from .allocation import check_allocation
 from .masks import parse_structure, resolve_sparsity
 from .reconstruct import UPDATES
-from .settings import Settings
+from .settings import Settings, TaskSettings
 from .space import recipe_defaults
-
-
-@dataclass
-class TaskSettings:
-    """Zero-shot tasks through lm-eval (see zeroshot.py), shared by eval, apply and darwin;
-    no tasks: perplexity only."""
-    tasks: tuple = ()                 # lm-eval task names, or wiki_lastword (offline)
-    num_fewshot: int | None = None
-    task_batch_size: int = 8
-    task_limit: float | None = None   # documents per task: a count, or a fraction below 1
-    include_path: str | None = None   # a folder of the user's own task YAML
-
-    def validate_tasks(self):
-        if isinstance(self.tasks, str):
-            self.tasks = tuple(t.strip() for t in self.tasks.split(",") if t.strip())
-        self.tasks = tuple(self.tasks)
-        checks.integer("num_fewshot", self.num_fewshot, minimum=0, optional=True)
-        checks.integer("task_batch_size", self.task_batch_size)
-        checks.number("task_limit", self.task_limit, low=0, low_open=True, optional=True)
-        if self.include_path is not None and not Path(self.include_path).is_dir():
-            raise checks.SettingsError(f"--include-path {self.include_path} is not a folder of task YAML files")
 
 
 @dataclass

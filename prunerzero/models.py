@@ -120,37 +120,33 @@ def default_model_path() -> Path:
     return out
 
 
-def load_model(name: str | None = None, dtype="auto", device: str | None = "auto", tokenizer: bool = True,
-               onload: str = "auto"):
-    """(model, tokenizer) from a HF id, a local folder, or None / 'smollm2-135m' for the default;
-    dtype: "auto" (the checkpoint's, see concrete_dtype), fp32, bf16 or fp16; tokenizer=False
-    skips the tokenizer (returned as None), e.g. in search workers. onload: "auto" keeps the model
-    in host memory and runs it on `device` one decoder block at a time when it would not fit
-    there whole (see place), "always" or "never" force the choice."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def resolve_path(name: str | None) -> str:
+    """The folder or hub id behind a --model value (None: the bundled model, converted on first
+    use); a local-looking path that does not exist is refused here, with what to give instead."""
     path = default_model_path() if name in (None, DEFAULT_MODEL) else name
-    device = resolve_device(device)
     if _looks_local(str(path)) and not Path(path).is_dir():
         raise ModelError(f"no model folder at {path} (give a Hugging Face id, a local folder with config.json, "
                          "or omit --model for the bundled SmolLM2-135M)")
-    dtype = concrete_dtype(str(path), dtype, str(device)) if dtype == "auto" else dtype
-    try:
-        tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
-        if (Path(path) / "prunerzero_structure.json").is_file():  # a `prunerzero darwin` model
-            from .structured.shrink import load_structured
-            return load_structured(path, resolve_dtype(dtype), device), tok
-        model = _from_pretrained(AutoModelForCausalLM, path, resolve_dtype(dtype))
-    except PrunerZeroError:
-        raise
-    except Exception as e:  # transformers and safetensors raise many types for a bad folder
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ModelError(f"cannot load model '{name}': {type(e).__name__}: {first} (give a Hugging Face id, "
-                         "a local folder with config.json and complete weights, or omit --model for the "
-                         "bundled SmolLM2-135M)") from None
+    return str(path)
+
+
+def load_error(name, e: Exception) -> ModelError:
+    """One line for any failure of transformers or safetensors on a bad folder (they raise many types)."""
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return ModelError(f"cannot load model '{name}': {type(e).__name__}: {first} (give a Hugging Face id, "
+                      "a local folder with config.json and complete weights, or omit --model for the "
+                      "bundled SmolLM2-135M)")
+
+
+def load_pretrained(path: str, dtype: str, device: torch.device, onload: str = "auto"):
+    """A plain checkpoint (not a `darwin` model: see loading.load_model) in `dtype` (fp32, bf16
+    or fp16), placed for `device` (whole, or onloaded one block at a time, see place)."""
+    from transformers import AutoModelForCausalLM
+    model = _from_pretrained(AutoModelForCausalLM, path, resolve_dtype(dtype))
     place(model, device, onload)
     model.eval()
     model.config.use_cache = False
-    return model, tok
+    return model
 
 
 def finish_saved_config(folder, **extra) -> None:

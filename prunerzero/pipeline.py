@@ -20,8 +20,9 @@ from .evaluate import perplexity
 from .masks import check_widths
 from .metric import Metric
 from .blocks import onloading
-from .models import (all_prunable, cache_dir, check_seqlen, dtype_name, finish_saved_config, load_model, placement,
+from .models import (all_prunable, cache_dir, check_seqlen, dtype_name, finish_saved_config, placement,
                      require_prunable)
+from .loading import load_model
 from .prune import PruneError, apply_metric, apply_sparsegpt
 
 

@@ -1,8 +1,11 @@
-"""What every run's settings dataclass shares: a plain dict for config.json, and back."""
+"""What the runs' settings dataclasses share: a plain dict for config.json, and back; and the
+zero-shot task settings of eval, apply and darwin."""
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
+from . import checks
 from .checks import SettingsError
 
 
@@ -23,3 +26,24 @@ class Settings:
             raise
         except (TypeError, ValueError) as e:
             raise SettingsError(f"the settings are invalid ({e}); start a new run") from None
+
+
+@dataclass
+class TaskSettings:
+    """Zero-shot tasks through lm-eval (see zeroshot.py), shared by eval, apply and darwin;
+    no tasks: perplexity only."""
+    tasks: tuple = ()                 # lm-eval task names, or wiki_lastword (offline)
+    num_fewshot: int | None = None
+    task_batch_size: int = 8
+    task_limit: float | None = None   # documents per task: a count, or a fraction below 1
+    include_path: str | None = None   # a folder of the user's own task YAML
+
+    def validate_tasks(self):
+        if isinstance(self.tasks, str):
+            self.tasks = tuple(t.strip() for t in self.tasks.split(",") if t.strip())
+        self.tasks = tuple(self.tasks)
+        checks.integer("num_fewshot", self.num_fewshot, minimum=0, optional=True)
+        checks.integer("task_batch_size", self.task_batch_size)
+        checks.number("task_limit", self.task_limit, low=0, low_open=True, optional=True)
+        if self.include_path is not None and not Path(self.include_path).is_dir():
+            raise checks.SettingsError(f"--include-path {self.include_path} is not a folder of task YAML files")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from prunerzero.checks import SettingsError
 from prunerzero.cli import main
-from prunerzero.models import load_model
+from prunerzero.loading import load_model
 from prunerzero.structured.config import DarwinConfig, DarwinConfigError
 from prunerzero.structured.database import build_database, greedy_obs, kept_counts
 from prunerzero.structured.genome import LevelSpace

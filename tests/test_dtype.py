@@ -7,7 +7,8 @@ from prunerzero import apply_metric
 from prunerzero.calibration import compute_x
 from prunerzero.checks import DTYPES
 from prunerzero.layers import matrix
-from prunerzero.models import all_prunable, concrete_dtype, dtype_name, load_model
+from prunerzero.models import all_prunable, concrete_dtype, dtype_name
+from prunerzero.loading import load_model
 
 from tiny import tiny_llama, token_samples, word_tokenizer
 

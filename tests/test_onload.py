@@ -9,7 +9,8 @@ from prunerzero import blocks
 from prunerzero.calibration import compute_g, compute_hessians, compute_x
 from prunerzero.evaluate import nll_sum
 from prunerzero.layers import matrix
-from prunerzero.models import ModelError, all_prunable, decoder_layers, load_model, place, placement
+from prunerzero.models import ModelError, all_prunable, decoder_layers, place, placement
+from prunerzero.loading import load_model
 
 from tiny import token_samples, word_tokenizer, tiny_llama
 

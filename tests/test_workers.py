@@ -5,7 +5,7 @@ import multiprocessing as mp
 import torch
 
 from prunerzero.calibration import cache_path, cached, compute_x
-from prunerzero.models import load_model
+from prunerzero.loading import load_model
 from prunerzero.search import pools
 from prunerzero.search.evaluator import Evaluator, Setup, Task
 

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("lm_eval")
 
 from prunerzero import zeroshot   # noqa: E402
-from prunerzero.models import load_model   # noqa: E402
+from prunerzero.loading import load_model   # noqa: E402
 
 from tiny import WORDS, tiny_llama, word_tokenizer   # noqa: E402
 

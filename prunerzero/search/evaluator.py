@@ -26,7 +26,8 @@ from ..blocks import execution_device, onloading
 from ..evaluate import nll_blockwise, nll_sum
 from ..metric import Metric
 from ..layers import matrix, set_matrix
-from ..models import all_prunable, copy_fits, load_model, prunable_linears
+from ..models import all_prunable, copy_fits, prunable_linears
+from ..loading import load_model
 from ..compile import layer_primitives, scorer
 from ..prune import metric_mask
 from ..reconstruct import Update, factorise, reconstruct

@@ -13,8 +13,9 @@ from ..data import DataError, sequences_for
 from ..metric import Metric
 from ..masks import check_widths
 from ..blocks import onloading
-from ..models import (all_prunable, check_seqlen, concrete_dtype, copy_fits, hand_back_memory, load_model, placement,
+from ..models import (all_prunable, check_seqlen, concrete_dtype, copy_fits, hand_back_memory, placement,
                       require_prunable)
+from ..loading import load_model
 from ..space import load_space
 from ..pipeline import WIKIPEDIA_HELDOUT, calibration_for, eval_data_for, primitive_settings
 from ..reconstruct import Update

@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import checks
-from ..apply_config import TaskSettings
-from ..settings import Settings
+from ..settings import Settings, TaskSettings
 from .database import DEFAULT_LADDER
 
 

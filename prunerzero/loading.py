@@ -1,0 +1,33 @@
+"""`load_model`: any model by HF id or folder, including the smaller models `prunerzero darwin`
+saves, with its tokenizer. It sits above models.py (plain checkpoints) and structured/ (darwin
+folders), so neither needs to know the other."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import PrunerZeroError
+from .models import concrete_dtype, load_error, load_pretrained, resolve_device, resolve_dtype, resolve_path
+from .structured.shrink import STRUCTURE_FILE, load_structured
+
+
+def load_model(name: str | None = None, dtype="auto", device: str | None = "auto", tokenizer: bool = True,
+               onload: str = "auto"):
+    """(model, tokenizer) from a HF id, a local folder, or None / 'smollm2-135m' for the default;
+    dtype: "auto" (the checkpoint's, see models.concrete_dtype), fp32, bf16 or fp16; tokenizer=False
+    skips the tokenizer (returned as None), e.g. in search workers. onload: "auto" keeps the model
+    in host memory and runs it on `device` one decoder block at a time when it would not fit
+    there whole (see models.place), "always" or "never" force the choice. A darwin folder is
+    rebuilt by the library's own code (never by the remote code saved beside it)."""
+    from transformers import AutoTokenizer
+    path = resolve_path(name)
+    device = resolve_device(device)
+    dtype = concrete_dtype(path, dtype, str(device)) if dtype == "auto" else dtype
+    try:
+        tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
+        if (Path(path) / STRUCTURE_FILE).is_file():
+            return load_structured(path, resolve_dtype(dtype), device), tok
+        return load_pretrained(path, dtype, device, onload), tok
+    except PrunerZeroError:
+        raise
+    except Exception as e:  # transformers and safetensors raise many types for a bad folder
+        raise load_error(name, e) from None
