@@ -1,9 +1,14 @@
-"""The search space must be available after a plain (non-editable) install."""
+"""Packaging: the search space is there after a plain (non-editable) install, the README's lists
+match the code, and the package's imports point one way."""
+import ast
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
+
+import prunerzero
 
 
 def test_wheel_carries_the_primitives_and_reads_them(tmp_path):
@@ -33,3 +38,44 @@ def test_the_readme_lists_every_catalog_entry():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     line = readme[readme.index("- **Catalog**"):].split("\n- ")[0]
     assert set(load_space().catalog) <= set(re.findall(r"`([a-z0-9-]+)`", line))
+
+
+def _imports(root: Path) -> dict:
+    """module -> the prunerzero modules it imports anywhere in its body (lazy imports too)."""
+    mods = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in root.rglob("*.py")}
+    graph = {}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[:len(package.split(".")) - max(node.level - 1, 0)] if node.level else []
+                target = ".".join(base + [node.module]) if node.module else ".".join(base)
+                # `from . import ops` imports the module ops, not the package
+                deps |= {f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in mods}
+                if node.module and target in mods:
+                    deps.add(target)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in mods}
+        graph[name] = deps - {name}
+    return graph
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = _imports(Path(prunerzero.__file__).parent)
+    assert "prunerzero.models" in graph["prunerzero.loading"]  # the walk sees real imports
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = "done"
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, " ; ".join(" -> ".join(c) for c in cycles)
