@@ -22,7 +22,7 @@ from common import common_options
 from prunerzero import apply_metric, apply_sparsegpt, perplexity
 from prunerzero.loading import load_model
 from prunerzero.pipeline import calibration_for, eval_data_for
-from prunerzero.reconstruct import Update
+from prunerzero.engine.reconstruct import Update
 
 
 def run(model, dense, method, structure, samples, chunks):

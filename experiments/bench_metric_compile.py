@@ -21,8 +21,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunerzero import Metric
-from prunerzero.compile import compile_cached, interpret
-from prunerzero.language import parse
+from prunerzero.language.compile import compile_cached, interpret
+from prunerzero.language.text import parse
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)

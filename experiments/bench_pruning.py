@@ -34,9 +34,9 @@ import torch
 
 from common import HERE, common_options
 from prunerzero import apply_metric, apply_sparsegpt, perplexity
-from prunerzero.allocation_search import AllocationSearchConfig
-from prunerzero.calibration import cache_path, cached, compute_g
-from prunerzero.metric import Metric
+from prunerzero.search.allocation import AllocationSearchConfig
+from prunerzero.engine.calibration import cache_path, cached, compute_g
+from prunerzero.language.metric import Metric
 from prunerzero.loading import load_model
 from prunerzero.pipeline import calibration_for, eval_data_for, primitive_settings
 

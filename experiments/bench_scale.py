@@ -46,7 +46,7 @@ def build(folder: Path, shape: str, dtype: str, seed: int) -> Path:
     if (folder / "config.json").is_file():
         return folder
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from prunerzero.models import default_model_path, resolve_dtype
+    from prunerzero.engine.models import default_model_path, resolve_dtype
     tok = AutoTokenizer.from_pretrained(default_model_path())
     config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096, **SHAPES[shape])
     torch.manual_seed(seed)
@@ -94,7 +94,7 @@ def phase(name: str, folder: str, dtype: str, device: str, nsamples: int, chunks
 
 def _search_evaluation(model, folder, samples, chunks, dtype, device) -> dict:
     """X cached as `evolve` caches it, then one Evaluator task on the loaded model."""
-    from prunerzero.calibration import cache_path, cached, compute_x
+    from prunerzero.engine.calibration import cache_path, cached, compute_x
     from prunerzero.search.evaluator import Evaluator, Setup, Task
     settings = dict(model=str(folder), nsamples=len(samples), seed=0, dtype=dtype, bench="scale")
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ import math
 import time
 
 from common import RESULTS
-from prunerzero.metric import Metric
+from prunerzero.language.metric import Metric
 from prunerzero.search.config import SearchConfig
 from prunerzero.search.evaluator import Task
 from prunerzero.search.run import COMPUTE, search_evaluator

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-import prunerzero.prune
-import prunerzero.sparsegpt
+import prunerzero.engine.prune
+import prunerzero.engine.sparsegpt
 from prunerzero import apply_sparsegpt, perplexity
-from prunerzero.calibration import Hessians
+from prunerzero.engine.calibration import Hessians
 
 from bench_pruning import PUBLISHED, Bench
 from common import RESULTS, common_options
@@ -58,7 +58,7 @@ def topk_nm(scores, n, m):
 @contextlib.contextmanager
 def published_accumulation(seqlen: int, flips: list):
     """Swap in the running-mean Hessians and count N:M tie-break disagreements, then restore."""
-    saved = prunerzero.prune.Hessians, prunerzero.sparsegpt.nm_mask
+    saved = prunerzero.engine.prune.Hessians, prunerzero.engine.sparsegpt.nm_mask
     ours = saved[1]
 
     def counting(scores, n, m):
@@ -66,11 +66,11 @@ def published_accumulation(seqlen: int, flips: list):
         flips[0] += int((mask.reshape(scores.shape[0], -1, m) != topk_nm(scores, n, m)).any(-1).sum())
         return mask
 
-    prunerzero.prune.Hessians, prunerzero.sparsegpt.nm_mask = running_mean_hessians(seqlen), counting
+    prunerzero.engine.prune.Hessians, prunerzero.engine.sparsegpt.nm_mask = running_mean_hessians(seqlen), counting
     try:
         yield
     finally:
-        prunerzero.prune.Hessians, prunerzero.sparsegpt.nm_mask = saved
+        prunerzero.engine.prune.Hessians, prunerzero.engine.sparsegpt.nm_mask = saved
 
 
 def main():

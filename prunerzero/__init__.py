@@ -1,13 +1,13 @@
 """prunerzero: evolve symbolic pruning metrics (Pruner-Zero) and structured sparsity
 (DarwinLM) for large language models, and prune with them."""
-from .errors import (DegenerateMetricError, MetricError, MetricSyntaxError, NonFiniteScoreError,
-                     PrunerZeroError)
-from .metric import Metric, catalog
+from .errors import DegenerateMetricError, MetricError, MetricSyntaxError, NonFiniteScoreError, PrunerZeroError
+from .language.metric import Metric, catalog
 
 
 def __getattr__(name):
     # The pruning API imports transformers; load it on first use so the metric language stays light.
-    lazy = {"apply_metric": "prune", "apply_sparsegpt": "prune", "PruneReport": "prune", "perplexity": "evaluate", "load_model": "loading",
+    lazy = {"apply_metric": "engine.prune", "apply_sparsegpt": "engine.prune", "PruneReport": "engine.prune",
+            "perplexity": "engine.evaluate", "load_model": "loading",
             "load_text": "data", "tokenize": "data", "calibration_samples": "data", "chunks": "data",
             "run_apply": "pipeline", "calibration_for": "pipeline",
             "run_darwin": "structured.run", "DarwinConfig": "structured.config",

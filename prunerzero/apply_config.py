@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import checks
-from .allocation import check_allocation
-from .masks import parse_structure, resolve_sparsity
-from .reconstruct import UPDATES
+from .engine.allocation import check_allocation
+from .engine.masks import parse_structure, resolve_sparsity
+from .engine.reconstruct import UPDATES
 from .settings import Settings, TaskSettings
-from .space import recipe_defaults
+from .language.space import recipe_defaults
 
 
 @dataclass

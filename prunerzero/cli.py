@@ -84,7 +84,7 @@ def main():
 @click.argument("expr")
 def simplify(expr):
     """Show EXPR (metric text or catalog name) parsed, OOS-simplified, and its ranking key."""
-    from .metric import Metric
+    from .language.metric import Metric
     m = Metric.parse(expr)
     s = m.simplify()
     if m.name:
@@ -100,8 +100,8 @@ def simplify(expr):
 @click.option("--operators", is_flag=True, help="Also list the operators and terminals.")
 def metrics(operators):
     """List the named metrics of the catalog (primitives/catalog.toml)."""
-    from .metric import Metric
-    from .space import load_space
+    from .language.metric import Metric
+    from .language.space import load_space
     import shutil
     import textwrap
     space = load_space()

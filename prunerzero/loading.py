@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import PrunerZeroError
-from .models import concrete_dtype, load_error, load_pretrained, resolve_device, resolve_dtype, resolve_path
+from .engine.models import concrete_dtype, load_error, load_pretrained, resolve_device, resolve_dtype, resolve_path
 from .structured.shrink import STRUCTURE_FILE, load_structured
 
 

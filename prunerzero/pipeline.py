@@ -14,16 +14,16 @@ import torch
 from . import progress
 from . import checks, data
 from .apply_config import ApplyConfig, EvalConfig
-from .allocation_search import AllocationSearchConfig
-from .calibration import cache_key, cached, compute_g, compute_h, compute_x
-from .evaluate import perplexity
-from .masks import check_widths
-from .metric import Metric
-from .blocks import onloading
-from .models import (all_prunable, cache_dir, check_seqlen, dtype_name, finish_saved_config, placement,
-                     require_prunable)
+from .search.allocation import AllocationSearchConfig
+from .engine.calibration import cache_key, cached, compute_g, compute_h, compute_x
+from .engine.evaluate import perplexity
+from .engine.masks import check_widths
+from .language.metric import Metric
+from .engine.blocks import onloading
+from .engine.models import (all_prunable, cache_dir, check_seqlen, dtype_name, finish_saved_config, placement,
+                            require_prunable)
 from .loading import load_model
-from .prune import PruneError, apply_metric, apply_sparsegpt
+from .engine.prune import PruneError, apply_metric, apply_sparsegpt
 
 
 @dataclass

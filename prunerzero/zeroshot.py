@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from .errors import PrunerZeroError
-from .models import cache_dir
+from .engine.models import cache_dir
 
 OFFLINE_TASK = "wiki_lastword"
 PASSAGES = 1000

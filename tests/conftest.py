@@ -30,7 +30,7 @@ def own_cache(tmp_path, monkeypatch):
 def fp32_blocks(monkeypatch):
     """Blocks of a half-precision model run in fp32, as on a CPU without bf16 units (whatever
     this machine has)."""
-    import prunerzero.blocks as blocks
+    import prunerzero.engine.blocks as blocks
 
     def upcast(model):
         return torch.float32 if next(model.parameters()).dtype != torch.float32 else None

@@ -3,10 +3,10 @@ allocation prunes exactly int(total * sparsity) weights, with or without reconst
 import pytest
 import torch
 
-from prunerzero.allocation import layer_counts, owl_block_sparsities
+from prunerzero.engine.allocation import layer_counts, owl_block_sparsities
 from prunerzero.checks import SettingsError
-from prunerzero.models import all_prunable
-from prunerzero.prune import apply_metric
+from prunerzero.engine.models import all_prunable
+from prunerzero.engine.prune import apply_metric
 
 from tiny import tiny_llama, token_samples
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from prunerzero import apply_metric
-from prunerzero.allocation_search import AllocationSearchConfig, LevelMasks, ladder, search_allocation
+from prunerzero.search.allocation import AllocationSearchConfig, LevelMasks, ladder, search_allocation
 from prunerzero.checks import SettingsError
 from prunerzero.errors import NonFiniteScoreError
-from prunerzero.layers import matrix
-from prunerzero.masks import make_mask
-from prunerzero.metric import Metric
-from prunerzero.models import all_prunable
+from prunerzero.engine.layers import matrix
+from prunerzero.engine.masks import make_mask
+from prunerzero.language.metric import Metric
+from prunerzero.engine.models import all_prunable
 
 from tiny import tiny_llama, token_samples
 
@@ -33,7 +33,7 @@ def test_the_levels_are_prefixes_of_one_sort_of_the_metrics_scores():
     model = tiny_llama()
     layers = all_prunable(model)
     masks = LevelMasks(model, layers, Metric.parse("wanda"), SAMPLES)
-    from prunerzero.calibration import compute_x
+    from prunerzero.engine.calibration import compute_x
     x = compute_x(model, SAMPLES)
     for name, lin in layers.items():
         W = matrix(lin)

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from prunerzero.cli import main
-from prunerzero.models import all_prunable, default_model_path
+from prunerzero.engine.models import all_prunable, default_model_path
 
 DATA = Path(os.environ.get("PRUNERZERO_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not (DATA / "wikitext-2-raw" / "wiki.test.raw").is_file(),

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from prunerzero.calibration import compute_x
-from prunerzero.evaluate import nll_blockwise, nll_sum
-from prunerzero.layers import matrix
-from prunerzero.models import all_prunable, copy_fits, decoder_layers
+from prunerzero.engine.calibration import compute_x
+from prunerzero.engine.evaluate import nll_blockwise, nll_sum
+from prunerzero.engine.layers import matrix
+from prunerzero.engine.models import all_prunable, copy_fits, decoder_layers
 from prunerzero.search.evaluator import DENSE, Evaluator, Setup, Task, fingerprint, packed, unpacked
 
 from families import FAMILIES, VOCAB, tiny
@@ -93,9 +93,9 @@ def test_per_block_pruning_touches_one_block_at_a_time_and_restores_it(tmp_path)
 def test_per_block_is_chosen_when_the_copy_would_not_fit(monkeypatch):
     layers = list(all_prunable(tiny_llama()).values())
     assert copy_fits(layers)
-    monkeypatch.setattr("prunerzero.models.free_memory", lambda device: 1000)
+    monkeypatch.setattr("prunerzero.engine.models.free_memory", lambda device: 1000)
     assert not copy_fits(layers)
-    monkeypatch.setattr("prunerzero.models.free_memory", lambda device: None)
+    monkeypatch.setattr("prunerzero.engine.models.free_memory", lambda device: None)
     assert copy_fits(layers)
 
 
@@ -108,7 +108,7 @@ def test_batched_whole_model_and_per_block_agree_within_float_tolerance(tmp_path
 
 def test_token_nll_in_slices_equals_one_fp32_cross_entropy():
     import torch.nn.functional as F
-    from prunerzero.evaluate import token_nll
+    from prunerzero.engine.evaluate import token_nll
     g = torch.Generator().manual_seed(2)
     logits, ids = torch.randn(3, 20, 50, generator=g).bfloat16(), torch.randint(0, 50, (3, 20), generator=g)
     whole = float(F.cross_entropy(logits[:, :-1].float().reshape(-1, 50), ids[:, 1:].reshape(-1), reduction="sum"))

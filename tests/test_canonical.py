@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prunerzero import DegenerateMetricError, Metric, MetricError
-from prunerzero.symbolic import Exp, Sigmoid, Tanh
+from prunerzero.language.symbolic import Exp, Sigmoid, Tanh
 
 from helpers import primitives, random_expr
 

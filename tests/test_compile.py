@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from prunerzero import DegenerateMetricError, Metric, NonFiniteScoreError
-from prunerzero.compile import check_scores
+from prunerzero.language.compile import check_scores
 
 
 

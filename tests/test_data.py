@@ -37,7 +37,7 @@ def test_unknown_source_and_short_text_fail_clearly():
 @pytest.mark.skipif(not HAVE_WT2, reason="needs WikiText-2 under PRUNERZERO_DATA_DIR")
 def test_real_corpora_tokenize_to_the_reference_counts():
     from transformers import AutoTokenizer
-    from prunerzero.models import default_model_path
+    from prunerzero.engine.models import default_model_path
     rows = data.wikitext2_rows("test", DATA)
     assert len(rows) == 4358
     tok = AutoTokenizer.from_pretrained(default_model_path())

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from prunerzero import apply_metric
-from prunerzero.calibration import compute_x
+from prunerzero.engine.calibration import compute_x
 from prunerzero.checks import DTYPES
-from prunerzero.layers import matrix
-from prunerzero.models import all_prunable, concrete_dtype, dtype_name
+from prunerzero.engine.layers import matrix
+from prunerzero.engine.models import all_prunable, concrete_dtype, dtype_name
 from prunerzero.loading import load_model
 
 from tiny import tiny_llama, token_samples, word_tokenizer
@@ -69,7 +69,7 @@ def test_blocks_upcast_to_fp32_prune_the_stored_half_precision_weights(fp32_bloc
 
 
 def test_upcast_evaluation_is_the_bf16_model_computed_in_fp32(fp32_blocks):
-    from prunerzero.evaluate import nll_sum
+    from prunerzero.engine.evaluate import nll_sum
     half = tiny_llama().to(torch.bfloat16)
     full = tiny_llama().to(torch.bfloat16).float()
     ids = token_samples(3, 32, seed=4)

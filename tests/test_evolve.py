@@ -165,7 +165,7 @@ def test_cli_refuses_a_non_empty_run_folder_and_a_missing_one(tmp_path):
 def test_offspring_of_crossover_and_mutation_compile_and_score():
     import random
     from prunerzero import DegenerateMetricError, Metric
-    from prunerzero.compile import check_scores
+    from prunerzero.language.compile import check_scores
     from prunerzero.search.gp import primitive_set, toolbox, vary
     random.seed(0)
     pset = primitive_set()

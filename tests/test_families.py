@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from prunerzero import apply_metric, apply_sparsegpt
-from prunerzero.blocks import block_inputs, run_block
-from prunerzero.calibration import compute_g
-from prunerzero.layers import matrix
-from prunerzero.models import ModelError, all_prunable, decoder_layers, skipped_layers
+from prunerzero.engine.blocks import block_inputs, run_block
+from prunerzero.engine.calibration import compute_g
+from prunerzero.engine.layers import matrix
+from prunerzero.engine.models import ModelError, all_prunable, decoder_layers, skipped_layers
 
 from families import DARWIN_FAMILIES, FAMILIES, tiny
 from helpers import layer_inputs
@@ -125,7 +125,7 @@ def test_g_is_the_per_sample_gradient_norm_in_out_by_in_layout(family):
 
 
 def matrix_of_grad(m):
-    from prunerzero.layers import as_matrix
+    from prunerzero.engine.layers import as_matrix
     return as_matrix(m, m.weight.grad).clone()
 
 
@@ -170,8 +170,8 @@ def test_a_model_with_nothing_to_prune_is_an_error_before_any_work():
 
 
 def test_an_expert_that_saw_no_token_is_pruned_by_magnitude_not_wiped():
-    from prunerzero.reconstruct import inverse_factor
-    from prunerzero.sparsegpt import sparsegpt_weights
+    from prunerzero.engine.reconstruct import inverse_factor
+    from prunerzero.engine.sparsegpt import sparsegpt_weights
     W = torch.randn(8, 16)
     U, dead = inverse_factor(torch.zeros(16, 16))
     out = sparsegpt_weights(W, U, dead, 0.5, None, blocksize=16)

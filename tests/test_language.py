@@ -4,7 +4,7 @@ import random
 import pytest
 
 from prunerzero import DegenerateMetricError, Metric, MetricSyntaxError
-from prunerzero.language import parse, to_sympy, to_text
+from prunerzero.language.text import parse, to_sympy, to_text
 
 from helpers import random_expr
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prunerzero.masks import SparsityError, layer_mask, make_mask, nm_mask, parse_structure, row_mask
+from prunerzero.engine.masks import SparsityError, layer_mask, make_mask, nm_mask, parse_structure, row_mask
 
 
 def test_row_mask_prunes_exactly_k_per_row():

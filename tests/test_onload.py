@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from prunerzero import apply_metric, apply_sparsegpt
-from prunerzero import blocks
-from prunerzero.calibration import compute_g, compute_hessians, compute_x
-from prunerzero.evaluate import nll_sum
-from prunerzero.layers import matrix
-from prunerzero.models import ModelError, all_prunable, decoder_layers, place, placement
+from prunerzero.engine import blocks
+from prunerzero.engine.calibration import compute_g, compute_hessians, compute_x
+from prunerzero.engine.evaluate import nll_sum
+from prunerzero.engine.layers import matrix
+from prunerzero.engine.models import ModelError, all_prunable, decoder_layers, place, placement
 from prunerzero.loading import load_model
 
 from tiny import token_samples, word_tokenizer, tiny_llama
@@ -93,7 +93,7 @@ def test_moving_a_block_keeps_its_storage(tiny_dir):
 
 
 def test_search_evaluation_per_block_leaves_a_half_precision_model_as_it_was(bf16_dir, fp32_blocks, tmp_path):
-    from prunerzero.calibration import cache_path, cached
+    from prunerzero.engine.calibration import cache_path, cached
     from prunerzero.search.evaluator import Evaluator, Setup, Task
     model, _ = load_model(bf16_dir, device="cpu", tokenizer=False, onload="always")
     calib, chunks = token_samples(4, 32), token_samples(3, 32, seed=2)
@@ -119,7 +119,7 @@ def test_gradients_need_the_whole_model(tiny_dir):
 def test_a_model_too_big_for_the_device_is_onloaded(monkeypatch):
     """auto keeps a model in host memory when the device has too little room (a CUDA device is
     only named here: nothing runs on it), and places it whole when it fits."""
-    import prunerzero.models as models
+    import prunerzero.engine.models as models
     model = tiny_llama()
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     monkeypatch.setattr(models, "free_memory", lambda device: size)
@@ -132,7 +132,7 @@ def test_a_model_too_big_for_the_device_is_onloaded(monkeypatch):
 
 
 def test_per_block_candidates_read_g_a_layer_at_a_time_with_the_same_result(tiny_dir, tmp_path):
-    from prunerzero.calibration import cache_path, cached
+    from prunerzero.engine.calibration import cache_path, cached
     from prunerzero.search.evaluator import Evaluator, LazyLayers, Setup, Task
     model, _ = load_model(str(tiny_dir), device="cpu", tokenizer=False)
     calib = token_samples(4, 32)

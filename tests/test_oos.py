@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from prunerzero import Metric
-from prunerzero.language import parse, to_sympy
-from prunerzero.compile import interpret
-from prunerzero.oos import RULES, simplify
+from prunerzero.language.text import parse, to_sympy
+from prunerzero.language.compile import interpret
+from prunerzero.language.oos import RULES, simplify
 
 from helpers import primitives
 

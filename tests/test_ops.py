@@ -5,9 +5,9 @@ import pytest
 import sympy
 import torch
 
-from prunerzero import ops
-from prunerzero.space import load_space
-from prunerzero.symbolic import apply_operator, symbols
+from prunerzero.language import ops
+from prunerzero.language.space import load_space
+from prunerzero.language.symbolic import apply_operator, symbols
 
 t = torch.tensor
 

@@ -22,7 +22,7 @@ def test_wheel_carries_the_primitives_and_reads_them(tmp_path):
     assert "prunerzero/primitives/catalog.toml" in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("import prunerzero, prunerzero.space as s; print(s.primitives_dir()); "
+    code = ("import prunerzero, prunerzero.language.space as s; print(s.primitives_dir()); "
             "print(prunerzero.Metric.parse('pruner-zero').canonical())")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site)},
                          capture_output=True, text=True, check=True).stdout.splitlines()
@@ -34,7 +34,7 @@ def test_the_readme_lists_every_catalog_entry():
     """The README's catalog line names every entry of primitives/catalog.toml (it went stale once)."""
     import re
     from pathlib import Path
-    from prunerzero.space import load_space
+    from prunerzero.language.space import load_space
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     line = readme[readme.index("- **Catalog**"):].split("\n- ")[0]
     assert set(load_space().catalog) <= set(re.findall(r"`([a-z0-9-]+)`", line))
@@ -64,7 +64,7 @@ def _imports(root: Path) -> dict:
 
 def test_no_module_imports_one_that_imports_it_back():
     graph = _imports(Path(prunerzero.__file__).parent)
-    assert "prunerzero.models" in graph["prunerzero.loading"]  # the walk sees real imports
+    assert "prunerzero.engine.models" in graph["prunerzero.loading"]  # the walk sees real imports
     state, cycles = {}, []
 
     def visit(node, stack):

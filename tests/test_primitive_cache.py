@@ -3,9 +3,10 @@ an entry that is damaged, edited or written for other layers is reported and com
 import pytest
 import torch
 
-from prunerzero import calibration, pipeline
-from prunerzero.models import all_prunable
-from prunerzero.metric import Metric
+from prunerzero.engine import calibration
+from prunerzero import pipeline
+from prunerzero.engine.models import all_prunable
+from prunerzero.language.metric import Metric
 
 from tiny import tiny_llama, token_samples
 

@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from prunerzero import progress
-from prunerzero.evaluate import perplexity
+from prunerzero.engine.evaluate import perplexity
 
 from tiny import tiny_llama, token_samples
 

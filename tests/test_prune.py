@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from prunerzero import DegenerateMetricError
-from prunerzero.calibration import compute_g, compute_x
-from prunerzero.evaluate import perplexity
-from prunerzero.models import all_prunable
-from prunerzero.prune import apply_metric
+from prunerzero.engine.calibration import compute_g, compute_x
+from prunerzero.engine.evaluate import perplexity
+from prunerzero.engine.models import all_prunable
+from prunerzero.engine.prune import apply_metric
 
 from helpers import layer_inputs
 from tiny import tiny_llama, token_samples
@@ -118,7 +118,7 @@ def test_half_precision_models_prune_exactly_and_stay_in_their_dtype(dtype):
 
 
 def test_h_terminal_is_the_obs_curvature_and_equals_x_squared_for_uncorrelated_inputs():
-    from prunerzero.calibration import compute_h, obs_curvature
+    from prunerzero.engine.calibration import compute_h, obs_curvature
     torch.manual_seed(0)
     # uncorrelated channels (diagonal X^T X): H = X^2 up to the damping
     X = torch.diag(torch.rand(16) + 0.5) * 10

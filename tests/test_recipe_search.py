@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from prunerzero import apply_metric
 from prunerzero.cli import main
-from prunerzero.layers import matrix
-from prunerzero.models import all_prunable
+from prunerzero.engine.layers import matrix
+from prunerzero.engine.models import all_prunable
 from prunerzero.search import run as run_mod
 from prunerzero.search.cache import Measured
 from prunerzero.search.config import SearchConfig
@@ -120,9 +120,9 @@ def test_cli_refuses_bad_recipe_settings(tmp_path, args, message):
 
 def test_a_catalogued_recipe_prunes_with_its_update_unless_told_otherwise():
     from prunerzero.apply_config import ApplyConfig
-    from prunerzero.reconstruct import UPDATES
-    from prunerzero.allocation import ALLOCATIONS
-    from prunerzero.space import load_space
+    from prunerzero.engine.reconstruct import UPDATES
+    from prunerzero.engine.allocation import ALLOCATIONS
+    from prunerzero.language.space import load_space
     for name, entry in load_space().catalog.items():
         assert entry.update in UPDATES and entry.allocation in ALLOCATIONS, name
     from prunerzero.cli import UPDATES as CLI_UPDATES

@@ -4,11 +4,11 @@ ADMM at convergence equals the direct least-squares solve of each row."""
 import pytest
 import torch
 
-from prunerzero.masks import make_mask
-from prunerzero.metric import Metric
-from prunerzero.prune import apply_metric
-from prunerzero.reconstruct import Update, inverse_factor, reconstruct
-from prunerzero.sparsegpt import sparsegpt_weights
+from prunerzero.engine.masks import make_mask
+from prunerzero.language.metric import Metric
+from prunerzero.engine.prune import apply_metric
+from prunerzero.engine.reconstruct import Update, inverse_factor, reconstruct
+from prunerzero.engine.sparsegpt import sparsegpt_weights
 
 from tiny import tiny_llama, token_samples
 
@@ -83,8 +83,8 @@ def test_admm_at_convergence_equals_the_direct_least_squares_solve():
 def test_adaptive_obs_with_the_obs_saliency_is_sparsegpt_at_2_4():
     """SparseGPT picks each N:M group on the weights its sweep has updated: the adaptive sweep
     with SparseGPT's own saliency must give its weights bit for bit."""
-    from prunerzero.reconstruct import obs_sweep
-    from prunerzero.masks import nm_mask
+    from prunerzero.engine.reconstruct import obs_sweep
+    from prunerzero.engine.masks import nm_mask
     W, H = layer(seed=3)
     U, dead = inverse_factor(H, 0.01)
     ours = obs_sweep(W, U, dead, lambda cur, a, b, d: nm_mask(cur[:, a:b] * cur[:, a:b] / d ** 2, 2, 4), 8, 4)
@@ -139,9 +139,9 @@ def test_one_shot_reconstruction_walks_block_by_block_on_the_dense_activations(m
     """One-shot pruning with an update holds one block's Hessians at a time, yet every layer is
     reconstructed from the dense model's inputs, as from one pass recording all of them."""
     from prunerzero import apply_sparsegpt
-    from prunerzero.calibration import Hessians, record_dense
-    from prunerzero.layers import matrix
-    from prunerzero.models import all_prunable
+    from prunerzero.engine.calibration import Hessians, record_dense
+    from prunerzero.engine.layers import matrix
+    from prunerzero.engine.models import all_prunable
     samples = token_samples(4, 32, 0)
     dense = tiny_llama(layers=3)
     rec = record_dense(dense, samples, Hessians, progress=False)

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from prunerzero import apply_sparsegpt
-from prunerzero.masks import make_mask
-from prunerzero.models import all_prunable, decoder_layers, prunable_linears
-from prunerzero.blocks import block_inputs, run_block
-from prunerzero.reconstruct import HessianError, inverse_factor
-from prunerzero.sparsegpt import Hessians, sparsegpt_weights
+from prunerzero.engine.masks import make_mask
+from prunerzero.engine.models import all_prunable, decoder_layers, prunable_linears
+from prunerzero.engine.blocks import block_inputs, run_block
+from prunerzero.engine.reconstruct import HessianError, inverse_factor
+from prunerzero.engine.sparsegpt import Hessians, sparsegpt_weights
 
 from helpers import layer_inputs
 from tiny import tiny_llama, token_samples

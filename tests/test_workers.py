@@ -4,7 +4,7 @@ import multiprocessing as mp
 
 import torch
 
-from prunerzero.calibration import cache_path, cached, compute_x
+from prunerzero.engine.calibration import cache_path, cached, compute_x
 from prunerzero.loading import load_model
 from prunerzero.search import pools
 from prunerzero.search.evaluator import Evaluator, Setup, Task

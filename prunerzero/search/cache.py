@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import PrunerZeroError
-from ..metric import Metric
+from ..language.metric import Metric
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .. import checks
-from ..masks import resolve_sparsity
-from ..reconstruct import UPDATES
+from ..engine.masks import resolve_sparsity
+from ..engine.reconstruct import UPDATES
 from ..settings import Settings
 
 

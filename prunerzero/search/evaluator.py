@@ -21,16 +21,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..calibration import shared_inputs
-from ..blocks import execution_device, onloading
-from ..evaluate import nll_blockwise, nll_sum
-from ..metric import Metric
-from ..layers import matrix, set_matrix
-from ..models import all_prunable, copy_fits, prunable_linears
+from ..engine.calibration import shared_inputs
+from ..engine.blocks import execution_device, onloading
+from ..engine.evaluate import nll_blockwise, nll_sum
+from ..language.metric import Metric
+from ..engine.layers import matrix, set_matrix
+from ..engine.models import all_prunable, copy_fits, prunable_linears
 from ..loading import load_model
-from ..compile import layer_primitives, scorer
-from ..prune import metric_mask
-from ..reconstruct import Update, factorise, reconstruct
+from ..language.compile import layer_primitives, scorer
+from ..engine.prune import metric_mask
+from ..engine.reconstruct import Update, factorise, reconstruct
 
 
 DENSE = "dense"  # task text that evaluates the unpruned model

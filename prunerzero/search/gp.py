@@ -11,8 +11,8 @@ import random
 from deap import algorithms, base, creator, gp, tools
 
 from ..errors import MetricError
-from ..language import parse
-from ..space import load_space
+from ..language.text import parse
+from ..language.space import load_space
 
 if not hasattr(creator, "StagedFitness"):
     # (highest evaluation stage reached, perplexity there): compared lexicographically, so a
@@ -23,7 +23,7 @@ if not hasattr(creator, "MetricTree"):
 
 
 def _never_called(*args):
-    raise RuntimeError("metric trees are compiled by prunerzero.compile, not by DEAP")
+    raise RuntimeError("metric trees are compiled by prunerzero.language.compile, not by DEAP")
 
 
 def primitive_set(terminals=None, operators=None, constants=None) -> gp.PrimitiveSet:

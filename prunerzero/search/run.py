@@ -8,17 +8,17 @@ from dataclasses import asdict
 import torch
 
 from .. import progress
-from ..calibration import cache_path, cached, compute_g, compute_h, compute_hessians, compute_x, shared_inputs
+from ..engine.calibration import cache_path, cached, compute_g, compute_h, compute_hessians, compute_x, shared_inputs
 from ..data import DataError, sequences_for
-from ..metric import Metric
-from ..masks import check_widths
-from ..blocks import onloading
-from ..models import (all_prunable, check_seqlen, concrete_dtype, copy_fits, hand_back_memory, placement,
-                      require_prunable)
+from ..language.metric import Metric
+from ..engine.masks import check_widths
+from ..engine.blocks import onloading
+from ..engine.models import (all_prunable, check_seqlen, concrete_dtype, copy_fits, hand_back_memory, placement,
+                             require_prunable)
 from ..loading import load_model
-from ..space import load_space
+from ..language.space import load_space
 from ..pipeline import WIKIPEDIA_HELDOUT, calibration_for, eval_data_for, primitive_settings
-from ..reconstruct import Update
+from ..engine.reconstruct import Update
 from .config import SearchConfig
 from .evaluator import DENSE, Evaluator, Task
 from .gp import from_text, primitive_set

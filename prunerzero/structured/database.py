@@ -20,9 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from ..progress import bar, logger
 
-from ..blocks import block_inputs, run_block
-from ..calibration import Hessians
-from ..models import decoder_layers
+from ..engine.blocks import block_inputs, run_block
+from ..engine.calibration import Hessians
+from ..engine.models import decoder_layers
 from .units import Anatomy, StructureError, anatomy, attention_of, mlp_of
 
 DEFAULT_LADDER = tuple(round(0.1 * i, 1) for i in range(11))

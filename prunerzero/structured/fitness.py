@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from ..progress import bar
 
-from ..models import decoder_layers, grads_only_for
+from ..engine.models import decoder_layers, grads_only_for
 
 
 class DenseReference:

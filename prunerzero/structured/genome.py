@@ -25,7 +25,7 @@ Genome = tuple[int, ...]
 class LevelSpace:
     """Modules with levels, each level a parameter count (`cost`) and an error estimate. DarwinLM's
     modules are attention and MLP of every block (`of_database`); an allocation search's are the
-    prunable layers at sparsity levels (allocation_search.py)."""
+    prunable layers at sparsity levels (search/allocation.py)."""
 
     def __init__(self, cost: list[list[int]], error: list[list[float]] | None = None, ladder=(), db: Database | None = None):
         self.cost = cost

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import progress
-from ..calibration import cache_key
+from ..engine.calibration import cache_key
 from ..data import calibration_samples, sequences_for
-from ..evaluate import perplexities
-from ..models import cache_dir, check_seqlen, concrete_dtype
+from ..engine.evaluate import perplexities
+from ..engine.models import cache_dir, check_seqlen, concrete_dtype
 from ..loading import load_model
 from ..pipeline import model_identity, calibration_for, eval_data_for, zero_shot_for
 from ..search.rundir import RunDir

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import decoder_layers, finish_saved_config
+from ..engine.models import decoder_layers, finish_saved_config
 from .database import Database
 from .remote_code import NoMLP, pruned_attention, shrink_to
 from .units import ATTN, MLP, StructureError, attention_of, child_with

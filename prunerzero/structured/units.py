@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import PrunerZeroError
-from ..models import decoder_layers
+from ..engine.models import decoder_layers
 
 
 class StructureError(PrunerZeroError, ValueError):

@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import sympy
 
-from .errors import MetricSyntaxError
+from ..errors import MetricSyntaxError
 from .space import load_space
 from .symbolic import LANG_OF, apply_operator, power, symbols
 

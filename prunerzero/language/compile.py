@@ -1,6 +1,6 @@
 """Compile a sympy form into a vectorised torch function of the primitives.
 
-The generated source is one Python expression over `prunerzero.ops`, kept on the result
+The generated source is one Python expression over `prunerzero.language.ops`, kept on the result
 (`CompiledMetric.source`) so a reader can see exactly what runs.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sympy
 import torch
 
 from . import ops
-from .errors import DegenerateMetricError, NonFiniteScoreError
+from ..errors import DegenerateMetricError, NonFiniteScoreError
 from .space import load_space
 from .symbolic import LANG_OF, ColSum, RowSum
 
@@ -118,7 +118,7 @@ def layer_primitives(name, uses, stats, n):
 @functools.lru_cache(maxsize=4096)
 def compile_cached(text: str) -> CompiledMetric:
     """Compile a simplified form given by its canonical printing (the cache key)."""
-    from .language import parse, to_sympy
+    from .text import parse, to_sympy
     return CompiledMetric(to_sympy(parse(text)))
 
 

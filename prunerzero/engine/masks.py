@@ -5,7 +5,7 @@ import re
 
 import torch
 
-from .errors import PrunerZeroError
+from ..errors import PrunerZeroError
 
 
 class SparsityError(PrunerZeroError, ValueError):

@@ -4,7 +4,7 @@ Plain arithmetic (add, sub, mul, neg, sqr, abs, sqrt = |a|**(1/2)) uses sympy's 
 Mul, Pow and Abs: their automatic rules (x - x = 0, x * 1 = x, sqrt(x**2) = |x|, ...) are
 exact for real numbers. Every operator whose protected definition sympy does not know is a
 custom Function below, so sympy never rewrites it with another meaning; a Function of plain
-numbers folds to the number that `prunerzero.ops` computes, so there is one definition.
+numbers folds to the number that `prunerzero.language.ops` computes, so there is one definition.
 """
 from __future__ import annotations
 

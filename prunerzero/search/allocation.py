@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from . import progress
-from . import checks
-from .calibration import compute_g, compute_h, compute_x
-from .compile import layer_primitives, scorer
-from .layers import matrix, set_matrix
-from .metric import Metric
-from .settings import Settings
+from .. import progress
+from .. import checks
+from ..engine.calibration import compute_g, compute_h, compute_x
+from ..language.compile import layer_primitives, scorer
+from ..engine.layers import matrix, set_matrix
+from ..language.metric import Metric
+from ..settings import Settings
 
 
 @dataclass
@@ -113,10 +113,10 @@ def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsi
     """(sparsity of each layer, report) found by evolution; the model is left dense. run_path:
     a folder for the run (resumed when it holds one, reused when finished); None: a
     temporary one. known: dense primitives already computed (see LevelMasks)."""
-    from .search.rundir import RunDir
-    from .structured.fitness import DenseReference
-    from .structured.genome import LevelSpace
-    from .structured.search import DarwinSearch, FitnessData, run_loop
+    from .rundir import RunDir
+    from ..structured.fitness import DenseReference
+    from ..structured.genome import LevelSpace
+    from ..structured.search import DarwinSearch, FitnessData, run_loop
     c = config or AllocationSearchConfig()
     c.seqlen = samples.shape[1]
     m = Metric.parse(metric) if not isinstance(metric, Metric) else metric

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checks
-from .errors import PrunerZeroError
+from .. import checks
+from ..errors import PrunerZeroError
 from .layers import block_layers, skipped_outside_blocks
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -99,7 +99,7 @@ def default_model_path() -> Path:
         return out
     import time
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from .progress import logger
+    from ..progress import logger
     gguf = _bundled_gguf()
     t0 = time.perf_counter()
     logger.warning(f"first use of the bundled model: converting {gguf.name} into a Hugging Face folder at {out} "

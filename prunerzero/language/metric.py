@@ -15,8 +15,8 @@ import sympy
 from . import canonical as _canonical
 from . import oos
 from .compile import CompiledMetric, compile_cached
-from .errors import DegenerateMetricError
-from .language import Node, parse, to_sympy, to_text
+from ..errors import DegenerateMetricError
+from .text import Node, parse, to_sympy, to_text
 from .space import load_space
 from .symbolic import varies_along_row
 

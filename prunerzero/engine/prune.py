@@ -6,20 +6,20 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from . import progress
-from .progress import bar
+from .. import progress
+from ..progress import bar
 
 from .calibration import Hessians, InputNorms, compute_g, compute_h, compute_x
 from .allocation import allocate
 from .blocks import blockwise
-from .compile import layer_primitives, scorer
+from ..language.compile import layer_primitives, scorer
 from .masks import make_mask, measured_sparsity, parse_structure
-from .metric import Metric
+from ..language.metric import Metric
 from .layers import matrix
-from .errors import PrunerZeroError
+from ..errors import PrunerZeroError
 from .models import all_prunable, require_prunable, skipped_layers
 from .reconstruct import Update, factorise, reconstruct
-from .space import recipe_defaults
+from ..language.space import recipe_defaults
 from .sparsegpt import prune_with_sparsegpt
 
 NO_UPDATE = Update()

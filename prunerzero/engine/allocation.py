@@ -9,18 +9,17 @@ weights exact to the weight.
   target, so block sparsities lie within target +- lambda (M = 5, lambda = 0.08 as published);
   X comes from one pass of the dense model, block by block.
 - `search`: each layer's sparsity found by evolution with KL to the dense model as fitness
-  (EvoPress-style; allocation_search.py).
+  (EvoPress-style; search/allocation.py).
 """
 from __future__ import annotations
 
 import torch
 
-from . import progress
-from .allocation_search import AllocationSearchConfig, search_allocation
+from .. import progress
 from .blocks import blockwise
 from .calibration import InputNorms
-from . import checks
-from .checks import SettingsError
+from .. import checks
+from ..checks import SettingsError
 from .layers import matrix
 
 ALLOCATIONS = ("uniform", "owl", "search")
@@ -75,12 +74,14 @@ def allocate(kind, model, layers: dict, samples, sparsity: float, structure: str
     "uniform", "owl", "search", or an AllocationSearchConfig (a search with those settings),
     which ranks candidate masks by `metric` (from the dense primitives `known`, the others
     computed)."""
-    settings = kind if isinstance(kind, AllocationSearchConfig) else None
+    settings = None if isinstance(kind, str) else kind
     kind = "search" if settings else kind
     check_allocation(kind, structure)
     if kind == "uniform":
         return None, {"kind": "uniform"}
     if kind == "search":
+        # the one call from the engine up into the search (its evolutionary loop), made only here
+        from ..search.allocation import AllocationSearchConfig, search_allocation
         settings = settings or AllocationSearchConfig()
         per_layer, report = search_allocation(model, layers, metric, samples, sparsity, settings, settings.run, log,
                                               progress, known)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import PrunerZeroError
+from ..errors import PrunerZeroError
 from .masks import lowest_k, lowest_per_row, make_mask, nm_mask, parse_structure, row_counts
 
 UPDATES = ("none", "obs", "obs-adaptive", "admm")
@@ -65,7 +65,7 @@ class Update:
     gradual: int = 15               # ADMM: iterations that re-choose the mask (0: fixed mask)
 
     def __post_init__(self):
-        from . import checks
+        from .. import checks
         checks.choice("update", self.kind, UPDATES)
         checks.number("percdamp", self.percdamp, low=0, low_open=True, optional=True)
         checks.integer("blocksize", self.blocksize)

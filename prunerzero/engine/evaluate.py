@@ -10,7 +10,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from .progress import bar
+from ..progress import bar
 
 
 @torch.inference_mode()
@@ -62,7 +62,8 @@ def nll_blockwise(model, chunks: torch.Tensor, around_block=None, progress: bool
     nll_sum(batch_size=1) bit for bit. around_block(i, block), when given, is a context manager
     entered while block i runs: the search evaluator prunes the block in place inside it and
     restores it on exit, so no whole-model copy of weights or masks is ever made."""
-    from .blocks import as_dtype, block_inputs, compute_dtype, execution_device, rest_running_in, run_block, running_in
+    from .blocks import (as_dtype, block_inputs, compute_dtype, execution_device, rest_running_in, run_block,
+                         running_in)
     from .models import decoder_layers
     blocks = decoder_layers(model)
     hidden, calls = block_inputs(model, chunks)

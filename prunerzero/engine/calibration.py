@@ -8,8 +8,8 @@ import json
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from . import progress
-from .progress import bar
+from .. import progress
+from ..progress import bar
 
 from .layers import as_matrix, in_features, matrix
 from .models import ModelError, all_prunable, cache_dir, copy_fits, grads_only_for

@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from .progress import bar
+from ..progress import bar
 
 from .models import ONLOAD_ATTR, decoder_layers, prunable_linears
 

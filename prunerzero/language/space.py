@@ -23,8 +23,8 @@ def primitives_dir() -> Path:
     env = os.environ.get("PRUNERZERO_PRIMITIVES")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent
-    for cand in (here / "primitives", here.parent / "primitives"):
+    package = Path(__file__).resolve().parents[1]  # prunerzero/: a wheel carries primitives/ inside it
+    for cand in (package / "primitives", package.parent / "primitives"):  # else the source tree's
         if (cand / "search_space.toml").is_file():
             return cand
     raise FileNotFoundError("prunerzero's primitives/ folder is missing; reinstall the package")
