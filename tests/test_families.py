@@ -43,6 +43,32 @@ def test_the_block_walk_reproduces_the_models_own_forward_at_every_block(family)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{family} block {i}")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_block_calls_give_each_samples_own_output_and_statistics(family):
+    # accelerators run several calibration samples per block call: the one-sample call
+    # arguments (masks, rotary tables) must broadcast so that nothing mixes across samples
+    from prunerzero.engine.blocks import blockwise
+    from prunerzero.engine.calibration import Hessians
+    model = tiny(family)
+    inputs, calls = block_inputs(model, SAMPLES)
+    with torch.no_grad():
+        for i, block in enumerate(decoder_layers(model)):
+            one = run_block(block, inputs, calls[i], batch=1)
+            three = run_block(block, inputs, calls[i], batch=3)  # 4 samples: a full call and a short one
+            assert len(three) == len(one) == len(SAMPLES)
+            for a, b in zip(three, one):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{family} block {i}")
+            inputs = one
+    stats = {}
+    for batch in (1, 4):
+        seen = stats[batch] = {}
+        blockwise(tiny(family), SAMPLES, Hessians, lambda i, lin, rec: seen.update(
+            {f"{i}.{k}": v.clone() for k, v in rec.H.items()}), progress=False, dense=True, batch=batch)
+    assert stats[1].keys() == stats[4].keys() and stats[1]
+    for name, H in stats[1].items():
+        torch.testing.assert_close(stats[4][name], H, rtol=1e-4, atol=1e-4, msg=f"{family} {name}")
+
+
 def test_gemma3_blocks_get_their_own_rotary_tables():
     # the regression the walk fixes: sliding and global layers are called with different RoPE
     _, calls = block_inputs(tiny("gemma3"), SAMPLES)
@@ -230,3 +256,18 @@ def test_darwin_refuses_the_other_families_clearly_before_any_work(family, tmp_p
         r = CliRunner().invoke(main, ["darwin", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "run"),
                                       "--calibration", str(tmp_path / "short.txt")])
         assert r.exit_code == 2 and "cannot shrink GPT2LMHeadModel" in r.output, r.output
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "phi3"])
+def test_batched_g_equals_the_per_sample_definition(family):
+    # accelerators run G with several samples per backward and per-sample products in hooks
+    model = tiny(family)
+    if not all(type(m) is torch.nn.Linear for m in all_prunable(model).values()):
+        pytest.skip("per-expert or Conv1D weights take the per-sample path whatever the batch")
+    samples = token_samples(5, 24)
+    one = compute_g(model, samples, scale=3.0, batch=1)
+    two = compute_g(model, samples, scale=3.0, batch=2)  # 5 samples: two full batches and one short
+    assert one.keys() == two.keys() and one
+    for name, g in one.items():
+        torch.testing.assert_close(two[name], g, rtol=1e-4, atol=1e-6, msg=f"{family} {name}")
+    assert all(p.grad is None for p in model.parameters())

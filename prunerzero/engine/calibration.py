@@ -179,33 +179,48 @@ def compute_x(model, samples: torch.Tensor, batch_size: int = 1) -> dict[str, to
     return out
 
 
-def compute_g(model, samples: torch.Tensor, scale: float = 1.0) -> dict[str, torch.Tensor]:
+def compute_g(model, samples: torch.Tensor, scale: float = 1.0, batch: int | None = None) -> dict[str, torch.Tensor]:
     """G = sqrt(sum over samples of (scale * dLoss/dW)^2), labels = inputs, accumulated in fp32.
 
-    Each gradient is squared into one fp32 accumulator per layer as soon as it is ready and then
-    freed, so memory holds one extra fp32 copy of the prunable weights, not several. The
-    accumulators live on the model's device when they fit in its free memory, else in host memory
-    (7B: 26 GB of fp32 beside a 13 GB bf16 model), filled one layer's gradient at a time. A
-    half-precision model's G is returned (and cached) in its dtype; scores are computed in fp32
-    whatever the primitives' dtype.
+    The accumulators live on the model's device when they fit in its free memory, else in host
+    memory (7B: 26 GB of fp32 beside a 13 GB bf16 model). A half-precision model's G is returned
+    (and cached) in its dtype; scores are computed in fp32 whatever the primitives' dtype.
+    batch: samples per forward and backward (None: one on a CPU, where larger calls run no
+    faster, else enough for GPU_TOKENS_PER_CALL tokens); see _g_per_sample and _g_batched.
     """
-    from .blocks import onloading
+    from .blocks import GPU_TOKENS_PER_CALL, onloading
     if onloading(model):
         raise ModelError("G (gradients) needs the whole model on its device, and this one is onloaded one block "
                          "at a time because it does not fit: use a metric without G (wanda, or W and X terms), "
                          "or a device with room for the model")
     layers = all_prunable(model)
     device = next(model.parameters()).device
+    if batch is None:
+        batch = 1 if device.type == "cpu" else max(1, GPU_TOKENS_PER_CALL // samples.shape[1])
     acc_device = device if copy_fits(layers.values(), bytes_per_weight=4) else torch.device("cpu")
     acc = {name: torch.zeros(matrix(m).shape, dtype=torch.float32, device=acc_device)
            for name, m in layers.items()}
+    plain = all(type(m) is torch.nn.Linear for m in layers.values())  # per-expert views need the autograd path
+    if batch > 1 and plain:
+        _g_batched(model, samples, layers, acc, scale, batch)
+    else:
+        _g_per_sample(model, samples, layers, acc, scale)
+    stored = next(model.parameters()).dtype
+    keep = stored if stored in (torch.bfloat16, torch.float16) else torch.float32
+    return {name: a.sqrt_().to(keep) for name, a in acc.items()}
+
+
+def _g_per_sample(model, samples, layers, acc, scale):
+    """One backward per sample; each weight's gradient is squared into its accumulator as soon
+    as it is ready and then freed, so memory holds one extra copy of the prunable weights."""
+    device = next(model.parameters()).device
     hooks = []
     # the hooks go on once gradients are on: per-expert views start without them
     with grads_only_for(model, [m.weight for m in layers.values()]):
         try:
             for name, m in layers.items():
                 def hook(param, name=name, m=m):
-                    acc[name].add_(as_matrix(m, param.grad).float().mul(scale).square_().to(acc_device))
+                    acc[name].add_(as_matrix(m, param.grad).float().mul(scale).square_().to(acc[name].device))
                     param.grad = None
                 hooks.append(m.weight.register_post_accumulate_grad_hook(hook))
             for i in bar(range(len(samples)), desc="gradients"):
@@ -214,9 +229,50 @@ def compute_g(model, samples: torch.Tensor, scale: float = 1.0) -> dict[str, tor
         finally:
             for h in hooks:
                 h.remove()
-    stored = next(model.parameters()).dtype
-    keep = stored if stored in (torch.bfloat16, torch.float16) else torch.float32
-    return {name: a.sqrt_().to(keep) for name, a in acc.items()}
+
+
+def _g_batched(model, samples, layers, acc, scale, batch):
+    """`batch` samples per forward and backward, with every sample's own weight gradient.
+
+    For a Linear y = x W^T, one sample's gradient is gy_s^T x_s (its output gradient times its
+    input, summed over its tokens), so a forward hook keeps each layer's input and a backward
+    hook forms the per-sample products from the batch's output gradient: no weight gradient is
+    ever summed over the batch, and the forward and activation backward run batched. The batch
+    loss is the mean over the batch's tokens, i.e. the mean of the samples' own losses (equal
+    lengths), so each sample's gradient is `n` times its share."""
+    device = next(model.parameters()).device
+    inputs, hooks = {}, []
+
+    def keep_input(name):
+        def hook(module, args, output):
+            inputs[name] = args[0].detach()
+        return hook
+
+    def per_sample(name, n):
+        def hook(module, grad_input, grad_output):
+            x, gy = inputs.pop(name), grad_output[0]
+            for s in range(x.shape[0]):
+                g = gy[s].reshape(-1, gy.shape[-1]).float().T @ x[s].reshape(-1, x.shape[-1]).float()
+                acc[name].add_(g.mul_(scale * n[0]).square_().to(acc[name].device))
+        return hook
+
+    n = [1]
+    embed = model.get_input_embeddings()
+    with grads_only_for(model, []):
+        try:
+            for name, m in layers.items():
+                hooks.append(m.register_forward_hook(keep_input(name)))
+                hooks.append(m.register_full_backward_hook(per_sample(name, n)))
+            for i in bar(range(0, len(samples), batch), desc="gradients"):
+                ids = samples[i:i + batch].to(device)
+                n[0] = len(ids)
+                # the gradient flows from the loss to the embeddings' output; no weight needs one
+                x = embed(ids).detach().requires_grad_(True)
+                model(inputs_embeds=x, labels=ids).loss.backward()
+                inputs.clear()
+        finally:
+            for h in hooks:
+                h.remove()
 
 
 def cache_key(**settings) -> str:
