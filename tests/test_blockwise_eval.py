@@ -20,6 +20,20 @@ def chunks(n=3, seqlen=32):
     return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_capturing_the_block_inputs_runs_no_block(family):
+    # a 7B model in host memory (or bf16 on a CPU) once ran whole here before the block walk
+    from prunerzero.engine.blocks import block_inputs
+    model = tiny(family)
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in all_prunable(model).values()]
+    inputs, args = block_inputs(model, chunks())
+    for h in hooks:
+        h.remove()
+    assert calls == [] and len(inputs) == 3 and len(args) == len(decoder_layers(model))
+    assert all("forward" not in b.__dict__ for b in decoder_layers(model))  # the blocks' own forwards back
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_blockwise_perplexity_equals_the_whole_model_bit_for_bit(family):
     model = tiny(family)

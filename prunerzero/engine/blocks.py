@@ -46,28 +46,37 @@ def block_inputs(model, samples: torch.Tensor):
         return hook
 
     handles = [b.register_forward_pre_hook(grab(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    saved = [b.__dict__.get("forward") for b in blocks]
-    for b in blocks:
-        b.forward = _pass_through
     try:
-        for i in range(len(samples)):
-            try:
-                model(samples[i:i + 1].to(device), use_cache=False)
-            except _Stop:
-                pass
+        with replaced_forwards(blocks, lambda i: _pass_through):
+            for i in range(len(samples)):
+                try:
+                    model(samples[i:i + 1].to(device), use_cache=False)
+                except _Stop:
+                    pass
     finally:
         for h in handles:
             h.remove()
-        for b, f in zip(blocks, saved):
-            if f is None:
-                del b.forward
-            else:
-                b.forward = f
     return inputs, calls
 
 
 def _pass_through(*args, **kwargs):
     return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def replaced_forwards(blocks, make):
+    """Inside, block i's forward is make(i) (its hooks still run); the blocks' own on exit."""
+    saved = [b.__dict__.get("forward") for b in blocks]
+    try:
+        for i, b in enumerate(blocks):
+            b.forward = make(i)
+        yield
+    finally:
+        for b, f in zip(blocks, saved):
+            if f is None:
+                del b.forward
+            else:
+                b.forward = f
 
 
 def execution_device(model) -> torch.device:

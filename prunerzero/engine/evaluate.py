@@ -92,26 +92,19 @@ def _head_nll(model, blocks, chunks, hidden, as_tuple) -> tuple[float, int]:
     """NLL of each chunk from its last-block output: the model's own forward with every block
     replaced by a pass-through and the last handing back the stored output, so the final norm,
     the head and any family-specific logit processing (soft-capping, scaling) are the model's."""
+    from .blocks import replaced_forwards
     device = next(model.parameters()).device
     stored = {}
 
     def replay(last, *args, **kwargs):
         x = stored["out"] if last else (args[0] if args else kwargs["hidden_states"])
         return (x,) if as_tuple else x
-    saved = [b.__dict__.get("forward") for b in blocks]
     nll, count = 0.0, 0
-    try:
-        for i, b in enumerate(blocks):
-            b.forward = functools.partial(replay, i == len(blocks) - 1)
+    last = len(blocks) - 1
+    with replaced_forwards(blocks, lambda i: functools.partial(replay, i == last)):
         for j in range(len(chunks)):
             stored["out"] = hidden[j]
             ids = chunks[j:j + 1].to(device)
             nll += token_nll(model(ids, use_cache=False).logits, ids)
             count += ids[:, 1:].numel()
-    finally:
-        for b, f in zip(blocks, saved):
-            if f is None:
-                del b.forward
-            else:
-                b.forward = f
     return nll, count
