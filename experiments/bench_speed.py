@@ -10,7 +10,7 @@ variant of the part. On the bundled SmolLM2-135M:
                the GFLOP/s this machine can give, the ceiling of every loop below
   evaluation   perplexity on --chunks WikiText-2 chunks of 512: the published code's loop
                (batch 1, fp32, whole logits upcast, one cross-entropy), prunerzero's fp32
-               default (batch 4, fp32 NLL 1,024 tokens at a time), and the model held in bf16
+               path at batch 1 and 4 (fp32 NLL 1,024 tokens at a time), and the model held in bf16
                (which on a CPU without bf16 units runs block by block in fp32, see blocks.py);
                tokens/s, the perplexity, and the share of the fp32 limit
   block        one decoder block on 16 calibration samples, 1, 4 and 16 samples per call
@@ -93,7 +93,8 @@ def evaluation(model_path, chunks, repeats, limit_fp32):
     bf16, _ = load_model(model_path, dtype="bf16")
     timed = alternate({
         "published loop (batch 1, fp32)": lambda: reference_nll(fp32, chunks),
-        "prunerzero fp32 (batch 4)": lambda: perplexity(fp32, chunks, progress=False),
+        "prunerzero fp32 (batch 1)": lambda: perplexity(fp32, chunks, batch_size=1, progress=False),
+        "prunerzero fp32 (batch 4)": lambda: perplexity(fp32, chunks, batch_size=4, progress=False),
         "prunerzero bf16 weights": lambda: perplexity(bf16, chunks, progress=False),
     }, repeats)
     tokens, per_token = chunks.numel(), flops_per_token(fp32)

@@ -56,6 +56,16 @@ def test_packed_masks_round_trip_and_keep_the_fingerprint():
     assert fingerprint(masks) == fingerprint({k: masks[k] for k in reversed(list(masks))})
 
 
+@pytest.mark.parametrize("shape", [(7, 13), (4, 8), (1, 1), (3, 5, 2)])
+def test_masks_packed_on_an_accelerator_are_numpys_bytes(shape):
+    # GPU masks are packed and unpacked with torch where they are; same bytes, same fingerprints
+    from prunerzero.search.evaluator import packed_in_torch, unpacked_in_torch
+    m = torch.rand(shape, generator=torch.Generator().manual_seed(2)) < 0.4
+    bits = packed_in_torch(m)
+    assert bits.dtype == torch.uint8 and np.array_equal(bits.numpy(), np.packbits(m.numpy()))
+    assert torch.equal(unpacked_in_torch(bits, m), m)
+
+
 def evaluator(tmp_path, per_block, batch_size=1, structure="unstructured"):
     model = tiny_llama(layers=3)
     samples = token_samples(4, 32)

@@ -124,15 +124,43 @@ def fingerprint(masks: dict[str, torch.Tensor]) -> str:
     return packed_fingerprint({name: packed(m) for name, m in masks.items()})
 
 
+_BIT_VALUES = (128, 64, 32, 16, 8, 4, 2, 1)  # np.packbits' order: the first weight is the high bit
+
+
 def packed(mask: torch.Tensor) -> np.ndarray:
-    """A mask as bits, 1/8 of a byte per weight (what a per-block evaluation keeps of it)."""
-    return np.packbits(mask.cpu().numpy())
+    """A mask as bits, 1/8 of a byte per weight (what a per-block evaluation keeps of it),
+    byte for byte np.packbits of the flattened mask. A mask on an accelerator is packed there,
+    so only its bits cross to the host (a 7B candidate: 0.8 GB instead of 6.5 GB)."""
+    if mask.device.type == "cpu":
+        return np.packbits(mask.numpy())
+    return packed_in_torch(mask).cpu().numpy()
 
 
 def unpacked(bits: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """The boolean mask shaped and placed like `like`, from its packed bits."""
-    flat = np.unpackbits(bits, count=like.numel()).view(np.bool_)
-    return torch.from_numpy(flat).reshape(like.shape).to(like.device)
+    """The boolean mask shaped and placed like `like`, from its packed bits (unpacked on the
+    device of `like`, so only the bits travel there)."""
+    if like.device.type == "cpu":
+        flat = np.unpackbits(bits, count=like.numel()).view(np.bool_)
+        return torch.from_numpy(flat).reshape(like.shape)
+    return unpacked_in_torch(torch.from_numpy(bits).to(like.device), like)
+
+
+def _bit_values(device) -> torch.Tensor:
+    # np.packbits' order: the first weight of each byte is its high bit
+    return torch.tensor((128, 64, 32, 16, 8, 4, 2, 1), dtype=torch.uint8, device=device)
+
+
+def packed_in_torch(mask: torch.Tensor) -> torch.Tensor:
+    """np.packbits of the flattened mask, computed on the mask's device (uint8)."""
+    flat = mask.reshape(-1)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
+    return (flat.view(-1, 8).to(torch.uint8) * _bit_values(mask.device)).sum(1, dtype=torch.uint8)
+
+
+def unpacked_in_torch(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of packed_in_torch, on the bits' device, shaped like `like`."""
+    flat = (bits[:, None] & _bit_values(bits.device)).ne(0).reshape(-1)[:like.numel()]
+    return flat.reshape(like.shape)
 
 
 def packed_fingerprint(bits: dict[str, np.ndarray]) -> str:
