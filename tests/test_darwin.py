@@ -17,7 +17,7 @@ from prunerzero.structured.config import DarwinConfig, DarwinConfigError
 from prunerzero.structured.database import build_database, greedy_obs, kept_counts
 from prunerzero.structured.genome import LevelSpace
 from prunerzero.structured.run import DarwinData, run_darwin
-from prunerzero.structured.search import select
+from prunerzero.structured.search import evaluations_left, select
 from prunerzero.structured.shrink import apply_masked, load_structured, materialize, save_structured
 from prunerzero.structured.units import StructureError, anatomy
 
@@ -112,6 +112,13 @@ def test_select_keeps_the_requested_survivors_and_the_parent():
     scores = {"p": 5.0, "a": 1.0, "b": 2.0, "c": 3.0, "d": 2.0}
     assert select(scores, 2, "p") == ["a", "b", "p"]
     assert select(scores, 3, "a") == ["a", "b", "d"]
+
+
+def test_a_generations_bar_counts_what_each_stage_will_score():
+    # --quick: parent + 4 offspring, then the 2 kept plus (at most) the parent: 8, not 5 + 2
+    assert evaluations_left(5, ((256, 512, 2), (512, 1024, 1))) == 8
+    assert evaluations_left(9, ((512, 1024, 4), (1024, 2048, 2), (2048, 4096, 1))) == 9 + 5 + 3
+    assert evaluations_left(2, ((1, 1, 4), (1, 1, 1))) == 4
 
 
 def random_genomes(space, n, seed=0):

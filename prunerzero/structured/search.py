@@ -35,6 +35,17 @@ def select(scores: dict, keep: int, parent) -> list:
     return ranked if parent in ranked else ranked + [parent]
 
 
+def evaluations_left(n: int, stages) -> int:
+    """Evaluations of a generation when n candidates enter `stages`: each stage scores what the
+    one before kept (at most its survivors plus the parent, who rejoins only if it fell out; the
+    bar's total is corrected as each stage begins)."""
+    total = 0
+    for _, _, keep in stages:
+        total += n
+        n = min(n, keep + 1)
+    return total
+
+
 class DarwinSearch:
     """config: the search settings (DarwinConfig, or any object with its generations, offspring,
     max_switches, reach, stages, seqlen, lr, seed and time_limit); build(genome) -> the model to
@@ -87,9 +98,11 @@ class DarwinSearch:
         candidates = [self.parent] + self.children(rng)
         stages, first_median = [], None
         n_eval, n_train = len(self.data.reference.windows), len(self.data.train)
-        bar = progress.bar(total=sum(min(len(candidates), s[2] + 1) for s in self.c.stages), enabled=not self.quiet,
+        bar = progress.bar(total=evaluations_left(len(candidates), self.c.stages), enabled=not self.quiet,
                            desc=f"generation {self.gen}", done_line=False)
         for s, (train_tokens, eval_tokens, keep) in enumerate(self.c.stages):
+            bar.total = bar.n + evaluations_left(len(candidates), self.c.stages[s:])
+            bar.refresh()
             tr = rng.sample(range(n_train), min(n_train, train_tokens // self.c.seqlen))
             ev = rng.sample(range(n_eval), min(n_eval, -(-eval_tokens // self.c.seqlen)))
             scores = {}
