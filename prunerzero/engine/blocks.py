@@ -47,7 +47,7 @@ def block_inputs(model, samples: torch.Tensor):
 
     handles = [b.register_forward_pre_hook(grab(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
-        with replaced_forwards(blocks, lambda i: _pass_through):
+        with replaced_forwards(blocks, lambda i: pass_through):
             for i in range(len(samples)):
                 try:
                     model(samples[i:i + 1].to(device), use_cache=False)
@@ -59,7 +59,8 @@ def block_inputs(model, samples: torch.Tensor):
     return inputs, calls
 
 
-def _pass_through(*args, **kwargs):
+def pass_through(*args, **kwargs):
+    """A block that hands its input on unchanged (its call arguments are all that is wanted)."""
     return args[0] if args else kwargs["hidden_states"]
 
 
@@ -180,14 +181,19 @@ def as_dtype(inputs: list, call, dtype: torch.dtype | None, device: torch.device
 GPU_TOKENS_PER_CALL = 8192
 
 
-def block_batch(inputs) -> int:
-    """How many samples go through a block in one call. One on a CPU: at 512 tokens a sample's
-    matrix products already run at the CPU's speed, and larger calls measured no faster (2-core
-    CPU, SmolLM2 block, batch 1/4/16: 2.25/2.30/3.26 s per 16 samples). On an accelerator,
-    enough samples for GPU_TOKENS_PER_CALL tokens."""
-    if not inputs or inputs[0].device.type == "cpu":
+def samples_per_call(device: torch.device, tokens: int) -> int:
+    """How many samples of `tokens` tokens go through the model (or a block) in one call. One on
+    a CPU: at 512 tokens a sample's matrix products already run at the CPU's speed, and larger
+    calls measured no faster (2-core CPU, SmolLM2 block, batch 1/4/16: 2.25/2.30/3.26 s per 16
+    samples). On an accelerator, enough samples for GPU_TOKENS_PER_CALL tokens."""
+    if device.type == "cpu":
         return 1
-    return max(1, GPU_TOKENS_PER_CALL // max(1, inputs[0].shape[-2]))
+    return max(1, GPU_TOKENS_PER_CALL // max(1, tokens))
+
+
+def block_batch(inputs) -> int:
+    """samples_per_call for a block's inputs (a list of (1, tokens, hidden) tensors)."""
+    return samples_per_call(inputs[0].device, inputs[0].shape[-2]) if inputs else 1
 
 
 def run_block(block, inputs, call, batch: int | None = None):

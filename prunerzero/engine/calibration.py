@@ -185,18 +185,17 @@ def compute_g(model, samples: torch.Tensor, scale: float = 1.0, batch: int | Non
     The accumulators live on the model's device when they fit in its free memory, else in host
     memory (7B: 26 GB of fp32 beside a 13 GB bf16 model). A half-precision model's G is returned
     (and cached) in its dtype; scores are computed in fp32 whatever the primitives' dtype.
-    batch: samples per forward and backward (None: one on a CPU, where larger calls run no
-    faster, else enough for GPU_TOKENS_PER_CALL tokens); see _g_per_sample and _g_batched.
+    batch: samples per forward and backward (None: blocks.samples_per_call, one on a CPU);
+    see _g_per_sample and _g_batched.
     """
-    from .blocks import GPU_TOKENS_PER_CALL, onloading
+    from .blocks import onloading, samples_per_call
     if onloading(model):
         raise ModelError("G (gradients) needs the whole model on its device, and this one is onloaded one block "
                          "at a time because it does not fit: use a metric without G (wanda, or W and X terms), "
                          "or a device with room for the model")
     layers = all_prunable(model)
     device = next(model.parameters()).device
-    if batch is None:
-        batch = 1 if device.type == "cpu" else max(1, GPU_TOKENS_PER_CALL // samples.shape[1])
+    batch = batch or samples_per_call(device, samples.shape[1])
     acc_device = device if copy_fits(layers.values(), bytes_per_weight=4) else torch.device("cpu")
     acc = {name: torch.zeros(matrix(m).shape, dtype=torch.float32, device=acc_device)
            for name, m in layers.items()}
@@ -239,7 +238,7 @@ def _g_batched(model, samples, layers, acc, scale, batch):
     hook forms the per-sample products from the batch's output gradient: no weight gradient is
     ever summed over the batch, and the forward and activation backward run batched. The batch
     loss is the mean over the batch's tokens, i.e. the mean of the samples' own losses (equal
-    lengths), so each sample's gradient is `n` times its share."""
+    lengths), so each sample's gradient is the batch size times its share."""
     device = next(model.parameters()).device
     inputs, hooks = {}, []
 
@@ -248,24 +247,22 @@ def _g_batched(model, samples, layers, acc, scale, batch):
             inputs[name] = args[0].detach()
         return hook
 
-    def per_sample(name, n):
+    def per_sample(name):
         def hook(module, grad_input, grad_output):
             x, gy = inputs.pop(name), grad_output[0]
-            for s in range(x.shape[0]):
+            for s in range(len(x)):
                 g = gy[s].reshape(-1, gy.shape[-1]).float().T @ x[s].reshape(-1, x.shape[-1]).float()
-                acc[name].add_(g.mul_(scale * n[0]).square_().to(acc[name].device))
+                acc[name].add_(g.mul_(scale * len(x)).square_().to(acc[name].device))
         return hook
 
-    n = [1]
     embed = model.get_input_embeddings()
     with grads_only_for(model, []):
         try:
             for name, m in layers.items():
                 hooks.append(m.register_forward_hook(keep_input(name)))
-                hooks.append(m.register_full_backward_hook(per_sample(name, n)))
+                hooks.append(m.register_full_backward_hook(per_sample(name)))
             for i in bar(range(0, len(samples), batch), desc="gradients"):
                 ids = samples[i:i + batch].to(device)
-                n[0] = len(ids)
                 # the gradient flows from the loss to the embeddings' output; no weight needs one
                 x = embed(ids).detach().requires_grad_(True)
                 model(inputs_embeds=x, labels=ids).loss.backward()

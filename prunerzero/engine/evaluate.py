@@ -92,12 +92,12 @@ def _head_nll(model, blocks, chunks, hidden, as_tuple) -> tuple[float, int]:
     """NLL of each chunk from its last-block output: the model's own forward with every block
     replaced by a pass-through and the last handing back the stored output, so the final norm,
     the head and any family-specific logit processing (soft-capping, scaling) are the model's."""
-    from .blocks import replaced_forwards
+    from .blocks import pass_through, replaced_forwards
     device = next(model.parameters()).device
     stored = {}
 
     def replay(last, *args, **kwargs):
-        x = stored["out"] if last else (args[0] if args else kwargs["hidden_states"])
+        x = stored["out"] if last else pass_through(*args, **kwargs)
         return (x,) if as_tuple else x
     nll, count = 0.0, 0
     last = len(blocks) - 1

@@ -146,8 +146,7 @@ def unpacked(bits: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 
 
 def _bit_values(device) -> torch.Tensor:
-    # np.packbits' order: the first weight of each byte is its high bit
-    return torch.tensor((128, 64, 32, 16, 8, 4, 2, 1), dtype=torch.uint8, device=device)
+    return torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=device)
 
 
 def packed_in_torch(mask: torch.Tensor) -> torch.Tensor:
