@@ -18,6 +18,14 @@ variant of the part. On the bundled SmolLM2-135M:
   gradients    G on --g-samples calibration samples: one backward per sample (the published
                definition) against batched backward with per-sample products in hooks, and
                the largest relative difference between the two
+  sweep        SparseGPT's OBS sweep (50% unstructured, blocks of 128) on one layer of the
+               bundled model's MLP shape and of LLaMA-2-7B's attention and MLP shapes (random
+               weights, H from 2,048 random correlated inputs): the published one-level loop
+               (each column's error subtracted from the rest of its block at once) against
+               the two-level sweep of engine/reconstruct.py; the share of weights whose
+               pruned/kept state differs, and the largest weight difference
+
+--parts runs some of these and keeps the others' figures from the last JSON.
 
 Writes results/bench_speed.{json,md}.
 """
@@ -38,6 +46,7 @@ from common import common_options
 from prunerzero.engine.blocks import block_inputs, run_block
 from prunerzero.engine.calibration import compute_g
 from prunerzero.engine.evaluate import perplexity
+from prunerzero.engine.masks import layer_mask
 from prunerzero.engine.models import decoder_layers, default_model_path
 from prunerzero.loading import load_model
 from prunerzero.pipeline import calibration_for, eval_data_for
@@ -126,6 +135,51 @@ def gradients(model, samples, repeats):
     return rows
 
 
+PARTS = ("limit", "evaluation", "block", "gradients", "sweep")
+SWEEP_SHAPES = [(1536, 576), (4096, 4096), (11008, 4096)]
+
+
+@torch.no_grad()
+def published_sweep(W, U, sparsity=0.5, blocksize=128):
+    """SparseGPT's sweep as its authors' loop runs it: per column, one rank-1 update of the
+    whole rest of the block; the block's mask chosen over all rows at its start."""
+    W = W.clone()
+    for i1 in range(0, W.shape[1], blocksize):
+        i2 = min(i1 + blocksize, W.shape[1])
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        d = U1.diagonal()
+        s = W1 * W1 / (d * d)
+        mask = layer_mask(s, sparsity)  # the chooser both variants share
+        err = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            e = torch.where(mask[:, i], W1[:, i], 0) / d[i]
+            W1[:, i:] -= torch.outer(e, U1[i, i:])
+            W1[mask[:, i], i] = 0
+            err[:, i] = e
+        W[:, i1:i2] = W1
+        W[:, i2:] -= err @ U[i1:i2, i2:]
+    return W
+
+
+def sweeps(repeats):
+    from prunerzero.engine.reconstruct import inverse_factor
+    from prunerzero.engine.sparsegpt import sparsegpt_weights
+    g = torch.Generator().manual_seed(0)
+    rows_out = []
+    for rows, cols in SWEEP_SHAPES:
+        X = torch.randn(2048, cols, generator=g) @ (torch.eye(cols) + torch.randn(cols, cols, generator=g) / cols)
+        U, dead = inverse_factor(X.T @ X)
+        W = torch.randn(rows, cols, generator=g)
+        timed = alternate({"published loop": lambda: published_sweep(W, U),
+                           "two-level sweep": lambda: sparsegpt_weights(W, U, dead, 0.5)}, repeats)
+        ref = timed["published loop"][1]
+        for name, (sec, out) in timed.items():
+            rows_out.append({"shape": f"{rows} x {cols}", "variant": name, "s": sec,
+                             "mask_differs": float(((out == 0) != (ref == 0)).float().mean()),
+                             "max_abs_diff": float((out - ref).abs().max())})
+    return rows_out
+
+
 def report(data, out: Path):
     s = data["settings"]
     lim = data["limit_gflops"]
@@ -149,6 +203,15 @@ def report(data, out: Path):
               "| variant | s | speed-up | max rel diff |", "|---|---:|---:|---:|"]
     lines += [f"| {r['variant']} | {r['s']:.1f} | {first / r['s']:.2f}x | {r['max_rel_diff']:.1e} |"
               for r in data["gradients"]]
+    if "sweep" in data:
+        lines += ["", "SparseGPT's OBS sweep, one layer, 50% unstructured:", "",
+                  "| layer (out x in) | variant | s | speed-up | weights whose mask differs | max abs diff |",
+                  "|---|---|---:|---:|---:|---:|"]
+        first = {}
+        for r in data["sweep"]:
+            first.setdefault(r["shape"], r["s"])
+            lines.append(f"| {r['shape']} | {r['variant']} | {r['s']:.2f} | {first[r['shape']] / r['s']:.2f}x | "
+                         f"{r['mask_differs']:.1e} | {r['max_abs_diff']:.1e} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -160,24 +223,35 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--g-samples", type=int, default=4)
+    ap.add_argument("--parts", default=",".join(PARTS), help="any of " + ",".join(PARTS))
     args = ap.parse_args()
+    parts = args.parts.split(",")
     out = Path(args.out)
     if args.report_only:
         return report(json.loads(out.with_suffix(".json").read_text()), out)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     path = default_model_path()
-    model, tok = load_model(path, dtype="fp32")
-    samples = calibration_for(tok, nsamples=16, seqlen=512, seed=args.seed, data_dir=args.data_dir)[0]
-    chunks = eval_data_for(tok, seqlen=512, chunks=args.chunks, data_dir=args.data_dir).chunks
-    limit = matmul_limit(args.repeats)
-    data = {"settings": {"threads": args.threads, "repeats": args.repeats, "chunks": args.chunks,
-                         "seed": args.seed, "torch": torch.__version__, "machine": platform.machine(),
-                         "model": str(path)},
-            "limit_gflops": limit}
-    data["evaluation"], data["flops_per_token"] = evaluation(path, chunks, args.repeats, limit["float32"])
-    data["block"] = block_calls(model, samples, args.repeats)
-    data["gradients"] = gradients(model, samples[:args.g_samples], args.repeats)
+    old = out.with_suffix(".json")
+    data = json.loads(old.read_text()) if old.is_file() and set(parts) != set(PARTS) else {}
+    data["settings"] = {"threads": args.threads, "repeats": args.repeats, "chunks": args.chunks,
+                        "seed": args.seed, "torch": torch.__version__, "machine": platform.machine(),
+                        "model": str(path)}
+    if "limit" in parts:
+        data["limit_gflops"] = matmul_limit(args.repeats)
+    if "sweep" in parts:
+        data["sweep"] = sweeps(args.repeats)
+    if {"evaluation", "block", "gradients"} & set(parts):
+        model, tok = load_model(path, dtype="fp32")
+        samples = calibration_for(tok, nsamples=16, seqlen=512, seed=args.seed, data_dir=args.data_dir)[0]
+    if "evaluation" in parts:
+        chunks = eval_data_for(tok, seqlen=512, chunks=args.chunks, data_dir=args.data_dir).chunks
+        data["evaluation"], data["flops_per_token"] = evaluation(path, chunks, args.repeats,
+                                                                 data["limit_gflops"]["float32"])
+    if "block" in parts:
+        data["block"] = block_calls(model, samples, args.repeats)
+    if "gradients" in parts:
+        data["gradients"] = gradients(model, samples[:args.g_samples], args.repeats)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     report(data, out)

@@ -159,3 +159,38 @@ def test_one_shot_reconstruction_walks_block_by_block_on_the_dense_activations(m
             want = reconstruct(W, H, Update("admm"), lambda w, name=name: w.abs() * x[name], 0.5)
         assert torch.equal(matrix(lin) == 0, want == 0), name
         torch.testing.assert_close(matrix(lin), want, rtol=1e-4, atol=1e-5)
+
+
+def textbook_sweep(W, U, choose, blocksize, step):
+    """The OBS sweep as written in the SparseGPT paper, with no lazy batching: each column's
+    error is subtracted from every later column of its row at once."""
+    W = W.clone()
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    span = step or blocksize
+    for i in range(W.shape[1]):
+        if i % span == 0:
+            j = min(i + span, W.shape[1])
+            mask[:, i:j] = choose(W, i, j, U.diagonal()[i:j])
+        e = torch.where(mask[:, i], W[:, i], 0) / U[i, i]
+        W[:, i:] -= torch.outer(e, U[i, i:])
+        W[mask[:, i], i] = 0
+    return W
+
+
+@pytest.mark.parametrize("blocksize, step, inner", [(8, None, 1), (8, None, 3), (16, None, 16), (32, 4, 16), (16, 8, 3)])
+def test_the_two_level_obs_sweep_is_the_textbook_sweep(blocksize, step, inner):
+    """In fp64 (so that summation order cannot flip a near tie) the batched sweep gives the
+    unbatched one's weights, whatever the block and inner run sizes, unstructured and N:M."""
+    from prunerzero.engine.masks import layer_mask, nm_mask
+    from prunerzero.engine.reconstruct import obs_sweep
+    W, H = layer(out=12, inp=48, seed=4)
+    W, H = W.double(), H.double()
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H + torch.eye(48, dtype=H.dtype))), upper=True)
+    if step:
+        choose = lambda cur, a, b, d: nm_mask(cur[:, a:b] ** 2 / d ** 2, step // 2, step)  # noqa: E731
+    else:
+        choose = lambda cur, a, b, d: layer_mask(cur[:, a:b] ** 2 / d ** 2, 0.5)  # noqa: E731
+    want = textbook_sweep(W, U, choose, blocksize, step)
+    got = obs_sweep(W, U, torch.zeros(48, dtype=torch.bool), choose, blocksize, step, group_only=True, inner=inner)
+    assert got.dtype == torch.float64 and torch.equal(got == 0, want == 0)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)

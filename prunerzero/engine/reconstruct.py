@@ -106,41 +106,58 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor | None, update: Update, score, 
     U, dead = factor
     if update.kind == "obs":
         fixed = make_mask(score(W.float()), sparsity, structure, group, count)
-        return obs_sweep(W, U, dead, lambda cur, a, b, d: fixed[:, a:b], update.blocksize, nm and nm[1])
+        return obs_sweep(W, U, dead, lambda cur, a, b, d: fixed[:, a:b], update.blocksize, group_only=True)
     chooser = adaptive_chooser(score, sparsity, nm, group, W.shape, count)
     return obs_sweep(W, U, dead, chooser, update.blocksize, nm and nm[1])
 
 
 @torch.no_grad()
 def obs_sweep(W: torch.Tensor, U: torch.Tensor, dead: torch.Tensor, choose, blocksize: int = 128,
-              step: int | None = None) -> torch.Tensor:
-    """The OBS sweep over the columns of W (fp32 copy returned). U: upper Cholesky factor of
+              step: int | None = None, group_only: bool = False, inner: int = 16) -> torch.Tensor:
+    """The OBS sweep over the columns of W (an fp32 copy returned, fp64 for fp64 input). U: upper Cholesky factor of
     H^-1. `choose(current, a, b, d)` gives the mask (True = prune) of columns [a, b), called at
     the start of each block, or of each group of `step` columns when step is given; `current` is
-    W as updated so far (later blocks not yet updated) and d the diagonal of U over [a, b)."""
-    W = W.float().clone()
+    W as updated so far (later blocks not yet updated), d the diagonal of U over [a, b).
+    group_only: choose reads only columns [a, b) of `current`, so only those are written back
+    before each call (else the rest of the block too).
+
+    Each column's error reaches the block's later columns in two levels: rank-1 updates within
+    runs of `inner` columns, then one matrix product per run for the rest of the block (SparseGPT's
+    lazy batching, applied once more inside its block). The arithmetic is the published sweep's,
+    summed in another order; the per-column passes now touch `inner` columns, not the whole block,
+    which made the sweep memory-bound on large layers. A run always ends where `choose` is called,
+    so the chooser sees every earlier column's error."""
+    W = W.to(torch.promote_types(W.dtype, torch.float32), copy=True)  # fp64 stays fp64 (tests)
     W[:, dead] = 0
-    cols = W.shape[1]
+    rows, cols = W.shape
     if step and blocksize % step:
         raise ValueError(f"blocksize {blocksize} must be a multiple of M = {step}")
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        n = i2 - i1
+        # the block transposed, so that a column of W is a contiguous row here
+        Bt, U1 = W[:, i1:i2].T.contiguous(), U[i1:i2, i1:i2]
         d = U1.diagonal()
-        span = step or (i2 - i1)
-        mask = torch.zeros_like(W1, dtype=torch.bool)
-        err = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            if i % span == 0:
-                W[:, i1:i2] = W1  # the chooser sees this block's weights as updated so far
-                j = min(i + span, i2 - i1)
-                mask[:, i:j] = choose(W, i1 + i, i1 + j, d[i:j])
-            e = torch.where(mask[:, i], W1[:, i], 0) / d[i]
-            W1[:, i:].sub_(torch.outer(e, U1[i, i:]))  # also sets W1[:, i] to its kept value (or ~0)
-            W1[mask[:, i], i] = 0
-            err[:, i] = e
-        W[:, i1:i2] = W1
-        W[:, i2:].sub_(err @ U[i1:i2, i2:])
+        span = step or n
+        cuts = sorted({*range(0, n, inner), *range(0, n, span)}) + [n]
+        mask = torch.zeros(n, rows, dtype=torch.bool, device=W.device)
+        err = torch.empty_like(Bt)
+        for s, t in zip(cuts, cuts[1:]):
+            for i in range(s, t):
+                if i % span == 0:
+                    j = min(i + span, n)
+                    upto = j if group_only else n
+                    W[:, i1 + i:i1 + upto] = Bt[i:upto].T
+                    mask[i:j] = choose(W, i1 + i, i1 + j, d[i:j]).T
+                e = torch.where(mask[i], Bt[i], 0).div_(d[i])
+                Bt[i + 1:t].addr_(U1[i, i + 1:t], e, alpha=-1)
+                Bt[i].masked_fill_(mask[i], 0)  # what the update would leave there, ~0, made exact
+                err[i] = e
+            if t < n:
+                Bt[t:].addmm_(U1[s:t, t:].T, err[s:t], alpha=-1)
+        W[:, i1:i2] = Bt.T
+        if i2 < cols:
+            W[:, i2:].addmm_(err.T, U[i1:i2, i2:], alpha=-1)
     return W
 
 

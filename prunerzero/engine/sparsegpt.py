@@ -26,7 +26,7 @@ def sparsegpt_weights(W: torch.Tensor, U: torch.Tensor, dead: torch.Tensor, spar
         def choose(current, a, b, d):
             g = current[:, a:b]
             return nm_mask(g * g / d ** 2, *nm)
-    return obs_sweep(W, U, dead, choose, blocksize, nm and nm[1])
+    return obs_sweep(W, U, dead, choose, blocksize, nm and nm[1], group_only=True)
 
 
 def prune_with_sparsegpt(linears: dict, hessians: Hessians, sparsity: float, nm=None,
