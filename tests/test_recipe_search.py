@@ -173,3 +173,19 @@ def test_carry_over_has_no_ratio_without_a_search_gain():
     c = run_mod.carry_over(out((9.0, 19.0), (10.0, 20.0)))
     assert c["search_gain"] == pytest.approx(0.1) and c["ratio"] == pytest.approx(0.5)
     assert run_mod.carry_over(dict(baselines={}, hall_of_fame=[])) is None
+
+
+@pytest.mark.parametrize("update", ["admm", "none"])
+def test_the_time_reserved_for_held_out_scoring_counts_a_reconstruction_once_per_model(update):
+    """A recipe's reconstruction is paid once per candidate, not per chunk: spread over the
+    search's 8-chunk evaluations it made the estimate for 64 held-out chunks 8x too large,
+    which left a --time-limit run no time for generations."""
+    from types import SimpleNamespace
+    from prunerzero.search.evolve import Counters
+    from prunerzero.search.run import finish_estimate
+    c = SearchConfig(update=update, stages=(2, 8), proxy_stages=1, baselines=("magnitude", "wanda"), hof_size=2,
+                     heldout_chunks=64)
+    search = SimpleNamespace(counters=Counters(chunk_evals=40, eval_s=40.0, recon_s=600.0, recons=4), hof=[1, 2, 3])
+    models = 1 + 2 + 2   # dense, the baselines, the hall of fame
+    want = 64 * models + (150.0 * (models - 1) if update == "admm" else 0)
+    assert finish_estimate(search, c) == pytest.approx(want)

@@ -112,6 +112,7 @@ class Result:
     error: str | None = None
     cached: bool = False               # masks already measured: nothing evaluated
     seconds: float = 0.0
+    prune_s: float = 0.0               # of `seconds`, those spent scoring, masking and reconstructing
 
     @property
     def perplexity(self) -> float:
@@ -304,6 +305,7 @@ class Evaluator:
             else:
                 r.fingerprint, weights = self.pruned(task)
                 measure = functools.partial(self.nll, weights)
+            r.prune_s = time.perf_counter() - t0
             lo = max(task.lo, task.known.get(r.fingerprint, 0))
             if lo >= task.hi:
                 r.cached, r.lo, r.hi = True, task.hi, task.hi

@@ -52,7 +52,9 @@ class Counters:
     failures: int = 0          # candidates that failed on the model (NaN, degenerate scores, ...)
     first_beat_wanda_s: float | None = None
     elapsed_s: float = 0.0
-    eval_s: float = 0.0        # seconds spent in those chunk evaluations (for time estimates)
+    eval_s: float = 0.0        # seconds spent in those chunk evaluations, pruning excluded (for time estimates)
+    recon_s: float = 0.0       # seconds spent pruning and reconstructing recipes (once per candidate)
+    recons: int = 0            # recipe candidates reconstructed
 
 
 def same_key(a, b) -> bool:
@@ -207,7 +209,10 @@ class Search:
         elif m.add(r.lo, r.hi, r.nll, r.tokens):
             self.counters.evaluations += 1
             self.counters.chunk_evals += r.hi - r.lo
-            self.counters.eval_s += r.seconds
+            self.counters.eval_s += r.seconds - r.prune_s
+            if task.reconstruct:
+                self.counters.recon_s += r.prune_s
+                self.counters.recons += 1
         ppl = m.perplexity(k) if m.done >= k else math.inf
         self.run.append("evaluations.jsonl", dict(gen=gen, metric=task.text, key=key, fingerprint=r.fingerprint,
                                                   chunks=[r.lo, r.hi], cached=r.cached, perplexity=_finite(ppl),

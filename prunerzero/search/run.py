@@ -173,12 +173,15 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
 
 def finish_estimate(search: Search, c: SearchConfig) -> float:
     """Seconds the final held-out scoring should take: the dense model, the baselines and the hall
-    of fame on the held-out chunks, at the seconds per chunk measured so far (0 before any)."""
+    of fame on the held-out chunks, at the seconds per chunk measured so far (0 before any), plus,
+    for a recipe search, one reconstruction per pruned model at the seconds each has taken: that
+    is paid once per candidate, not per chunk, so it must not be spread over the chunks."""
     n = search.counters
     if not n.chunk_evals:
         return 0.0
     models = 1 + len(c.baselines) + min(c.hof_size, max(len(search.hof), 1))
-    return n.eval_s / n.chunk_evals * c.heldout_chunks * models
+    recon = n.recon_s / n.recons * (models - 1) if c.reconstructs(-1) and n.recons else 0.0
+    return n.eval_s / n.chunk_evals * c.heldout_chunks * models + recon
 
 
 def _check_metrics(c: SearchConfig):
