@@ -2,8 +2,8 @@
 
     python experiments/bench_recipe_search.py [--structures unstructured,2:4] [--budget 2700] [--update admm]
 
-For each structure (sparsity 0.5) one search runs for --budget seconds of generations (the one in
-progress is finished), seeded with Wanda: candidates are ranked first by the perplexity of their
+For each structure (sparsity 0.5) one search runs under a time limit of --budget seconds for the
+whole run (set-up, generations, final held-out scoring, as `evolve --time-limit`), seeded with Wanda: candidates are ranked first by the perplexity of their
 masks alone on 2 search chunks (the cheap proxy), and the best quarter again with the kept
 weights reconstructed by --update, on 8 chunks. The search text is held-out Wikipedia (chunks
 disjoint from the calibration windows) and the reported text WikiText-2's test split (its first
@@ -15,7 +15,9 @@ SparseGPT and Wanda+update from bench_pruning (same calibration, same chunks).
 Proxy quality: the rank correlation (Spearman) of mask-only and reconstructed perplexity over the
 candidates that were measured both ways (those promoted: a range-restricted sample).
 
-Runs live in --runs (git-ignored); a rerun resumes unfinished runs and reuses finished ones.
+Runs live in --runs (git-ignored); a rerun resumes unfinished runs and reuses finished ones, or
+with --more S gives finished ones S more seconds (evolve --resume RUN --time-limit S), and
+--generations N caps them at N generations.
 Writes results/bench_recipe_search.{json,md,png}.
 """
 from __future__ import annotations
@@ -53,11 +55,11 @@ def run_dir(args, structure) -> Path:
 
 def search(args, structure) -> dict:
     path = run_dir(args, structure)
-    if (path / "hall_of_fame.json").is_file():
+    if (path / "hall_of_fame.json").is_file() and not args.more:
         return json.loads((path / "hall_of_fame.json").read_text())
     log = lambda s: print(f"[{path.name}] {s}", flush=True)  # noqa: E731
-    if (path / "checkpoint.json").is_file():
-        return run_evolve(resume=path, log=log, quiet=True)
+    if (path / "checkpoint.json").is_file():  # unfinished, or given --more seconds to go on
+        return run_evolve(resume=path, time_limit=args.more, generations=args.generations, log=log, quiet=True)
     return run_evolve(config(args, structure), path, log=log, quiet=True)
 
 
@@ -91,11 +93,19 @@ def pruning_row(method, structure, chunks) -> float | None:
     return r and {"perplexity": r["perplexity"], "prune_s": r.get("prune_s")}
 
 
+def time_limits(args, structure) -> list:
+    """The limit of each call that ran this search: the first, then every --more."""
+    old = json.loads(Path(args.out + ".json").read_text()).get("runs", {}).get(structure, {}) \
+        if Path(args.out + ".json").is_file() else {}
+    first = old.get("time_limits") or [json.loads((run_dir(args, structure) / "config.json").read_text())["time_limit"]]
+    return first + [args.more] if args.more else first
+
+
 def summary(args, structure, hof) -> dict:
     run = RunDir(run_dir(args, structure))
     log = run.read_lines("log.jsonl")
     best = hof["hall_of_fame"][0]
-    out = dict(generations=len(log), search_s=log[-1]["elapsed_s"], candidates=log[-1]["candidates"],
+    out = dict(generations=len(log), search_s=log[-1]["elapsed_s"], time_limits=time_limits(args, structure), candidates=log[-1]["candidates"],
                evaluations=log[-1]["evaluations"], best_metric=best["simplified"],
                curve=[(r["elapsed_s"], r["best"]) for r in log], hall_of_fame=hof["hall_of_fame"],
                baselines=hof["baselines"], dense=hof["dense"], carry_over=carry_over(hof),
@@ -125,15 +135,16 @@ def report(data, out: Path):
     lines = ["# Recipe search on SmolLM2-135M (bundled)", "",
              f"Sparsity 0.5; `evolve --update {u}`, seeded with Wanda; calibration 32 x 512 tokens of wikipedia, "
              f"seed {s['seed']}; population 16, stages (2, 8) chunks, the first ranked by the mask alone, the "
-             f"second by the reconstructed model (promote 0.25); {s['budget']:.0f} s of generations each; "
+             f"second by the reconstructed model (promote 0.25); time limits (s) per call as listed; "
              f"{s['cpu']}, {s['threads']} threads, torch {s['torch']}. Search text: held-out Wikipedia (disjoint "
              "from calibration); held-out text: the first 64 chunks of WikiText-2 test (512 tokens).", "",
-             "| structure | generations | candidates | best recipe | search ppl (one-shot) | Wanda+update search | "
+             "| structure | time limits (s) | search s | generations | candidates | best recipe | search ppl (one-shot) | Wanda+update search | "
              "held-out (one-shot) | Wanda+update held-out | carry-over ratio | proxy Spearman (pairs) |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for st, r in data["runs"].items():
         best, w, c, p = r["hall_of_fame"][0], r["baselines"]["wanda"], r["carry_over"] or {}, r["proxy"]
-        lines.append(f"| {st} | {r['generations']} | {r['candidates']} | `{r['best_metric']}` + {u} | "
+        limits = " + ".join(f"{t:.0f}" for t in r.get("time_limits") or [s["budget"]])
+        lines.append(f"| {st} | {limits} | {r['search_s']:.0f} | {r['generations']} | {r['candidates']} | `{r['best_metric']}` + {u} | "
                      f"{_f(best['search_perplexity'])} | {_f(w['search_perplexity'])} | {_f(best['heldout_perplexity'])} | "
                      f"{_f(w['heldout_perplexity'])} | {_f(c.get('ratio'))} | {_f(p['spearman'])} ({p['pairs']}) |")
     lines += ["", "Applied sequentially (as `prunerzero apply` prunes), held-out WikiText-2, 64 x 512:", "",
@@ -157,6 +168,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--structures", default="unstructured,2:4")
     ap.add_argument("--budget", type=float, default=2700.0, help="seconds of generations per search")
+    ap.add_argument("--more", type=float, default=None,
+                    help="resume finished searches for this many more seconds (evolve --resume --time-limit)")
+    ap.add_argument("--generations", type=int, default=None, help="with --more: extend the runs to this many at most")
     ap.add_argument("--update", default="admm")
     ap.add_argument("--heldout-chunks", type=int, default=64)
     common_options(ap, "bench_recipe_search")

@@ -205,7 +205,7 @@ def report(data, out: Path):
               for r in data["gradients"]]
     if "sweep" in data:
         lines += ["", "SparseGPT's OBS sweep, one layer, 50% unstructured:", "",
-                  "| layer (out x in) | variant | s | speed-up | weights whose mask differs | max abs diff |",
+                  "| layer (out x in) | variant | s | speed-up | share of weights whose mask differs | max abs diff |",
                   "|---|---|---:|---:|---:|---:|"]
         first = {}
         for r in data["sweep"]:

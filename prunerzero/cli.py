@@ -215,14 +215,16 @@ def _log(quiet):
     return (lambda *a: None) if quiet else click.echo
 
 
-def _resumed(run_fn, output, resume, generations, log, quiet) -> bool:
-    """Continue a run when --resume is given (extending it only if --generations was typed)."""
+def _resumed(run_fn, output, resume, generations, time_limit, log, quiet) -> bool:
+    """Continue a run when --resume is given; --generations and --time-limit, when typed, replace
+    the saved ones (a run stopped by its time limit goes on with a new one)."""
     if not output and not resume:
         raise click.UsageError("give --output RUN for a new search, or --resume RUN")
     if not resume:
         return False
-    typed = click.get_current_context().get_parameter_source("generations").name == "COMMANDLINE"
-    run_fn(resume=resume, generations=generations if typed else None, log=log, quiet=quiet)
+    typed = lambda name: click.get_current_context().get_parameter_source(name).name == "COMMANDLINE"  # noqa: E731
+    run_fn(resume=resume, generations=generations if typed("generations") else None,
+           time_limit=time_limit if typed("time_limit") else None, log=log, quiet=quiet)
     return True
 
 
@@ -273,7 +275,7 @@ def _tuple(text, cast=str, option=""):
 @click.option("--seed", default=0, show_default=True, help="Seed of the calibration draw and of every random choice.")
 @click.option("--time-limit", type=float, default=None,
               help="Seconds for the whole run (set-up, generations and the final held-out scoring, estimated); "
-                   "generations stop when the next would pass it.")
+                   "generations stop when the next would pass it. With --resume: a new limit for this call.")
 @click.option("--workers", default=1, show_default=True, help="Local evaluation processes, one model each.")
 @click.option("--threads", type=int, default=None, help="Torch threads per worker.")
 @click.option("--ray", "use_ray", is_flag=True, help="Evaluate on Ray actors (pip install 'prunerzero[ray]').")
@@ -292,7 +294,7 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
     from .search.run import run_evolve
     log = _log(quiet)
     _on_interrupt(_resume_hint("evolve", resume or output, "the primitives"))
-    if _resumed(run_evolve, output, resume, generations, log, quiet):
+    if _resumed(run_evolve, output, resume, generations, time_limit, log, quiet):
         return
     cfg = SearchConfig(model=model, sparsity=sparsity, structure=structure, strategy=strategy, population=population,
                        generations=generations, elite=elite, tournament=tournament, stages=_tuple(stages, int, "--stages"),
@@ -334,7 +336,7 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
               help="Folder holding wikitext-2-raw/wiki.test.raw.")
 @_bos_option()
 @click.option("--seed", default=0, show_default=True, help="Seed of the calibration draw and of every random choice.")
-@click.option("--time-limit", type=float, default=None, help="Seconds; stop after the generation that passes it.")
+@click.option("--time-limit", type=float, default=None, help="Seconds; stop after the generation that passes it. With --resume: a new total.")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: torch's).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="auto: the checkpoint's own dtype (fp16 runs as bf16 on a CPU)")
@@ -354,7 +356,7 @@ def darwin(model, output, resume, target, generations, offspring, stages, lr, la
     from .structured.run import run_darwin
     log = _log(quiet)
     _on_interrupt(_resume_hint("darwin", resume or output, "the database levels"))
-    if _resumed(run_darwin, output, resume, generations, log, quiet):
+    if _resumed(run_darwin, output, resume, generations, time_limit, log, quiet):
         return
     settings = dict(model=model, target=target, generations=generations, offspring=offspring,
                     stages=parse_stages(stages), lr=lr, ladder=_tuple(ladder, float, "--ladder") or DEFAULT_LADDER,

@@ -202,3 +202,17 @@ def test_the_time_limit_bounds_the_whole_run_and_baselines_are_chosen(tiny_dir, 
     stop = [line for line in lines if line.startswith("time limit")]
     assert len(stop) == 1 and "stopping after generation 0" in stop[0] and "final scoring" in stop[0]
     assert set(out["baselines"]) == {"wanda"}
+    # resumed with a new limit (evolve --resume RUN --time-limit S) it goes on from where it stopped
+    lines.clear()
+    out = run_evolve(resume=tmp_path / "r", generations=3, time_limit=1e6, data=data(), log=lines.append)
+    assert out["generations"] == 3 and not any(line.startswith("time limit") for line in lines)
+    assert any(line.startswith("--time-limit 1000000 s") for line in lines)
+
+
+def test_resume_passes_a_typed_time_limit_and_only_a_typed_one(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(run_mod, "run_evolve", lambda **kw: calls.append(kw))
+    for extra in (["--time-limit", "900"], []):
+        result = CliRunner().invoke(main, ["evolve", "--resume", str(tmp_path), "--quiet"] + extra)
+        assert result.exit_code == 0, result.output
+    assert [(c["time_limit"], c["generations"]) for c in calls] == [(900.0, None), (None, None)]

@@ -93,7 +93,8 @@ def search_evaluator(c: SearchConfig, needed: set[str] | None = None) -> tuple[E
 
 
 def run_evolve(config: SearchConfig | None = None, output=None, resume=None, data: SearchData | None = None,
-               generations: int | None = None, log=progress.log, quiet: bool = False) -> dict:
+               generations: int | None = None, time_limit: float | None = None, log=progress.log,
+               quiet: bool = False) -> dict:
     """Run (or continue, with resume=RUN) a metric search; returns the final summary. A time
     limit bounds this whole call: set-up, generations and the final held-out scoring (estimated
     from the measured seconds per evaluated chunk); generations stop when the next would pass it."""
@@ -104,6 +105,9 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
         state = run.load_checkpoint()  # validated now, before any model or data is loaded
         if generations:
             config.generations = generations
+        if time_limit is not None:  # a new limit for a run that stopped at its old one
+            config.time_limit = time_limit
+            config.validate()
     else:
         config = config or SearchConfig()
         run = RunDir(output, "evolve")

@@ -54,7 +54,8 @@ def database_path(c: DarwinConfig, samples: torch.Tensor):
 
 
 def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, data: DarwinData | None = None,
-               generations: int | None = None, log=progress.log, quiet: bool = False) -> dict:
+               generations: int | None = None, time_limit: float | None = None, log=progress.log,
+               quiet: bool = False) -> dict:
     """Run (or continue, with resume=RUN) a structured search; returns the report."""
     if resume:
         run = RunDir(resume, "darwin")
@@ -62,6 +63,9 @@ def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, dat
         state = run.load_checkpoint()  # validated now, before any model or data is loaded
         if generations is not None:
             config.generations = generations
+        if time_limit is not None:  # a new limit for a run that stopped at its old one
+            config.time_limit = time_limit
+            config.validate()
     else:
         config = config or DarwinConfig()
         run = RunDir(output, "darwin")
