@@ -130,6 +130,22 @@ def _bos_option():
                              "the tokenizer does to a text; never is the published Wanda/SparseGPT protocol.")
 
 
+def _pool_options(f):
+    """Where a search's candidates are evaluated (evolve and darwin alike)."""
+    opts = [
+        click.option("--workers", default=1, show_default=True,
+                     help="Local evaluation processes, one model each (on distinct GPUs when several are visible)."),
+        click.option("--threads", type=int, default=None, help="Torch threads per worker (default: torch's)."),
+        click.option("--ray", "use_ray", is_flag=True, help="Evaluate on Ray actors (pip install 'prunerzero[ray]')."),
+        click.option("--ray-address", default=None, help="Address of an existing Ray cluster."),
+        click.option("--gpus-per-worker", type=float, default=None,
+                     help="GPUs each Ray actor asks for (default: 1 when the cluster has GPUs, else 0)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 def _common(f):
     opts = [
         click.option("--model", default=None, help="HF id or folder; default: bundled SmolLM2-135M."),
@@ -276,12 +292,7 @@ def _tuple(text, cast=str, option=""):
 @click.option("--time-limit", type=float, default=None,
               help="Seconds for the whole run (set-up, generations and the final held-out scoring, estimated); "
                    "generations stop when the next would pass it. With --resume: a new limit for this call.")
-@click.option("--workers", default=1, show_default=True, help="Local evaluation processes, one model each.")
-@click.option("--threads", type=int, default=None, help="Torch threads per worker.")
-@click.option("--ray", "use_ray", is_flag=True, help="Evaluate on Ray actors (pip install 'prunerzero[ray]').")
-@click.option("--ray-address", default=None, help="Address of an existing Ray cluster.")
-@click.option("--gpus-per-worker", type=float, default=None,
-              help="GPUs each Ray actor asks for (default: 1 when the cluster has GPUs, else 0).")
+@_pool_options
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="auto: the checkpoint's own dtype (fp16 runs as bf16 on a CPU)")
 @click.option("--device", default="auto", show_default=True, help="auto picks CUDA when present.")
@@ -337,7 +348,7 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
 @_bos_option()
 @click.option("--seed", default=0, show_default=True, help="Seed of the calibration draw and of every random choice.")
 @click.option("--time-limit", type=float, default=None, help="Seconds; stop after the generation that passes it. With --resume: a new total.")
-@click.option("--threads", type=int, default=None, help="Torch threads (default: torch's).")
+@_pool_options
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="auto: the checkpoint's own dtype (fp16 runs as bf16 on a CPU)")
 @click.option("--device", default="auto", show_default=True, help="auto picks CUDA when present.")
@@ -348,8 +359,8 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
 @_task_options("--eval-tasks")
 def darwin(model, output, resume, target, generations, offspring, stages, lr, ladder, multiple, database,
            finetune_tokens, finetune_lr, no_baselines, nsamples, seqlen, calibration, eval_data, eval_chunks,
-           eval_full, data_dir, bos, seed, time_limit, threads, dtype, device, quiet, quick, tasks, num_fewshot,
-           task_batch_size, task_limit, include_path):
+           eval_full, data_dir, bos, seed, time_limit, workers, threads, use_ray, ray_address, gpus_per_worker, dtype,
+           device, quiet, quick, tasks, num_fewshot, task_batch_size, task_limit, include_path):
     """Evolve per-layer head and channel counts (DarwinLM) into a smaller, faster dense model."""
     from .structured.config import QUICK, DarwinConfig, parse_stages
     from .structured.database import DEFAULT_LADDER
@@ -363,7 +374,8 @@ def darwin(model, output, resume, target, generations, offspring, stages, lr, la
                     multiple=multiple, database=database, finetune_tokens=finetune_tokens,
                     finetune_lr=finetune_lr, baselines=not no_baselines, nsamples=nsamples, seqlen=seqlen,
                     calibration=calibration, eval_data=eval_data, eval_chunks=eval_chunks, eval_full=eval_full,
-                    data_dir=data_dir, bos=bos, seed=seed, time_limit=time_limit, threads=threads, dtype=dtype,
+                    data_dir=data_dir, bos=bos, seed=seed, time_limit=time_limit, threads=threads, workers=workers,
+                    ray=use_ray, ray_address=ray_address, gpus_per_worker=gpus_per_worker, dtype=dtype,
                     device=device, tasks=tasks, num_fewshot=num_fewshot, task_batch_size=task_batch_size,
                     task_limit=task_limit, include_path=include_path)
     if quick:

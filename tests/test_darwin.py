@@ -199,6 +199,41 @@ def test_a_run_writes_its_files_and_keeps_the_parameter_count(tiny_dir, tmp_path
     assert report["timings"]["database_build_s"] > 0
 
 
+def _search_result(run):
+    log = [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
+    return [(r["genome"], r["kl"], r["stages"]) for r in log]
+
+
+def test_two_workers_and_ray_actors_score_as_one_process(tiny_dir, tmp_path):
+    """A stage's candidates scored by two spawned processes, and by two Ray actors that get the
+    database through the object store (as on a remote cluster), give this process's KLs."""
+    runs = {"one": {}, "two": dict(workers=2)}
+    for name, extra in runs.items():
+        run_darwin(tiny_run_config(tiny_dir, generations=2, baselines=False, **extra), tmp_path / name,
+                   data=tiny_data(), log=lambda *a: None, quiet=True)
+    assert _search_result(tmp_path / "one") == _search_result(tmp_path / "two")
+    ray = pytest.importorskip("ray")
+    from prunerzero.search.pools import Ray
+    from prunerzero.structured.scorer import ScoreSetup, ScoreTask, Scorer
+    cfg = json.loads((tmp_path / "one" / "config.json").read_text())
+    data = tiny_data()
+    half = len(data.fitness) // 2
+    setup = ScoreSetup(str(tiny_dir), cfg["database"], data.fitness[:half], data.fitness[half:], 1e-3, threads=1)
+    first = json.loads((tmp_path / "one" / "log.jsonl").read_text().splitlines()[0])
+    tasks = [ScoreTask(tuple(first["genome"]), (0, 1), (2, 3), seed=7), ScoreTask(tuple(first["genome"]), (4,), (5,), 8)]
+    here = [Scorer(setup)(t) for t in tasks]
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        pool = Ray(setup.inline(), 2, worker=Scorer)  # inline: the database's files, not its path
+        try:
+            assert pool.map(tasks) == here
+        finally:
+            pool.close()
+    finally:
+        ray.shutdown()
+    assert isinstance(setup.inline().database, dict) and "meta.json" in setup.inline().database
+
+
 SCRIPT = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")  # the run's messages

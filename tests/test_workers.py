@@ -45,10 +45,10 @@ def test_each_worker_process_takes_the_next_device_of_the_list(tiny_dir, tmp_pat
     setup = setup_for(tiny_dir, tmp_path)
     taken = []
     for _ in range(2):
-        pools._init(setup, devices)
+        pools._init(Evaluator, setup, devices)
         taken.append(pools._worker.setup.device)
     assert taken == ["cpu", "auto"]
-    pools._init(setup, devices)          # a replacement worker finds the queue empty: the setup's device
+    pools._init(Evaluator, setup, devices)          # a replacement worker finds the queue empty: the setup's device
     assert pools._worker.setup.device == "cpu"
 
 

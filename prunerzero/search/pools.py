@@ -1,6 +1,8 @@
 """Where candidates are evaluated: in this process, in N local processes, or on Ray actors,
 each holding one model copy. `map` returns results in task order, so the search does not
-depend on which worker answered."""
+depend on which worker answered. The worker is a class built from a picklable setup (with a
+`device` field and an `inline()` for remote nodes), called on each task and exposing the same
+call as `evaluate` for Ray: the metric Evaluator by default, darwin's Scorer too."""
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +36,8 @@ def _gather(results, on_result):
 
 
 class InProcess:
-    def __init__(self, setup: Setup, model=None):
-        self.evaluator = Evaluator(setup, model)
+    def __init__(self, setup: Setup, model=None, worker=Evaluator):
+        self.evaluator = worker(setup, model)
 
     def map(self, tasks, on_result=None):
         return _gather(map(self.evaluator, tasks), on_result)
@@ -44,7 +46,7 @@ class InProcess:
         pass
 
 
-def _init(setup, devices):
+def _init(worker, setup, devices):
     """A worker process's evaluator, on the next device of the driver's list (`devices`: a
     queue holding one device per worker process)."""
     global _worker
@@ -52,7 +54,7 @@ def _init(setup, devices):
         setup = dataclasses.replace(setup, device=devices.get(timeout=5))
     except queue.Empty:  # a replacement for a worker that died: any device of the setup's kind
         pass
-    _worker = Evaluator(setup)
+    _worker = worker(setup)
 
 
 def _run(task):
@@ -63,13 +65,13 @@ class Processes:
     """N spawned processes (spawn: safe with torch threads, same on every OS), spread over the
     visible GPUs (see worker_devices)."""
 
-    def __init__(self, setup: Setup, workers: int):
+    def __init__(self, setup: Setup, workers: int, worker=Evaluator):
         ctx = mp.get_context("spawn")
         self.devices = worker_devices(setup.device, workers)
         devices = ctx.Queue()
         for d in self.devices:
             devices.put(d)
-        self.pool = ctx.Pool(workers, initializer=_init, initargs=(setup, devices))
+        self.pool = ctx.Pool(workers, initializer=_init, initargs=(worker, setup, devices))
 
     def map(self, tasks, on_result=None):
         return _gather(self.pool.imap(_run, tasks, chunksize=1), on_result)
@@ -83,9 +85,11 @@ class Ray:
     """One Ray actor per worker, on an existing cluster (`address`) or a local one started here.
     Each actor asks for `gpus_per_worker` GPUs (None: one when the cluster has GPUs; Ray hides
     the GPUs from an actor that asks for none). On an existing cluster, whose nodes may not
-    share this machine's disk, the primitive files travel in Ray's object store."""
+    share this machine's disk, the setup's files (primitives, a darwin database) travel in
+    Ray's object store."""
 
-    def __init__(self, setup: Setup, workers: int, address: str | None = None, gpus_per_worker: float | None = None):
+    def __init__(self, setup: Setup, workers: int, address: str | None = None, gpus_per_worker: float | None = None,
+                 worker=Evaluator):
         try:
             import ray
             from ray.util import ActorPool
@@ -98,7 +102,7 @@ class Ray:
         if gpus_per_worker is None:
             gpus_per_worker = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         self.gpus_per_worker = gpus_per_worker
-        actor = ray.remote(num_cpus=1, num_gpus=gpus_per_worker)(Evaluator)
+        actor = ray.remote(num_cpus=1, num_gpus=gpus_per_worker)(worker)
         ref = ray.put(setup.inline() if address else setup)
         self.actors = [actor.remote(ref) for _ in range(workers)]
         self.pool = ActorPool(self.actors)
@@ -112,9 +116,9 @@ class Ray:
 
 
 def make_pool(setup: Setup, workers: int = 1, ray: bool = False, ray_address: str | None = None,
-              gpus_per_worker: float | None = None, model=None):
+              gpus_per_worker: float | None = None, model=None, worker=Evaluator):
     if ray:
-        return Ray(setup, workers, ray_address, gpus_per_worker)
+        return Ray(setup, workers, ray_address, gpus_per_worker, worker)
     if workers > 1:
-        return Processes(setup, workers)
-    return InProcess(setup, model)
+        return Processes(setup, workers, worker)
+    return InProcess(setup, model, worker)

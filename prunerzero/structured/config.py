@@ -65,6 +65,11 @@ class DarwinConfig(Settings, TaskSettings):
     dtype: str = "auto"
     device: str = "auto"
     threads: int | None = None
+    # where candidates are scored (as evolve's): local processes or Ray actors, one model each
+    workers: int = 1
+    ray: bool = False
+    ray_address: str | None = None
+    gpus_per_worker: float | None = None      # None: one per actor when the Ray cluster has GPUs
 
     def __post_init__(self):
         if isinstance(self.stages, str):
@@ -90,6 +95,8 @@ class DarwinConfig(Settings, TaskSettings):
         checks.integer("seed", self.seed, minimum=0)
         checks.integer("finetune_tokens", self.finetune_tokens, minimum=0)
         checks.integer("threads", self.threads, optional=True)
+        checks.integer("workers", self.workers)
+        checks.number("gpus_per_worker", self.gpus_per_worker, low=0, optional=True)
         checks.number("time_limit", self.time_limit, low=0, low_open=True, optional=True)
         checks.number("lr", self.lr, low=0)
         checks.number("finetune_lr", self.finetune_lr, low=0)

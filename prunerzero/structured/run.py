@@ -4,6 +4,7 @@ saved model, report.json and plots in the run folder."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -12,14 +13,16 @@ from .. import progress
 from ..engine.calibration import cache_key
 from ..data import calibration_samples, sequences_for
 from ..engine.evaluate import perplexities
-from ..engine.models import cache_dir, check_seqlen, concrete_dtype
+from ..engine.models import cache_dir, check_seqlen, concrete_dtype, hand_back_memory
 from ..loading import load_model
 from ..pipeline import model_identity, calibration_for, eval_data_for, zero_shot_for
+from ..search.pools import make_pool
 from ..search.rundir import RunDir
 from .config import DarwinConfig
 from .database import build_database, database_settings
 from .fitness import DenseReference, light_train
 from .genome import LevelSpace
+from .scorer import ScoreSetup, Scorer
 from .search import DarwinSearch, FitnessData, run_loop
 from .shrink import materialize, save_structured
 from .speed import latency
@@ -106,8 +109,34 @@ def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, dat
         log(f"{space.total:,} prunable parameters; keeping {space.params(start):,} "
             f"({space.params(start) / space.total:.3f}) from the uniform start")
         search.start(start)
-    run_loop(search)
+    if c.workers > 1 or c.ray:
+        setup = ScoreSetup(c.model, str(path), data.fitness[:half], data.fitness[half:], c.lr, c.dtype, c.device,
+                           c.threads)
+        with parked(model):
+            search.pool = make_pool(setup, c.workers, c.ray, c.ray_address, c.gpus_per_worker, worker=Scorer)
+            try:
+                run_loop(search)
+            finally:
+                search.pool.close()
+                search.pool = None
+    else:
+        run_loop(search)
     return finish(search, model, tok, data, c, run, start, t_db, log, quiet)
+
+
+@contextmanager
+def parked(model):
+    """The driver's model in host memory while workers hold theirs on the GPUs, then back."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        yield
+        return
+    model.to("cpu")
+    hand_back_memory()
+    try:
+        yield
+    finally:
+        model.to(device)
 
 
 def finish(search: DarwinSearch, model, tok, data: DarwinData, c: DarwinConfig, run: RunDir, uniform, t_db,

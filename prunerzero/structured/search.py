@@ -8,7 +8,6 @@ Everything random in generation g (mutations, windows, training) is drawn from s
 of (seed, g), so a resumed run repeats exactly what an uninterrupted one would do."""
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -18,8 +17,9 @@ from .. import progress
 
 from ..search.rundir import RunDir
 from .config import DarwinConfig
-from .fitness import DenseReference, kl_divergence, light_train
+from .fitness import DenseReference
 from .genome import Genome, LevelSpace
+from .scorer import ScoreTask, score_genome
 from .shrink import materialize
 
 
@@ -49,12 +49,13 @@ def evaluations_left(n: int, stages) -> int:
 class DarwinSearch:
     """config: the search settings (DarwinConfig, or any object with its generations, offspring,
     max_switches, reach, stages, seqlen, lr, seed and time_limit); build(genome) -> the model to
-    score (default: DarwinLM's structured model from the level database)."""
+    score (default: DarwinLM's structured model from the level database). pool: where a stage's
+    candidates are scored (search/pools.py with darwin's Scorer; None: here, one by one)."""
 
     def __init__(self, config: DarwinConfig, model, space: LevelSpace, data: FitnessData, run: RunDir,
-                 log=progress.log, quiet=False, build=None):
+                 log=progress.log, quiet=False, build=None, pool=None):
         self.c, self.model, self.space, self.data, self.run = config, model, space, data, run
-        self.log, self.quiet = log, quiet
+        self.log, self.quiet, self.pool = log, quiet, pool
         self.build = build or (lambda genome: materialize(self.model, self.space.db, genome))
         self.gen, self.parent, self.elapsed = 0, None, 0.0
         self.evaluations = 0
@@ -85,12 +86,24 @@ class DarwinSearch:
         return out
 
     def score(self, genome: Genome, train_idx, eval_idx, seed: int) -> float:
-        torch.manual_seed(seed)
-        model = self.build(genome)
-        light_train(model, self.data.train[train_idx], self.c.lr)
         self.evaluations += 1
-        kl = kl_divergence(model, self.data.reference, eval_idx)
-        return kl if math.isfinite(kl) else math.inf
+        return score_genome(self.build, self.data.reference, self.data.train, self.c.lr,
+                            ScoreTask(tuple(genome), tuple(train_idx), tuple(eval_idx), seed))
+
+    def score_all(self, candidates, train_idx, eval_idx, stage: int, bar) -> dict:
+        """Every candidate's KL; the seeds depend on (seed, generation, stage, position) only,
+        so the pool's workers give what this process would."""
+        tasks = [ScoreTask(tuple(g), tuple(train_idx), tuple(eval_idx), hash((self.c.seed, self.gen, stage, k)) % 2**31)
+                 for k, g in enumerate(candidates)]
+        if self.pool is None:
+            out = []
+            for t in tasks:
+                out.append(self.score(t.genome, t.train, t.score, t.seed))
+                bar.update(1)
+        else:
+            out = self.pool.map(tasks, on_result=lambda _: bar.update(1))
+            self.evaluations += len(tasks)
+        return dict(zip(candidates, out))
 
     def step(self):
         t0 = time.perf_counter()
@@ -105,10 +118,7 @@ class DarwinSearch:
             bar.refresh()
             tr = rng.sample(range(n_train), min(n_train, train_tokens // self.c.seqlen))
             ev = rng.sample(range(n_eval), min(n_eval, -(-eval_tokens // self.c.seqlen)))
-            scores = {}
-            for k, g in enumerate(candidates):
-                scores[g] = self.score(g, tr, ev, seed=hash((self.c.seed, self.gen, s, k)) % 2**31)
-                bar.update(1)
+            scores = self.score_all(candidates, tr, ev, s, bar)
             if first_median is None:
                 first_median = sorted(scores.values())[len(scores) // 2]
             candidates = select(scores, keep, self.parent)
