@@ -184,7 +184,10 @@ def main():
     data["settings"] = dict(budget=args.budget, update=args.update, seed=args.seed, threads=torch.get_num_threads(),
                             torch=torch.__version__, cpu=platform.processor() or "cpu")
     for st in args.structures.split(","):
-        data["runs"][st] = summary(args, st, search(args, st))
+        run = summary(args, st, search(args, st))
+        if old.is_file():  # another structure's run may have written meanwhile: keep its rows
+            data["runs"] = json.loads(old.read_text())["runs"]
+        data["runs"][st] = run
         Path(args.out + ".json").write_text(json.dumps(data, indent=2))
         report(data, Path(args.out + ".md"))
         plot(data, Path(args.out + ".png"))
