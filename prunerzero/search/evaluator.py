@@ -53,7 +53,7 @@ class Setup:
     update: dict = field(default_factory=dict)   # Update fields of the recipe's reconstruction
     hessians: str | dict | None = None  # safetensors of the dense X^T X per shared input (see
                                         # calibration.compute_hessians; or the tensors), needed by an update
-    per_block: bool | None = None       # mask-only candidates pruned in place one decoder block at a
+    per_block: bool | None = None       # candidates pruned in place one decoder block at a
                                         # time (see Evaluator); None: when a whole-model copy of the
                                         # masked weights would not fit in free memory
 
@@ -175,11 +175,20 @@ def packed_fingerprint(bits: dict[str, np.ndarray]) -> str:
 def weights_fingerprint(weights: dict[str, torch.Tensor], update: Update) -> str:
     """A hash of the update and every layer's reconstructed weights: with an adaptive update the
     mask alone does not decide the weights, so the fingerprint takes all their bytes."""
-    h = hashlib.blake2b(repr(sorted(update.describe().items())).encode(), digest_size=16)
+    h = weights_digest(update)
     for name in sorted(weights):
-        h.update(name.encode())
-        h.update(memoryview(weights[name].detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+        add_layer(h, name, weights[name])
     return h.hexdigest()
+
+
+def weights_digest(update: Update):
+    """The running hash of weights_fingerprint, before any layer (add them in sorted order)."""
+    return hashlib.blake2b(repr(sorted(update.describe().items())).encode(), digest_size=16)
+
+
+def add_layer(h, name: str, W: torch.Tensor) -> None:
+    h.update(name.encode())
+    h.update(memoryview(W.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
 
 
 class Evaluator:
@@ -188,7 +197,9 @@ class Evaluator:
     (Setup.per_block, chosen automatically for models whose copy would not fit), with its masks
     kept as bits and applied in place to one decoder block at a time while all chunks pass
     through it, then undone from a copy of that block's pruned values: extra memory is one
-    block's, never the model's."""
+    block's, never the model's. A recipe candidate (an update) per block is reconstructed one
+    layer at a time into host memory, and each block takes its layers from there while it runs:
+    the device holds one extra layer or block, the host one copy of the prunable weights."""
 
     def __init__(self, setup: Setup, model=None):
         if setup.threads:
@@ -222,11 +233,25 @@ class Evaluator:
         dense model's Hessians, so each layer is independent of the others)."""
         m = Metric.parse(text)
         fn = m.compile()
-        s = self.setup
-        return {name: reconstruct(W, None, self.update, scorer(name, fn, layer_primitives(name, m.terminals,
-                                                                                         self.prims, s.nsamples)),
-                                  s.sparsity, s.structure, m.group, factor=self.factor(name)).to(W.dtype)
-                for name, W in self.dense.items()}
+        return {name: self.reconstructed_layer(m, fn, name) for name in self.dense}
+
+    def reconstructed_layer(self, m: Metric, fn, name: str) -> torch.Tensor:
+        s, W = self.setup, self.dense[name]
+        score = scorer(name, fn, layer_primitives(name, m.terminals, self.prims, s.nsamples))
+        return reconstruct(W, None, self.update, score, s.sparsity, s.structure, m.group,
+                           factor=self.factor(name)).to(W.dtype)
+
+    def reconstructed_in_host(self, text: str) -> tuple[str, dict[str, torch.Tensor]]:
+        """(fingerprint, every layer's reconstructed weights in host memory), made one layer at a
+        time: the per-block path's recipe, whose device holds one extra layer at most. The
+        fingerprint is weights_fingerprint's (the layers are hashed in the same order)."""
+        m, h, out = Metric.parse(text), weights_digest(self.update), {}
+        fn = m.compile()
+        for name in sorted(self.dense):
+            W = self.reconstructed_layer(m, fn, name)
+            add_layer(h, name, W)
+            out[name] = W.cpu()
+        return h.hexdigest(), out
 
     def factor(self, name: str):
         if self._hessians is None:
@@ -268,6 +293,22 @@ class Evaluator:
         return packed_fingerprint(bits), bits
 
     @contextmanager
+    def replaced_block(self, weights: dict, i: int, block):
+        """Block i holding the `weights` given for its layers while it runs, then its own again."""
+        saved = []
+        for name, lin in prunable_linears(block).items():
+            new = weights.get(f"layers.{i}.{name}")
+            if new is not None:
+                W = matrix(lin)
+                saved.append((W, W.clone()))
+                W.copy_(new)
+        try:
+            yield
+        finally:
+            for W, values in saved:
+                W.copy_(values)
+
+    @contextmanager
     def pruned_block(self, bits: dict, i: int, block):
         """Block i pruned in place by the masks `bits` (none: dense) while the block runs."""
         saved = []
@@ -298,9 +339,13 @@ class Evaluator:
         t0 = time.perf_counter()
         r = Result(task.text)
         try:
-            if self.per_block and not task.reconstruct:
-                r.fingerprint, bits = self.packed_masks(task.text)
-                around = functools.partial(self.pruned_block, bits)
+            if self.per_block:
+                if task.reconstruct and task.text != DENSE:
+                    r.fingerprint, weights = self.reconstructed_in_host(task.text)
+                    around = functools.partial(self.replaced_block, weights)
+                else:
+                    r.fingerprint, bits = self.packed_masks(task.text)
+                    around = functools.partial(self.pruned_block, bits)
                 measure = lambda chunks: nll_blockwise(self.model, chunks, around, progress=False)  # noqa: E731
             else:
                 r.fingerprint, weights = self.pruned(task)
