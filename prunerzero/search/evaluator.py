@@ -191,6 +191,32 @@ def add_layer(h, name: str, W: torch.Tensor) -> None:
     h.update(memoryview(W.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
 
 
+@contextmanager
+def _changed_block(per_layer: dict, i: int, block, change):
+    """Block i with change(W, value) applied in place to each of its layers that `per_layer`
+    names ("layers.{i}.{name}"), while it runs; each change returns its own undo."""
+    undo = [change(matrix(lin), per_layer[f"layers.{i}.{name}"]) for name, lin in prunable_linears(block).items()
+            if f"layers.{i}.{name}" in per_layer]
+    try:
+        yield
+    finally:
+        for u in undo:
+            u()
+
+
+def _replace(W: torch.Tensor, new: torch.Tensor):
+    old = W.clone()
+    W.copy_(new)
+    return lambda: W.copy_(old)
+
+
+def _prune(W: torch.Tensor, bits: np.ndarray):
+    mask = unpacked(bits, W)
+    values = W[mask]
+    W.masked_fill_(mask, 0)
+    return lambda: W.__setitem__(mask, values)
+
+
 class Evaluator:
     """Fitness of candidates on one model copy. A mask-only candidate is evaluated either on a
     masked copy of every prunable weight (the whole model at once, batched), or, per block
@@ -292,38 +318,13 @@ class Evaluator:
                 for name, W in self.dense.items()}
         return packed_fingerprint(bits), bits
 
-    @contextmanager
     def replaced_block(self, weights: dict, i: int, block):
         """Block i holding the `weights` given for its layers while it runs, then its own again."""
-        saved = []
-        for name, lin in prunable_linears(block).items():
-            new = weights.get(f"layers.{i}.{name}")
-            if new is not None:
-                W = matrix(lin)
-                saved.append((W, W.clone()))
-                W.copy_(new)
-        try:
-            yield
-        finally:
-            for W, values in saved:
-                W.copy_(values)
+        return _changed_block(weights, i, block, _replace)
 
-    @contextmanager
     def pruned_block(self, bits: dict, i: int, block):
         """Block i pruned in place by the masks `bits` (none: dense) while the block runs."""
-        saved = []
-        for name, lin in prunable_linears(block).items():
-            mask = bits.get(f"layers.{i}.{name}")
-            if mask is not None:
-                W = matrix(lin)
-                mask = unpacked(mask, W)
-                saved.append((W, mask, W[mask]))
-                W.masked_fill_(mask, 0)
-        try:
-            yield
-        finally:
-            for W, mask, values in saved:
-                W[mask] = values
+        return _changed_block(bits, i, block, _prune)
 
     def nll(self, weights, chunks: torch.Tensor) -> tuple[float, int]:
         """NLL of the model with `weights` in its prunable layers; the dense ones are put back after."""
