@@ -93,20 +93,19 @@ def pruning_row(method, structure, chunks) -> float | None:
     return r and {"perplexity": r["perplexity"], "prune_s": r.get("prune_s")}
 
 
-def time_limits(args, structure) -> list:
-    """The limit of each call that ran this search: the first, then every --more."""
-    old = json.loads(Path(args.out + ".json").read_text()).get("runs", {}).get(structure, {}) \
-        if Path(args.out + ".json").is_file() else {}
-    first = old.get("time_limits") or [json.loads((run_dir(args, structure) / "config.json").read_text())["time_limit"]]
+def time_limits(args, structure, before: dict) -> list:
+    """The limit of each call that ran this search (`before`: its earlier results row, if any):
+    the first, then every --more."""
+    first = before.get("time_limits") or [json.loads((run_dir(args, structure) / "config.json").read_text())["time_limit"]]
     return first + [args.more] if args.more else first
 
 
-def summary(args, structure, hof) -> dict:
+def summary(args, structure, hof, before: dict) -> dict:
     run = RunDir(run_dir(args, structure))
     log = run.read_lines("log.jsonl")
     best = hof["hall_of_fame"][0]
-    out = dict(generations=len(log), search_s=log[-1]["elapsed_s"], time_limits=time_limits(args, structure), candidates=log[-1]["candidates"],
-               evaluations=log[-1]["evaluations"], best_metric=best["simplified"],
+    out = dict(generations=len(log), search_s=log[-1]["elapsed_s"], time_limits=time_limits(args, structure, before),
+               candidates=log[-1]["candidates"], evaluations=log[-1]["evaluations"], best_metric=best["simplified"],
                curve=[(r["elapsed_s"], r["best"]) for r in log], hall_of_fame=hof["hall_of_fame"],
                baselines=hof["baselines"], dense=hof["dense"], carry_over=carry_over(hof),
                search_source=hof["search"]["source"], heldout_source=hof["heldout"]["source"],
@@ -184,7 +183,7 @@ def main():
     data["settings"] = dict(budget=args.budget, update=args.update, seed=args.seed, threads=torch.get_num_threads(),
                             torch=torch.__version__, cpu=platform.processor() or "cpu")
     for st in args.structures.split(","):
-        run = summary(args, st, search(args, st))
+        run = summary(args, st, search(args, st), data["runs"].get(st, {}))
         if old.is_file():  # another structure's run may have written meanwhile: keep its rows
             data["runs"] = json.loads(old.read_text())["runs"]
         data["runs"][st] = run

@@ -110,8 +110,7 @@ def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, dat
             f"({space.params(start) / space.total:.3f}) from the uniform start")
         search.start(start)
     if c.workers > 1 or c.ray:
-        setup = ScoreSetup(c.model, str(path), data.fitness[:half], data.fitness[half:], c.lr, c.dtype, c.device,
-                           c.threads)
+        setup = ScoreSetup(c.model, str(path), fit.reference.windows, fit.train, c.lr, c.dtype, c.device, c.threads)
         with parked(model):
             search.pool = make_pool(setup, c.workers, c.ray, c.ray_address, c.gpus_per_worker, worker=Scorer)
             try:

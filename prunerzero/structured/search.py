@@ -85,11 +85,6 @@ class DarwinSearch:
                 out.append(child)
         return out
 
-    def score(self, genome: Genome, train_idx, eval_idx, seed: int) -> float:
-        self.evaluations += 1
-        return score_genome(self.build, self.data.reference, self.data.train, self.c.lr,
-                            ScoreTask(tuple(genome), tuple(train_idx), tuple(eval_idx), seed))
-
     def score_all(self, candidates, train_idx, eval_idx, stage: int, bar) -> dict:
         """Every candidate's KL; the seeds depend on (seed, generation, stage, position) only,
         so the pool's workers give what this process would."""
@@ -98,11 +93,11 @@ class DarwinSearch:
         if self.pool is None:
             out = []
             for t in tasks:
-                out.append(self.score(t.genome, t.train, t.score, t.seed))
+                out.append(score_genome(self.build, self.data.reference, self.data.train, self.c.lr, t))
                 bar.update(1)
         else:
             out = self.pool.map(tasks, on_result=lambda _: bar.update(1))
-            self.evaluations += len(tasks)
+        self.evaluations += len(tasks)
         return dict(zip(candidates, out))
 
     def step(self):
