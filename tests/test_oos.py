@@ -23,6 +23,8 @@ CASES = [
     ("div(sqr(W), W)", "W", "cancel"),
     ("mms(add(mul(2, G), 3)) * W", "W*mms(G)", "norm_affine"),
     ("mms(neg(G)) * W", "W*(1 - mms(G))", "norm_affine"),
+    ("sqr(sub(W, mms(neg(N))))", "sqr(W)", "norm_const"),
+    ("add(W, zsn_row(rowsum(G)))", "W", "norm_const"),
     ("zsn(mul(-3, G)) * W", "-W*zsn(G)", "norm_affine"),
     ("zsn(mms(G)) * W", "W*zsn(G)", "norm_norm"),
     ("mms(zsn(G)) * W", "W*mms(G)", "norm_norm"),

@@ -19,7 +19,7 @@ from typing import Callable
 
 import sympy
 
-from .symbolic import GLOBAL_NORMALISERS, NORMALISERS, Exp, Log, Recip
+from .symbolic import GLOBAL_NORMALISERS, NORMALISERS, Exp, Log, Recip, varies_over_scope
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,14 @@ def _cancel(e):
     return None
 
 
+def _normaliser_of_constant(e):
+    """mms(a) -> 0 (and zsn, the row variants) where a cannot vary over the normaliser's scope
+    (a scalar; a per-row value inside a row-wise one): ops define that as 0. Checked before the
+    affine rule, whose mms(-a) = 1 - mms(a) holds only for an `a` that varies."""
+    if isinstance(e, NORMALISERS) and not varies_over_scope(e):
+        return sympy.Integer(0)
+
+
 def _normaliser_of_affine(e):
     """mms(c*x + d) -> mms(x) for numbers c > 0, d (also zsn and the row variants);
     c < 0 gives 1 - mms(x) and -zsn(x)."""
@@ -104,6 +112,8 @@ RULES: tuple[Rule, ...] = (
     Rule("log_recip", "log(recip(x)) -> -log(x)", "band: |x| < EPS or |x| > 1/EPS", _log_recip),
     Rule("cancel", "x*y/x -> y, x/x -> 1, sqr(x)/x -> x: common factors of a quotient cancel",
          "band: where a cancelled denominator is below EPS", _cancel),
+    Rule("norm_const", "mms(a) -> 0, zsn(a) -> 0 where a is constant over the normaliser's scope (N; rowsum(W) "
+         "inside mms_row)", "exact", _normaliser_of_constant),
     Rule("norm_affine", "mms(c*x + d) -> mms(x), zsn(c*x + d) -> zsn(x) for numbers c > 0, d",
          "exact (up to rounding)", _normaliser_of_affine),
     Rule("norm_norm", "mms(zsn(x)) -> mms(x), zsn(mms(x)) -> zsn(x), mms(mms(x)) -> mms(x), ...",

@@ -178,3 +178,31 @@ def varies_along_row(e: sympy.Expr) -> bool:
     if isinstance(e, RowSum):
         return False
     return any(varies_along_row(a) for a in e.args)
+
+
+_AXES = {"matrix": frozenset("oi"), "column": frozenset("i"), "row": frozenset("o"), "scalar": frozenset()}
+
+
+def axes(e: sympy.Expr) -> frozenset:
+    """The axes `e` can vary along: "o" (between output rows), "i" (between input columns).
+    A normaliser of something that does not vary over its scope is constant (0, see ops)."""
+    if isinstance(e, sympy.Symbol):
+        return _AXES[load_space().terminals[e.name].shape]
+    if not e.args:
+        return frozenset()
+    inner = frozenset().union(*(axes(a) for a in e.args))
+    if isinstance(e, RowSum):
+        return inner - {"i"}
+    if isinstance(e, ColSum):
+        return inner - {"o"}
+    if isinstance(e, NORMALISERS) and not varies_over_scope(e):
+        return frozenset()
+    return inner
+
+
+def varies_over_scope(e: sympy.Expr) -> bool:
+    """Whether normaliser `e`'s argument varies where it normalises: anywhere in the matrix for
+    mms and zsn, along each row for the row variants."""
+    inner = axes(e.args[0])
+    return bool(inner) if isinstance(e, GLOBAL_NORMALISERS) else "i" in inner
+
