@@ -32,7 +32,7 @@ from bench_pruning import row_key
 from common import RESULTS, common_options, figure_row, save_figure
 from prunerzero.search.config import SearchConfig
 from prunerzero.search.evaluator import Task
-from prunerzero.search.rundir import RunDir
+from prunerzero.runs.rundir import RunDir
 from prunerzero.search.run import run_evolve, search_evaluator
 
 STRATEGIES = ("evolution", "random")

@@ -38,7 +38,7 @@ from prunerzero import apply_metric, perplexity
 from prunerzero.loading import load_model
 from prunerzero.pipeline import calibration_for, eval_data_for
 from prunerzero.search.config import SearchConfig
-from prunerzero.search.rundir import RunDir
+from prunerzero.runs.rundir import RunDir
 from prunerzero.search.run import carry_over, run_evolve
 
 

@@ -88,6 +88,8 @@ def text_source(name: str, value, optional=False) -> None:
     path = Path(value)
     if path.is_dir():
         raise SettingsError(f"{flag(name)} {value} is a folder; give a text file (or wikitext2, wikipedia)")
+    if path.exists() and not path.is_file():
+        raise SettingsError(f"{flag(name)} {value} is not a regular file (a device, pipe or socket); give a text file")
     if not path.is_file():
         raise SettingsError(f"{flag(name)}: no such file {value} (give wikitext2, wikipedia or a text file)")
     try:

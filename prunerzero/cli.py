@@ -13,20 +13,44 @@ UPDATES = ("none", "obs", "obs-adaptive", "admm")  # reconstruct.UPDATES, withou
 DTYPES = ("auto", "fp32", "bf16", "fp16")  # checks.DTYPES, likewise
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`), raised where the process is, so it unwinds exactly as
+    Ctrl-C does: the same clean-up of half-written output, the same message."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 class _Group(click.Group):
-    """Turns prunerzero's own errors into one clear line and exit status 2."""
+    """Turns prunerzero's own errors into one clear line and exit status 2; Ctrl-C and SIGTERM
+    into the command's interrupt hint and 130 / 143."""
 
     def invoke(self, ctx):
+        import signal
+        import threading
+        main_thread = threading.current_thread() is threading.main_thread()  # signals need it
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
         try:
             return super().invoke(ctx)
         except (PrunerZeroError, FileExistsError, FileNotFoundError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
+        except OSError as e:  # a full disk, a read-only file system: what happened, not a traceback
+            where = f" ({e.filename})" if e.filename else ""
+            click.echo(f"error: {e.strerror or e}{where}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt as e:
             # each command leaves its own hint in ctx.meta, which click shares with the group's context
             hint = ctx.meta.get("interrupted", "interrupted")
-            click.echo(hint() if callable(hint) else hint, err=True)
-            sys.exit(130)
+            text = hint() if callable(hint) else hint
+            if isinstance(e, Terminated):
+                text = text.replace("interrupted", "stopped (SIGTERM)", 1)
+            click.echo(text, err=True)
+            sys.exit(143 if isinstance(e, Terminated) else 130)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _on_interrupt(hint):
@@ -231,16 +255,32 @@ def _log(quiet):
     return (lambda *a: None) if quiet else click.echo
 
 
-def _resumed(run_fn, output, resume, generations, time_limit, log, quiet) -> bool:
-    """Continue a run when --resume is given; --generations and --time-limit, when typed, replace
-    the saved ones (a run stopped by its time limit goes on with a new one)."""
+# options a --resume may be given, by parameter name (the settings field where it differs)
+_RESUME_OPTIONS = {"generations": "generations", "time_limit": "time_limit", "workers": "workers",
+                   "threads": "threads", "use_ray": "ray", "ray_address": "ray_address",
+                   "gpus_per_worker": "gpus_per_worker", "include_path": "include_path", "database": "database"}
+
+
+def _resumed(run_fn, output, resume, log, quiet) -> bool:
+    """Continue a run when --resume is given, with the options typed on this command line that a
+    resume may change (see settings.with_overrides); any other typed option is refused, naming it,
+    before anything loads."""
+    from .checks import SettingsError
     if not output and not resume:
         raise click.UsageError("give --output RUN for a new search, or --resume RUN")
     if not resume:
         return False
-    typed = lambda name: click.get_current_context().get_parameter_source(name).name == "COMMANDLINE"  # noqa: E731
-    run_fn(resume=resume, generations=generations if typed("generations") else None,
-           time_limit=time_limit if typed("time_limit") else None, log=log, quiet=quiet)
+    ctx = click.get_current_context()
+    typed = [p for p in ctx.command.params
+             if p.name not in ("resume", "quiet") and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE]
+    for p in typed:
+        if p.name not in _RESUME_OPTIONS:
+            allowed = ", ".join("--" + n.replace("_", "-").replace("use-", "") for n in _RESUME_OPTIONS
+                                if any(q.name == n for q in ctx.command.params))
+            raise SettingsError(f"{p.opts[0]} cannot be given with --resume: a run keeps the settings it started "
+                                f"with (its config.json); only {allowed} may be given")
+    overrides = {_RESUME_OPTIONS[p.name]: ctx.params[p.name] for p in typed}
+    run_fn(resume=resume, overrides=overrides, log=log, quiet=quiet)
     return True
 
 
@@ -305,7 +345,7 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
     from .search.run import run_evolve
     log = _log(quiet)
     _on_interrupt(_resume_hint("evolve", resume or output, "the primitives"))
-    if _resumed(run_evolve, output, resume, generations, time_limit, log, quiet):
+    if _resumed(run_evolve, output, resume, log, quiet):
         return
     cfg = SearchConfig(model=model, sparsity=sparsity, structure=structure, strategy=strategy, population=population,
                        generations=generations, elite=elite, tournament=tournament, stages=_tuple(stages, int, "--stages"),
@@ -367,7 +407,7 @@ def darwin(model, output, resume, target, generations, offspring, stages, lr, la
     from .structured.run import run_darwin
     log = _log(quiet)
     _on_interrupt(_resume_hint("darwin", resume or output, "the database levels"))
-    if _resumed(run_darwin, output, resume, generations, time_limit, log, quiet):
+    if _resumed(run_darwin, output, resume, log, quiet):
         return
     settings = dict(model=model, target=target, generations=generations, offspring=offspring,
                     stages=parse_stages(stages), lr=lr, ladder=_tuple(ladder, float, "--ladder") or DEFAULT_LADDER,

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import PrunerZeroError
-from .engine.models import concrete_dtype, load_error, load_pretrained, resolve_device, resolve_dtype, resolve_path
+from .engine.models import (ModelError, concrete_dtype, load_error, load_pretrained, resolve_device, resolve_dtype,
+                            resolve_path)
 from .structured.shrink import STRUCTURE_FILE, load_structured
 
 
@@ -22,8 +23,8 @@ def load_model(name: str | None = None, dtype="auto", device: str | None = "auto
     path = resolve_path(name)
     device = resolve_device(device)
     dtype = concrete_dtype(path, dtype, str(device)) if dtype == "auto" else dtype
+    tok = load_tokenizer(name, path) if tokenizer else None
     try:
-        tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
         if (Path(path) / STRUCTURE_FILE).is_file():
             return load_structured(path, resolve_dtype(dtype), device), tok
         return load_pretrained(path, dtype, device, onload), tok
@@ -31,3 +32,26 @@ def load_model(name: str | None = None, dtype="auto", device: str | None = "auto
         raise
     except Exception as e:  # transformers and safetensors raise many types for a bad folder
         raise load_error(name, e) from None
+
+
+def load_tokenizer(name, path):
+    """The tokenizer of a model, or one line that blames the tokenizer files (not the model) when
+    they cannot be read or turn text into no tokens."""
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - tokenizers raise TypeError, ValueError, JSON errors, ...
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        if isinstance(e, OSError) and not Path(path).is_dir():
+            raise load_error(name, e) from None  # a hub id that cannot be reached: about the model
+        raise ModelError(f"cannot load the tokenizer of '{name}' ({type(e).__name__}: {first}): its tokenizer "
+                         "files (tokenizer.json, tokenizer_config.json) are damaged or of another format") from None
+    try:
+        empty = len(tok) == 0 or not tok("The quick brown fox jumps.", add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001
+        empty = True
+    if empty:
+        raise ModelError(f"the tokenizer of '{name}' has an empty vocabulary (it turns text into no tokens): "
+                         "its tokenizer files are damaged")
+    return tok
+

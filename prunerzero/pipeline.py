@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from .engine.blocks import onloading
 from .engine.models import (all_prunable, cache_dir, check_seqlen, dtype_name, finish_saved_config, placement,
                             require_prunable)
 from .loading import load_model
+from .runs.output import Output
 from .engine.prune import PruneError, apply_metric, apply_sparsegpt
 
 
@@ -118,11 +119,19 @@ def run_apply(config: ApplyConfig | None = None, output=None, log=progress.log, 
     after, and save the model with report.json in `output` (when given)."""
     cfg = _settings(ApplyConfig, config, settings)
     m = Metric.parse(cfg.metric) if cfg.method == "metric" else None
-    out = checks.output_folder("output", output)
-    if out is not None:
-        _remove_leftover(out, log)
+    out = Output(output).check() if output is not None else None  # locked until the run ends
+    try:
+        return _apply(cfg, m, out, log)
+    finally:
+        if out is not None:
+            out.close()
+
+
+def _apply(cfg: ApplyConfig, m: Metric | None, out: Output | None, log) -> dict:
     t0 = time.perf_counter()
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    if out is not None:  # a disk that cannot hold the result is refused now, not after the prune
+        out.room(sum(p.numel() * p.element_size() for p in model.parameters()) + (64 << 20))
     check_seqlen(model, cfg.seqlen)
     check_widths(require_prunable(model), cfg.structure)
     t_load = time.perf_counter() - t0
@@ -156,8 +165,9 @@ def run_apply(config: ApplyConfig | None = None, output=None, log=progress.log, 
         result["zero_shot"] = zero_shot
     _check_sparsity(report)
     if out is not None:
-        _save(model, tok, out, result)
-        log(f"saved pruned model and report.json to {out}")
+        check_finite(model, ppl)
+        out.save(lambda folder: _write(model, tok, folder, result))
+        log(f"saved pruned model and report.json to {out.shown}")
     return result
 
 
@@ -200,34 +210,22 @@ def _check_sparsity(report):
                          f"nothing was saved (skipped layers: {', '.join(report.skipped) or 'none'})")
 
 
-def _partial(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
+def check_finite(model, perplexities: dict) -> None:
+    """Refuse to save a model whose weights or perplexity are NaN or infinite: a broken result
+    must not look like a pruned model."""
+    bad = [k for k, v in perplexities.items() if not math.isfinite(v)]
+    if bad:
+        raise PruneError(f"the {bad[0]} perplexity is {perplexities[bad[0]]}: the model is broken; nothing was saved")
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise PruneError(f"weight {name} holds NaN or infinite values; nothing was saved")
 
 
-def _remove_leftover(out: Path, log):
-    """A `.partial` folder beside the output is what a killed save left: never a result."""
-    tmp = _partial(out)
-    if tmp.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-        log(f"removed {tmp}, left by an interrupted run")
-
-
-def _save(model, tok, out: Path, result: dict):
-    """Write into a sibling temporary folder, then rename: no half-written output, and
-    nothing left behind when the save itself is interrupted or fails."""
-    tmp = _partial(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        finish_saved_config(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "report.json").write_text(json.dumps(result, indent=2))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _write(model, tok, folder: Path, result: dict):
+    model.save_pretrained(folder)
+    finish_saved_config(folder)
+    tok.save_pretrained(folder)
+    (folder / "report.json").write_text(json.dumps(result, indent=2))
 
 
 def run_eval(config: EvalConfig | None = None, log=progress.log, **settings) -> float:

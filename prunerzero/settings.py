@@ -28,6 +28,24 @@ class Settings:
             raise SettingsError(f"the settings are invalid ({e}); start a new run") from None
 
 
+# what a resumed run may be given anew: how long it runs and where its candidates are scored;
+# every other setting is the run's own (its config.json), so the run stays one experiment
+RESUMABLE = ("generations", "time_limit", "workers", "threads", "ray", "ray_address", "gpus_per_worker")
+
+
+def with_overrides(config, overrides: dict | None, also: tuple = ()):
+    """`config` (a resumed run's settings) with the `overrides` a resume may give, validated; any
+    other setting is refused with one line naming its option."""
+    for name, value in (overrides or {}).items():
+        if name not in RESUMABLE + also:
+            allowed = ", ".join(checks.flag(n) for n in RESUMABLE + also)
+            raise SettingsError(f"{checks.flag(name)} cannot change on --resume: a run keeps the settings it "
+                                f"started with (its config.json); only {allowed} may be given")
+        setattr(config, name, value)
+    config.validate()
+    return config
+
+
 @dataclass
 class TaskSettings:
     """Zero-shot tasks through lm-eval (see zeroshot.py), shared by eval, apply and darwin;

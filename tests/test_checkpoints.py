@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from prunerzero.cli import main
-from prunerzero.search.checkpoint import CheckpointError, decode, encode
-from prunerzero.search.rundir import RunDir
+from prunerzero.runs.checkpoint import CheckpointError, decode, encode
+from prunerzero.runs.rundir import RunDir
 
 
 class Planted:
@@ -27,6 +27,7 @@ def run_folder(tmp_path, kind="evolve", state=None):
     run.create({"model": str(tmp_path / "no-such-model")})
     if state is not None:
         run.save_checkpoint(state)
+    run.release()  # the run that wrote it has ended
     return run.path
 
 

@@ -213,7 +213,7 @@ def test_two_workers_and_ray_actors_score_as_one_process(tiny_dir, tmp_path):
                    data=tiny_data(), log=lambda *a: None, quiet=True)
     assert _search_result(tmp_path / "one") == _search_result(tmp_path / "two")
     ray = pytest.importorskip("ray")
-    from prunerzero.search.pools import Ray
+    from prunerzero.runs.pools import Ray
     from prunerzero.structured.scorer import ScoreSetup, ScoreTask, Scorer
     cfg = json.loads((tmp_path / "one" / "config.json").read_text())
     data = tiny_data()

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from prunerzero.cli import main
 from prunerzero.search import run as run_mod
 from prunerzero.search.config import SearchConfig
-from prunerzero.search.rundir import RunDir
+from prunerzero.runs.rundir import RunDir
 from prunerzero.search.run import run_evolve
 
 from helpers import kill_and_resume, search_script
@@ -69,11 +69,11 @@ def test_staging_promotes_the_requested_fraction(tiny_dir, tmp_path):
 
 def test_rank_equivalent_metrics_and_equal_masks_are_not_evaluated_twice(tiny_dir, tmp_path):
     from prunerzero.search.evolve import Search
-    from prunerzero.search.pools import InProcess
-    from prunerzero.search.rundir import RunDir
+    from prunerzero.runs.pools import InProcess
+    from prunerzero.runs.rundir import RunDir
     cfg = config(tiny_dir)
     files = run_mod.primitive_files(tiny_llama(), cfg, data().calibration, {"X"})
-    pool = InProcess(run_mod.setup_for(cfg, data(), files))
+    pool = InProcess(run_mod.setup_for(cfg, data(), files), worker=run_mod.Evaluator)
     run = RunDir(tmp_path / "run")
     run.create({})
     search = Search(cfg, run, pool, log=lambda *a: None, quiet=True)

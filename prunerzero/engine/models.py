@@ -223,13 +223,36 @@ def check_seqlen(model, seqlen: int) -> None:
 
 def _from_pretrained(auto, path, dtype):
     """SDPA attention where the family has it (the published protocol's), else its default
-    (Gemma-2, say, whose soft-capping SDPA cannot do)."""
+    (Gemma-2, say, whose soft-capping SDPA cannot do); loaded strictly (check_loading)."""
     try:
-        return auto.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        model, info = auto.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", output_loading_info=True)
     except ValueError as e:
         if "attention implementation" not in str(e):
             raise
-        return auto.from_pretrained(path, dtype=dtype)
+        model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    check_loading(path, model, info)
+    return model
+
+
+def check_loading(path, model, info: dict) -> None:
+    """Refuse a checkpoint whose weights do not all fit the architecture its config names:
+    transformers fills a missing weight with random values and drops an unexpected one, and
+    only says so in a report; pruning and saving such a model would be a silent wrong result.
+    Weights tied to another (the LM head to the embeddings) are not missing."""
+    tied = set()
+    if getattr(model.config, "tie_word_embeddings", False) or getattr(model.config.get_text_config(),
+                                                                          "tie_word_embeddings", False):
+        tied = {k for k in info.get("missing_keys", ()) if k.endswith("lm_head.weight")}
+    missing = sorted(set(info.get("missing_keys", ())) - tied)
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    mismatched = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys", ()))
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f"{len(v)} {what} ({', '.join(v[:2])}{', ...' if len(v) > 2 else ''})"
+             for what, v in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)) if v]
+    raise ModelError(f"the weights in {path} do not match its config ({type(model).__name__}, model_type "
+                     f"{model.config.model_type}): {'; '.join(parts)}. The files are incomplete or belong to "
+                     "another architecture; nothing was pruned")
 
 
 @contextmanager

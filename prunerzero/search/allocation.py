@@ -113,7 +113,8 @@ def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsi
     """(sparsity of each layer, report) found by evolution; the model is left dense. run_path:
     a folder for the run (resumed when it holds one, reused when finished); None: a
     temporary one. known: dense primitives already computed (see LevelMasks)."""
-    from .rundir import RunDir
+    from ..runs.checkpoint import CheckpointError
+    from ..runs.rundir import RunDir
     from ..structured.fitness import DenseReference
     from ..structured.genome import LevelSpace
     from ..structured.search import DarwinSearch, FitnessData, run_loop
@@ -153,11 +154,20 @@ def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsi
         settings.pop("run")
         try:
             state = run.load_checkpoint()
+            saved = None
+            if state is not None:
+                try:
+                    saved = run.config()
+                except CheckpointError as e:  # a cached run of an older prunerzero, or damaged: redo it
+                    log(f"allocation search: discarding the run in {run.path} ({e})")
+                    state = None
             if state is None and run.path.exists():  # stopped before its first checkpoint: nothing to keep
                 shutil.rmtree(run.path)
-            elif state is not None and (differ := _unlike(run.config(), settings)):
+            elif state is not None and (differ := _unlike(saved, settings)):
                 raise checks.SettingsError(f"the allocation run in {run.path} was made with other settings "
                                            f"({differ}); give another folder")
+            if state is not None:
+                run.hold()
             if not run.resume(search, log, state):
                 run.create(settings)
                 search.start(start)
@@ -173,6 +183,7 @@ def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsi
                       kl_found=log_rows[-1]["kl"] if log_rows else None,
                       layer_sparsity={n: round(s, 6) for n, s in per_layer.items()})
         run.write_json("allocation.json", dict(sparsity=per_layer, report=report))
+        run.release()
         return per_layer, report
 
 

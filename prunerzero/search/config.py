@@ -92,7 +92,12 @@ class SearchConfig(Settings):
             raise SearchConfigError(f"--stages must be increasing chunk counts >= 1, got {self.stages}")
         checks.number("promote", self.promote, 0, 1, low_open=True)
         checks.choice("update", self.update, UPDATES)
-        checks.integer("proxy_stages", self.proxy_stages, minimum=0, maximum=len(self.stages) - 1)
+        checks.integer("proxy_stages", self.proxy_stages, minimum=0)
+        # the proxy stages only matter with an update, whose last stage must reconstruct
+        if self.update != "none" and self.proxy_stages > len(self.stages) - 1:
+            raise SearchConfigError(f"--proxy-stages {self.proxy_stages} leaves no stage scored with --update "
+                                    f"{self.update} among --stages {','.join(map(str, self.stages))}: give more "
+                                    f"stages, or a smaller --proxy-stages (at most {len(self.stages) - 1})")
         checks.choice("strategy", self.strategy, ("evolution", "random"))
         checks.integer("population", self.population, minimum=2)
         checks.integer("elite", self.elite, minimum=0, maximum=self.population - 1)

@@ -13,11 +13,12 @@ from deap import tools
 from .. import progress
 
 from .cache import Cache, Measured
-from .checkpoint import individual_from, individual_record, rng_state, set_rng_state
+from ..runs.checkpoint import rng_state, set_rng_state
+from .gp import individual_from, individual_record
 from .config import SearchConfig
 from .evaluator import Setup, Task
 from .gp import from_text, primitive_set, toolbox, vary
-from .rundir import RunDir
+from ..runs.rundir import RunDir
 
 WORST = (-1.0, math.inf)
 # "Beats Wanda" needs a margin: fp32 rounding alone moves a rank-equivalent rewrite of Wanda's

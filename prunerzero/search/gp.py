@@ -87,3 +87,20 @@ def _names(node):
         yield node.name
     for a in node.args:
         yield from _names(a)
+
+
+# ---- trees in a checkpoint (runs/checkpoint.py holds data only) ----------------------------
+
+def individual_record(ind) -> dict:
+    return dict(text=str(ind), fitness=list(ind.fitness.values) if ind.fitness.valid else None,
+                key=getattr(ind, "key", None), first=getattr(ind, "first", None))
+
+
+def individual_from(record: dict, pset):
+    """A tree from its text through prunerzero's parser (DEAP's own from_string would eval
+    tokens it does not know), with its fitness and attributes."""
+    ind = from_text(record["text"], pset)
+    if record["fitness"] is not None:
+        ind.fitness.values = tuple(record["fitness"])
+    ind.key, ind.first = record["key"], record["first"]
+    return ind

@@ -23,8 +23,9 @@ from .config import SearchConfig
 from .evaluator import DENSE, Evaluator, Task
 from .gp import from_text, primitive_set
 from .evolve import BEAT_MARGIN, Search, SearchData, _finite, setup_for
-from .pools import make_pool
-from .rundir import RunDir
+from ..runs.pools import make_pool
+from ..runs.rundir import RunDir
+from ..settings import with_overrides
 
 COMPUTE = {"X": compute_x, "G": compute_g, "H": compute_h}
 
@@ -94,25 +95,35 @@ def search_evaluator(c: SearchConfig, needed: set[str] | None = None) -> tuple[E
 
 def run_evolve(config: SearchConfig | None = None, output=None, resume=None, data: SearchData | None = None,
                generations: int | None = None, time_limit: float | None = None, log=progress.log,
-               quiet: bool = False) -> dict:
+               quiet: bool = False, overrides: dict | None = None) -> dict:
     """Run (or continue, with resume=RUN) a metric search; returns the final summary. A time
     limit bounds this whole call: set-up, generations and the final held-out scoring (estimated
-    from the measured seconds per evaluated chunk); generations stop when the next would pass it."""
+    from the measured seconds per evaluated chunk); generations stop when the next would pass it.
+    A resume may be given `overrides` of settings.RESUMABLE (generations and time_limit too);
+    the run folder is locked while this call writes it."""
     t_start = time.perf_counter()
     if resume:
-        run = RunDir(resume, "evolve")
-        config = SearchConfig.from_dict(run.config())
-        state = run.load_checkpoint()  # validated now, before any model or data is loaded
-        if generations:
-            config.generations = generations
-        if time_limit is not None:  # a new limit for a run that stopped at its old one
-            config.time_limit = time_limit
-            config.validate()
+        run = RunDir(resume, "evolve", "resume").hold()
+        overrides = dict(overrides or {}, **{k: v for k, v in (("generations", generations),
+                                                               ("time_limit", time_limit)) if v is not None})
+        try:
+            state = run.load_checkpoint()  # validated now, before any model or data is loaded
+            config = with_overrides(SearchConfig.from_dict(run.config()), overrides)
+        except BaseException:
+            run.release()
+            raise
     else:
         config = config or SearchConfig()
         run = RunDir(output, "evolve")
         run.ensure_new()
         state = None
+    try:
+        return _evolve(config, run, resume, state, data, log, quiet, t_start)
+    finally:
+        run.release()
+
+
+def _evolve(config: SearchConfig, run: RunDir, resume, state, data, log, quiet, t_start) -> dict:
     _check_metrics(config)
     model, tok = load_model(config.model, config.dtype, config.device, tokenizer=data is None)
     if data is None:  # given data carries its own sequence length
@@ -146,7 +157,7 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
             model = None  # the workers load their own: the driver's copy goes before they start
             hand_back_memory()
         pool = make_pool(setup_for(config, data, files, hessians), config.workers, config.ray, config.ray_address,
-                         config.gpus_per_worker, model=model)
+                         config.gpus_per_worker, model=model, worker=Evaluator)
         search = Search(config, run, pool, log, quiet)
         if not (resume and run.resume(search, log, state)):
             search.seed_rngs()

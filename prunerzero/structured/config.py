@@ -4,6 +4,7 @@ generation); on a GPU raise `offspring`, `generations` and the stage token count
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .. import checks
 from ..settings import Settings, TaskSettings
@@ -83,6 +84,9 @@ class DarwinConfig(Settings, TaskSettings):
         self.validate_tasks()
         checks.text_source("calibration", self.calibration)
         checks.text_source("eval_data", self.eval_data, optional=True)
+        if self.database is not None and Path(self.database).exists() and not Path(self.database).is_dir():
+            raise DarwinConfigError(f"--database {self.database} is a file; give a folder (or leave --database out "
+                                    "for the cache)")
         self.target = checks.number("target_params", self.target, low=0, low_open=True)
         if self.target > 1 and self.target != int(self.target):
             raise DarwinConfigError(f"--target-params must be a fraction in (0, 1] or a whole count of parameters, "

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from ..progress import bar, logger
 
 from ..engine.blocks import block_inputs, run_block
-from ..engine.calibration import Hessians
+from ..engine.calibration import Hessians, content_digest
 from ..engine.models import decoder_layers
 from .units import Anatomy, StructureError, anatomy, attention_of, mlp_of
 
@@ -98,13 +98,67 @@ def greedy_obs(W: torch.Tensor, H: torch.Tensor, groups: list[list[int]], stops:
         alive = [g for g in alive if g not in picked]
 
 
+class DatabaseDamaged(Exception):
+    """A database file that cannot be trusted; the builder discards it and builds it again."""
+
+
+def layer_file(path: Path, i: int) -> Path:
+    return Path(path) / f"layer_{i:03d}.safetensors"
+
+
+def check_layer_file(file: Path, i: int, settings: dict) -> dict:
+    """The levels of a block file whose layer, settings and content checksum match what was
+    written and whose weights are finite; DatabaseDamaged otherwise (truncated, edited, NaN,
+    another block's file, another database's)."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        text = meta["levels"]
+        levels = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - safetensors and json raise their own types for damage
+        raise DatabaseDamaged(f"{file.name} is unreadable ({type(e).__name__})") from None
+    if meta.get("layer") != str(i) or meta.get("settings") != _settings_text(settings):
+        raise DatabaseDamaged(f"{file.name} was written for another block or other settings")
+    if meta.get("sha256") != _digest(tensors, text):
+        raise DatabaseDamaged(f"{file.name} does not match its checksum")
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+        raise DatabaseDamaged(f"{file.name} holds NaN or infinite weights")
+    return levels
+
+
+def _settings_text(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def _digest(tensors: dict, levels_text: str) -> str:
+    """One checksum over a block's weights and its level table (kept units, parameters, errors)."""
+    import hashlib
+    return hashlib.sha256((content_digest(tensors) + levels_text).encode()).hexdigest()
+
+
 class Database:
     """Reads a built database folder: `levels[kind][layer]` lists Level entries, densest first;
-    `weights(kind, layer, index)` loads the compensated output-projection columns."""
+    `weights(kind, layer, index)` loads the compensated output-projection columns. Every block
+    file is checked against its checksum when the database is opened (DatabaseDamaged)."""
 
-    def __init__(self, path):
+    def __init__(self, path, verify: bool = True):
         self.path = Path(path)
-        meta = json.loads((self.path / "meta.json").read_text())
+        try:
+            meta = json.loads((self.path / "meta.json").read_text())
+            self._read(meta)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise DatabaseDamaged(f"meta.json is unreadable ({type(e).__name__})") from None
+        if verify:
+            for i in range(self.n_layers):
+                levels = check_layer_file(layer_file(self.path, i), i, self.settings)
+                if any(levels[k] != meta[k][i] for k in ("attn", "mlp")):
+                    raise DatabaseDamaged(f"meta.json does not match {layer_file(self.path, i).name}")
+            for kind, units in (("attn", self.anatomy.heads), ("mlp", self.anatomy.channels)):
+                if any(not 0 <= u < units for layer in self.levels[kind] for lv in layer for u in lv.kept):
+                    raise DatabaseDamaged(f"meta.json names {kind} units the model does not have")
+
+    def _read(self, meta: dict):
         self.settings = meta["settings"]
         # seconds the blocks took to build; None for a database built before this was kept
         self.build_s = meta.get("build_s")
@@ -121,7 +175,7 @@ class Database:
         """Output-projection columns at a level; None for the dense level (use the model's)."""
         if index == 0:
             return None
-        with safe_open(str(self.path / f"layer_{layer:03d}.safetensors"), "pt") as f:
+        with safe_open(str(layer_file(self.path, layer)), "pt") as f:
             key = f"{kind}.{index}"
             return f.get_tensor(key) if key in f.keys() else None
 
@@ -138,11 +192,23 @@ def build_database(model, samples: torch.Tensor, path, settings: dict, ladder=DE
     """Build (or finish building) the database of `model` in folder `path` from calibration
     `samples` passed through the dense blocks; a finished folder is reused as it is."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StructureError(f"the level database {path} is a file; give a folder (or leave --database out)")
     if (path / "meta.json").is_file():
-        db = Database(path)
-        if db.settings != settings:
-            raise StructureError(f"{path} holds a database built with other settings; use another folder")
-        return db
+        try:
+            db = Database(path, verify=False)
+        except DatabaseDamaged as e:
+            db = None
+            logger.warning(f"level database {path}: {e}; building it again")
+            (path / "meta.json").unlink()
+        if db is not None:
+            if db.settings != settings:
+                raise StructureError(f"{path} holds a database built with other settings; use another folder")
+            try:
+                return Database(path)
+            except DatabaseDamaged as e:
+                logger.warning(f"level database {path}: {e}; building the damaged blocks again")
+                (path / "meta.json").unlink()
     path.mkdir(parents=True, exist_ok=True)
     an = anatomy(model)
     head_counts = kept_counts(an.heads, ladder)
@@ -151,23 +217,23 @@ def build_database(model, samples: torch.Tensor, path, settings: dict, ladder=DE
     inputs, calls = block_inputs(model, samples)
     meta = {"settings": settings, "ladder": list(ladder), "anatomy": an.__dict__, "attn": [], "mlp": [], "build_s": 0.0}
     for i, block in enumerate(bar(decoder_layers(model), desc="level database", enabled=progress)):
-        file = path / f"layer_{i:03d}.safetensors"
-        if file.is_file():  # built before an interruption
+        file = layer_file(path, i)
+        entry = _reusable(file, i, settings)
+        if entry is not None:  # built before an interruption
             inputs = run_block(block, inputs, calls[i])
         else:
             t0 = time.perf_counter()
             attn, mlp = attention_of(block), mlp_of(block)
             with Hessians({"o": attn.o_proj, "down": mlp.down_proj}) as rec:
                 inputs = run_block(block, inputs, calls[i])  # the dense outputs feed the next block
-            _build_block(attn, mlp, rec, an, head_counts, chan_counts, percdamp, step, file, t0)
-            left = sum(not (path / f"layer_{j:03d}.safetensors").is_file() for j in range(i + 1, len(calls)))
+            _build_block(attn, mlp, rec, an, head_counts, chan_counts, percdamp, step, file, t0, i, settings)
+            left = sum(not layer_file(path, j).is_file() for j in range(i + 1, len(calls)))
             if left and not meta["build_s"]:  # the first block built: say what the rest will cost
                 took = time.perf_counter() - t0
                 logger.warning(f"level database: block {i} took {took:.0f} s; the {left} blocks left need about "
                                f"{took * left / 60:.0f} min (once: the database is cached, and an interrupted build "
                                "resumes; a ladder that removes less, e.g. --ladder 0,0.2,0.4,0.6, is cheaper)")
-        with safe_open(str(file), "pt") as f:
-            entry = json.loads(f.metadata()["levels"])
+            entry = check_layer_file(file, i, settings)
         meta["attn"].append(entry["attn"])
         meta["mlp"].append(entry["mlp"])
         meta["build_s"] += entry.get("seconds", 0.0)
@@ -176,7 +242,20 @@ def build_database(model, samples: torch.Tensor, path, settings: dict, ladder=DE
     return Database(path)
 
 
-def _build_block(attn, mlp, rec: Hessians, an: Anatomy, head_counts, chan_counts, percdamp, step, file, t0):
+def _reusable(file: Path, i: int, settings: dict) -> dict | None:
+    """The levels of a block file an interrupted build left, if it can be trusted (else it goes)."""
+    if not file.is_file():
+        return None
+    try:
+        return check_layer_file(file, i, settings)
+    except DatabaseDamaged as e:
+        logger.warning(f"level database: {e}; building block {i} again")
+        file.unlink()
+        return None
+
+
+def _build_block(attn, mlp, rec: Hessians, an: Anatomy, head_counts, chan_counts, percdamp, step, file, t0, i,
+                 settings):
     d = an.head_dim
     heads = greedy_obs(attn.o_proj.weight, rec.H["o"], [list(range(h * d, (h + 1) * d)) for h in range(an.heads)],
                        head_counts, percdamp)
@@ -192,5 +271,11 @@ def _build_block(attn, mlp, rec: Hessians, an: Anatomy, head_counts, chan_counts
                 tensors[f"{kind}.{index}"] = W.to(attn.o_proj.weight.dtype).contiguous()
     tmp = file.with_suffix(".partial")
     levels["seconds"] = time.perf_counter() - t0  # kept with the block, so a resumed build still adds up
-    save_file(tensors, str(tmp), metadata={"levels": json.dumps(levels)})
+    for kind in ("attn", "mlp"):
+        if not all(bool(torch.isfinite(t).all()) for k, t in tensors.items() if k.startswith(kind)):
+            raise StructureError(f"block {i}: the {kind} levels came out NaN or infinite (the model's weights "
+                                 "or activations are not finite); check the model, or load it in fp32")
+    text = json.dumps(levels)
+    save_file(tensors, str(tmp), metadata={"levels": text, "layer": str(i), "settings": _settings_text(settings),
+                                           "sha256": _digest(tensors, text)})
     tmp.rename(file)

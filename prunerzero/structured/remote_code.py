@@ -11,6 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def kv_cache(past_key_values, kw: dict):
+    """The KV cache a decoder layer hands its attention: `past_key_values` up to transformers
+    5.24, `cache` from 5.25 on (the old name deprecated); whichever the installed version uses."""
+    return past_key_values if past_key_values is not None else kw.get("cache")
+
+
 class PrunedAttention(nn.Module):
     """Attention over any subset of query heads: query head i reads key-value head
     kv_index[i], so groups of unequal size (what removing single query heads of a GQA
@@ -40,6 +46,7 @@ class PrunedAttention(nn.Module):
         return self._index
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kw):
+        past_key_values = kv_cache(past_key_values, kw)
         b, t, _ = hidden_states.shape
         shape = (b, t, -1, self.head_dim)
         q = self.q_norm(self.q_proj(hidden_states).view(shape)).transpose(1, 2)
@@ -67,6 +74,7 @@ class NoAttention(nn.Module):
         self.layer_idx, self.head_dim = layer_idx, head_dim
 
     def forward(self, hidden_states, *args, past_key_values=None, **kw):
+        past_key_values = kv_cache(past_key_values, kw)
         if past_key_values is not None:
             b, t = hidden_states.shape[:2]
             empty = hidden_states.new_zeros(b, 0, t, self.head_dim)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -15,9 +16,12 @@ from ..data import calibration_samples, sequences_for
 from ..engine.evaluate import perplexities
 from ..engine.models import cache_dir, check_seqlen, concrete_dtype, hand_back_memory
 from ..loading import load_model
-from ..pipeline import model_identity, calibration_for, eval_data_for, zero_shot_for
-from ..search.pools import make_pool
-from ..search.rundir import RunDir
+from ..pipeline import check_finite, model_identity, calibration_for, eval_data_for, zero_shot_for
+from ..runs.checkpoint import CheckpointError
+from ..runs.output import Output
+from ..runs.pools import make_pool
+from ..runs.rundir import RunDir, contained
+from ..settings import with_overrides
 from .config import DarwinConfig
 from .database import build_database, database_settings
 from .fitness import DenseReference, light_train
@@ -58,22 +62,49 @@ def database_path(c: DarwinConfig, samples: torch.Tensor):
 
 def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, data: DarwinData | None = None,
                generations: int | None = None, time_limit: float | None = None, log=progress.log,
-               quiet: bool = False) -> dict:
-    """Run (or continue, with resume=RUN) a structured search; returns the report."""
+               quiet: bool = False, overrides: dict | None = None) -> dict:
+    """Run (or continue, with resume=RUN) a structured search; returns the report. A resume may
+    be given `overrides` of settings.RESUMABLE, include_path (task code is never taken from a run
+    folder) and database (to confirm a database outside the run folder and the cache)."""
     if resume:
-        run = RunDir(resume, "darwin")
-        config = DarwinConfig.from_dict(run.config())
-        state = run.load_checkpoint()  # validated now, before any model or data is loaded
-        if generations is not None:
-            config.generations = generations
-        if time_limit is not None:  # a new limit for a run that stopped at its old one
-            config.time_limit = time_limit
-            config.validate()
+        run = RunDir(resume, "darwin", "resume").hold()
+        overrides = dict(overrides or {}, **{k: v for k, v in (("generations", generations),
+                                                               ("time_limit", time_limit)) if v is not None})
+        try:
+            state = run.load_checkpoint()  # validated now, before any model or data is loaded
+            config = resumed_config(run, overrides)
+        except BaseException:
+            run.release()
+            raise
     else:
         config = config or DarwinConfig()
         run = RunDir(output, "darwin")
         run.ensure_new()
         state = None
+    try:
+        return _darwin(config, run, resume, state, data, log, quiet)
+    finally:
+        run.release()
+
+
+def resumed_config(run: RunDir, overrides: dict) -> DarwinConfig:
+    """A resumed run's settings, treated as data from elsewhere: no task code (include_path) from
+    the folder, and a database it would write to only inside the folder or the cache, unless the
+    user names that same database on the command line."""
+    overrides = dict(overrides)
+    confirmed = overrides.pop("database", None)
+    config = DarwinConfig.from_dict(dict(run.config(), include_path=None))
+    config = with_overrides(config, overrides, also=("include_path",))
+    db = config.database
+    if db is not None and not contained(db, [run.path, cache_dir()]):
+        if confirmed is None or Path(confirmed).resolve() != Path(db).resolve():
+            raise CheckpointError(f"{run.shown} names the level database {db}, outside the run folder and the "
+                                  f"cache; a run folder may not choose where prunerzero writes. If it is yours, "
+                                  f"confirm it with --database {db}")
+    return config
+
+
+def _darwin(config: DarwinConfig, run: RunDir, resume, state, data, log, quiet) -> dict:
     c = config
     if c.threads:
         torch.set_num_threads(c.threads)
@@ -102,7 +133,7 @@ def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, dat
     fit = FitnessData(DenseReference(model, data.fitness[:half]), data.fitness[half:])
     search = DarwinSearch(c, model, space, fit, run, log, quiet)
     if not (resume and run.resume(search, log, state)):
-        run.create(dict(c.to_dict(), database=str(path),
+        run.create(dict(c.to_dict(), database=str(path), include_path=None,
                         data=dict(source=data.source, note=data.note, sequences=data.sequences),
                         params=dict(prunable=space.total, target=space.target_params(c.target),
                                     start=space.params(start))))
@@ -172,7 +203,10 @@ def finish(search: DarwinSearch, model, tok, data: DarwinData, c: DarwinConfig, 
             f"evolved {report['speed']['evolved']['median_s']:.3f} s ({report['speed']['speedup']:.2f}x)")
     if c.tasks and tok is not None:
         report["zero_shot"] = {"evolved": zero_shot_for(final, tok, c, log)}
-    save_structured(final, run.path / "model", tok, extra={"report": "../report.json"})
+    check_finite(final, {k: v for k, v in ppl.items() if k.startswith("evolved")})
+    # the run folder is this process's (locked): a model of an earlier finish is replaced whole
+    Output(run.path / "model", "output").save(
+        lambda folder: save_structured(final, folder, tok, extra={"report": "../report.json"}), replace=True)
     run.write_json("report.json", report)
     plot_allocation(run.path / "allocation.png", space, configs)
     log(f"saved the smaller model to {run.path / 'model'} "

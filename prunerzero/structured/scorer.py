@@ -2,7 +2,7 @@
 train it lightly, measure its KL from the dense model. `score_genome` is the one definition;
 a `Scorer` holds what it needs (model, database, windows) in a worker process or Ray actor,
 loaded once from a picklable `ScoreSetup`, so `darwin --workers N` / `--ray` spread a
-stage's candidates as `evolve` spreads metrics (search/pools.py). A task carries its own
+stage's candidates as `evolve` spreads metrics (runs/pools.py). A task carries its own
 seed and windows, so any worker gives the driver's answer."""
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from .. import progress
 
-from ..search.rundir import RunDir
+from ..runs.rundir import RunDir
 from .config import DarwinConfig
 from .fitness import DenseReference
 from .genome import Genome, LevelSpace
@@ -50,7 +50,7 @@ class DarwinSearch:
     """config: the search settings (DarwinConfig, or any object with its generations, offspring,
     max_switches, reach, stages, seqlen, lr, seed and time_limit); build(genome) -> the model to
     score (default: DarwinLM's structured model from the level database). pool: where a stage's
-    candidates are scored (search/pools.py with darwin's Scorer; None: here, one by one)."""
+    candidates are scored (runs/pools.py with darwin's Scorer; None: here, one by one)."""
 
     def __init__(self, config: DarwinConfig, model, space: LevelSpace, data: FitnessData, run: RunDir,
                  log=progress.log, quiet=False, build=None, pool=None):

@@ -190,8 +190,12 @@ def load_structured(path, dtype=None, device: str | None = "cpu"):
     spec_file = path / STRUCTURE_FILE
     if not spec_file.is_file():
         raise StructureError(f"{path} holds no {STRUCTURE_FILE}: not a structurally pruned model")
-    layers = json.loads(spec_file.read_text())["layers"]
+    try:
+        layers = json.loads(spec_file.read_text())["layers"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise StructureError(f"{spec_file} is damaged ({type(e).__name__}); the model cannot be rebuilt") from None
     config = AutoConfig.from_pretrained(path)
+    check_structure(layers, config, spec_file)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32,
                                              attn_implementation="sdpa")
     _reshape(model, layers)
@@ -207,6 +211,30 @@ def load_structured(path, dtype=None, device: str | None = "cpu"):
     model.config.use_cache = False
     model.prunerzero_structure = layers
     return model.to(device or "cpu").eval()
+
+
+def check_structure(layers, config, where) -> None:
+    """A saved structure that names only units the architecture has, one entry per block, each
+    list ascending without repeats, the key-value heads those of the kept query heads."""
+    heads = config.num_attention_heads
+    group = heads // (getattr(config, "num_key_value_heads", None) or heads)
+    units = dict(heads=heads, kv_heads=heads // group, channels=config.intermediate_size)
+
+    def bad(why):
+        return StructureError(f"{where} is damaged: {why}; the model cannot be rebuilt")
+    if not isinstance(layers, list) or len(layers) != config.num_hidden_layers:
+        raise bad(f"it must list {config.num_hidden_layers} blocks")
+    for i, spec in enumerate(layers):
+        if not isinstance(spec, dict) or set(spec) < set(units):
+            raise bad(f"block {i} must give heads, kv_heads and channels")
+        for key, count in units.items():
+            v = spec[key]
+            if not isinstance(v, list) or not all(type(u) is int for u in v) or v != sorted(set(v)):
+                raise bad(f"block {i}: {key} must be ascending whole numbers without repeats")
+            if v and not 0 <= v[0] <= v[-1] < count:
+                raise bad(f"block {i} names {key} {v[-1] if v[-1] >= count else v[0]}, the model has {count}")
+        if spec["kv_heads"] != sorted({h // group for h in spec["heads"]}):
+            raise bad(f"block {i}: kv_heads are not those of its query heads")
 
 
 def _reshape(model, layers):

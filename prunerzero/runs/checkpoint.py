@@ -73,19 +73,3 @@ def set_rng_state(s: dict):
     name, keys, pos, has_gauss, cached = s["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(s["torch"])), dtype=torch.uint8))
-
-
-def individual_record(ind) -> dict:
-    return dict(text=str(ind), fitness=list(ind.fitness.values) if ind.fitness.valid else None,
-                key=getattr(ind, "key", None), first=getattr(ind, "first", None))
-
-
-def individual_from(record: dict, pset):
-    """A tree from its text through prunerzero's parser (DEAP's own from_string would eval
-    tokens it does not know), with its fitness and attributes."""
-    from .gp import from_text
-    ind = from_text(record["text"], pset)
-    if record["fitness"] is not None:
-        ind.fitness.values = tuple(record["fitness"])
-    ind.key, ind.first = record["key"], record["first"]
-    return ind

@@ -2,7 +2,8 @@
 each holding one model copy. `map` returns results in task order, so the search does not
 depend on which worker answered. The worker is a class built from a picklable setup (with a
 `device` field and an `inline()` for remote nodes), called on each task and exposing the same
-call as `evaluate` for Ray: the metric Evaluator by default, darwin's Scorer too."""
+call as `evaluate` for Ray: the metric search's Evaluator, darwin's Scorer. Nothing here knows
+either search: the caller names the worker class."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,9 +12,7 @@ import queue
 
 import torch
 
-from .evaluator import Evaluator, Setup
-
-_worker: Evaluator | None = None
+_worker = None  # this worker process's evaluator (see _init)
 
 
 def worker_devices(device: str, workers: int) -> list[str]:
@@ -36,7 +35,7 @@ def _gather(results, on_result):
 
 
 class InProcess:
-    def __init__(self, setup: Setup, model=None, worker=Evaluator):
+    def __init__(self, setup, model=None, *, worker):
         self.evaluator = worker(setup, model)
 
     def map(self, tasks, on_result=None):
@@ -65,7 +64,7 @@ class Processes:
     """N spawned processes (spawn: safe with torch threads, same on every OS), spread over the
     visible GPUs (see worker_devices)."""
 
-    def __init__(self, setup: Setup, workers: int, worker=Evaluator):
+    def __init__(self, setup, workers: int, worker):
         ctx = mp.get_context("spawn")
         self.devices = worker_devices(setup.device, workers)
         devices = ctx.Queue()
@@ -88,8 +87,8 @@ class Ray:
     share this machine's disk, the setup's files (primitives, a darwin database) travel in
     Ray's object store."""
 
-    def __init__(self, setup: Setup, workers: int, address: str | None = None, gpus_per_worker: float | None = None,
-                 worker=Evaluator):
+    def __init__(self, setup, workers: int, address: str | None = None, gpus_per_worker: float | None = None, *,
+                 worker):
         try:
             import ray
             from ray.util import ActorPool
@@ -115,10 +114,10 @@ class Ray:
             self.ray.kill(a)
 
 
-def make_pool(setup: Setup, workers: int = 1, ray: bool = False, ray_address: str | None = None,
-              gpus_per_worker: float | None = None, model=None, worker=Evaluator):
+def make_pool(setup, workers: int = 1, ray: bool = False, ray_address: str | None = None,
+              gpus_per_worker: float | None = None, model=None, *, worker):
     if ray:
-        return Ray(setup, workers, ray_address, gpus_per_worker, worker)
+        return Ray(setup, workers, ray_address, gpus_per_worker, worker=worker)
     if workers > 1:
         return Processes(setup, workers, worker)
-    return InProcess(setup, model, worker)
+    return InProcess(setup, model, worker=worker)

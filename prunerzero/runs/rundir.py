@@ -1,6 +1,14 @@
-"""The run directory of a search: config.json, log.jsonl (one line per generation),
-evaluations.jsonl, failures.jsonl, checkpoint.json (after every generation, written
-atomically; data only, see checkpoint.py), hall_of_fame.json and fitness.png."""
+"""The run folder of a search (evolve, darwin, an allocation search): config.json, log.jsonl
+(one line per generation), evaluations.jsonl, failures.jsonl, checkpoint.json (after every
+generation, written atomically; data only, see checkpoint.py), hall_of_fame.json and fitness.png.
+
+A run folder may come from someone else, so resuming one treats it as data:
+- config.json carries a checksum of the settings; an edited or damaged one is refused before
+  anything loads (the checkpoint has its own);
+- nothing in it is ever executed (no pickles; the commands never take task code from it);
+- a path it names that the run would write to must lie inside the folder or the cache
+  (`contained`);
+- one process at a time writes it (a lock file, see locks.py)."""
 from __future__ import annotations
 
 import json
@@ -8,48 +16,102 @@ import math
 import os
 from pathlib import Path
 
+import hashlib
+
 from .. import checks
 from .checkpoint import FILE, LEGACY, CheckpointError, decode, encode
+from .locks import FolderLock
+from .output import resolve_target
 
 LOGS = ("log.jsonl", "evaluations.jsonl", "failures.jsonl")  # rows carry the generation "gen"
+LOCK = ".prunerzero-lock"
+SUM = "settings_sha256"
+
+
+def settings_digest(config: dict) -> str:
+    body = {k: v for k, v in config.items() if k != SUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=_plain).encode()).hexdigest()
+
+
+def contained(path, roots) -> bool:
+    """Whether `path`, symlinks resolved, lies inside one of `roots` (also resolved)."""
+    try:
+        real = Path(path).resolve()
+    except (RuntimeError, OSError):
+        return False
+    for root in roots:
+        try:
+            real.relative_to(Path(root).resolve())
+            return True
+        except (ValueError, RuntimeError, OSError):
+            continue
+    return False
 
 
 class RunDir:
-    def __init__(self, path, kind: str | None = None):
+    def __init__(self, path, kind: str | None = None, option: str = "output"):
         """kind: "evolve" or "darwin", written into config.json and the checkpoint and checked
         on resume; None only for reading logs."""
         if path is None or not str(path).strip():
             raise checks.SettingsError("give --output RUN for a new run (a folder), or --resume RUN")
-        self.path, self.kind = Path(path), kind
+        self.shown, self.kind = str(path), kind
+        self.path = resolve_target(option, path)
+        self.lock: FolderLock | None = None
+
+    def hold(self) -> "RunDir":
+        """Lock the folder for this process (until release() or exit); BusyError if another holds
+        it. The lock file lies beside the folder (hidden, removed on release), so a run that fails
+        its checks leaves nothing behind."""
+        if self.lock is None:
+            self.lock = FolderLock(self.path.parent / f".{self.path.name}{LOCK}", f"run folder {self.shown}",
+                                   remove=True).acquire()
+        return self
+
+    def release(self):
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def ensure_new(self):
-        """A folder a new run can be written to (created, writable, empty); checked before any work."""
+        """A folder a new run can be written to (absent or empty, creatable, writable), locked for
+        this process; checked before any work."""
         if self.path.is_dir() and any(self.path.iterdir()):
-            raise FileExistsError(f"run folder {self.path} exists and is not empty; "
-                                  f"continue it with --resume {self.path}")
+            raise FileExistsError(f"run folder {self.shown} exists and is not empty; "
+                                  f"continue it with --resume {self.shown}")
         checks.output_folder("output", self.path, optional=False)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.hold()
 
     def create(self, config: dict):
         self.ensure_new()
         self.path.mkdir(parents=True, exist_ok=True)
-        self.write_json("config.json", dict(config, run_kind=self.kind) if self.kind else config)
+        config = dict(config, run_kind=self.kind) if self.kind else dict(config)
+        self.write_json("config.json", dict(config, **{SUM: settings_digest(config)}))
 
     def config(self) -> dict:
-        """The run's settings, checked to belong to a run of this folder's kind."""
+        """The run's settings, checked to belong to a run of this folder's kind and to be as the
+        run wrote them (their checksum): a resume never uses settings edited after the fact."""
         kind = self.kind
         f = self.path / "config.json"
         if not f.is_file():
-            raise FileNotFoundError(f"{self.path} is not a run folder (no config.json)")
+            raise FileNotFoundError(f"{self.shown} is not a run folder (no config.json)")
         try:
             config = json.loads(f.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{self.path}/config.json is damaged (not valid JSON); start a new run") from None
+            raise CheckpointError(f"{self.shown}/config.json is damaged (not valid JSON); start a new run") from None
         if not isinstance(config, dict):
-            raise CheckpointError(f"{self.path}/config.json holds no settings; start a new run")
+            raise CheckpointError(f"{self.shown}/config.json holds no settings; start a new run")
         other = config.get("run_kind", kind)
         if other != kind:
-            raise CheckpointError(f"{self.path} is a `prunerzero {other}` run, not a `prunerzero {kind}` run; "
-                                  f"resume it with prunerzero {other} --resume {self.path}")
+            raise CheckpointError(f"{self.shown} is a `prunerzero {other}` run, not a `prunerzero {kind}` run; "
+                                  f"resume it with prunerzero {other} --resume {self.shown}")
+        if SUM not in config:
+            raise CheckpointError(f"{self.shown}/config.json has no settings checksum (written by an older "
+                                  "prunerzero, or by hand); start a new run")
+        if config[SUM] != settings_digest(config):
+            raise CheckpointError(f"{self.shown}/config.json fails its checksum: its settings were edited or "
+                                  "damaged after the run wrote them; start a new run (its settings cannot change "
+                                  "on --resume)")
         return config
 
     def write_json(self, name, data):
