@@ -20,7 +20,8 @@ from .engine.evaluate import perplexity
 from .engine.masks import check_widths
 from .language.metric import Metric
 from .engine.blocks import onloading
-from .engine.models import (all_prunable, cache_dir, check_seqlen, dtype_name, finish_saved_config, placement,
+from .engine.models import (all_prunable, cache_dir, check_calibration_memory, check_seqlen, dtype_name,
+                            finish_saved_config, placement,
                             require_prunable)
 from .loading import load_model
 from .runs.output import Output
@@ -119,6 +120,7 @@ def run_apply(config: ApplyConfig | None = None, output=None, log=progress.log, 
     after, and save the model with report.json in `output` (when given)."""
     cfg = _settings(ApplyConfig, config, settings)
     m = Metric.parse(cfg.metric) if cfg.method == "metric" else None
+    tasks_runnable(cfg)
     out = Output(output).check() if output is not None else None  # locked until the run ends
     try:
         return _apply(cfg, m, out, log)
@@ -134,6 +136,7 @@ def _apply(cfg: ApplyConfig, m: Metric | None, out: Output | None, log) -> dict:
         out.room(sum(p.numel() * p.element_size() for p in model.parameters()) + (64 << 20))
     check_seqlen(model, cfg.seqlen)
     check_widths(require_prunable(model), cfg.structure)
+    check_calibration_memory(model, cfg.nsamples, cfg.seqlen)
     t_load = time.perf_counter() - t0
     if onloading(model):
         log(f"model on {placement(model)}: it does not fit on the device whole")
@@ -231,6 +234,7 @@ def _write(model, tok, folder: Path, result: dict):
 def run_eval(config: EvalConfig | None = None, log=progress.log, **settings) -> float:
     """Perplexity of a model as `config` (or EvalConfig(**settings)) says."""
     cfg = _settings(EvalConfig, config, settings)
+    tasks_runnable(cfg)
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     check_seqlen(model, cfg.seqlen)
     seq = data.sequences_for(tok, cfg.bos)
@@ -241,6 +245,14 @@ def run_eval(config: EvalConfig | None = None, log=progress.log, **settings) -> 
     ppl = perplexity(model, ev.chunks)
     zero_shot_for(model, tok, cfg, log)
     return ppl
+
+
+def tasks_runnable(cfg) -> None:
+    """Fail at once, before any model is loaded, on zero-shot tasks that cannot run (unknown, or
+    needing the hub offline)."""
+    if cfg.tasks:
+        from .zeroshot import check_tasks
+        check_tasks(list(cfg.tasks), cfg.include_path)
 
 
 def zero_shot_for(model, tok, cfg: EvalConfig, log) -> dict:

@@ -12,6 +12,7 @@ the same build gives the same file, byte for byte (tested)."""
 from __future__ import annotations
 
 import functools
+import logging
 import json
 import random
 import re
@@ -99,9 +100,29 @@ def run_tasks(model, tokenizer, tasks: list[str], num_fewshot: int | None = None
               limit: int | float | None = None, include_path: str | None = None, seed: int = 0) -> dict:
     """lm-eval's accuracies of the in-memory model on `tasks`: per task, acc and acc_norm (where
     the task has it) with their standard errors, and the number of documents scored."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    manager = check_tasks(tasks, include_path)
+    device = str(next(model.parameters()).device)
+    with _quiet_about_in_memory_models():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=manager, random_seed=seed, numpy_random_seed=seed,
+                                      torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False,
+                                      bootstrap_iters=1000)
+    except Exception as e:  # noqa: BLE001 - a hub task offline fails deep inside datasets
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ZeroShotError(f"lm-eval could not run {', '.join(tasks)} ({type(e).__name__}: {first}); tasks "
+                            f"that download their data need the Hugging Face hub; offline, use {OFFLINE_TASK}") from None
+    return {task: _metrics(out["results"][task], out.get("n-samples", {}).get(task, {})) for task in tasks}
+
+
+def check_tasks(tasks, include_path: str | None = None):
+    """lm-eval's task manager, once every task is known and, for tasks that download their data,
+    the hub is reachable; ZeroShotError otherwise. Commands call it before loading any model, so
+    a task that cannot run fails at once, not after the pruning."""
+    try:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise ZeroShotError("zero-shot tasks need lm-eval: pip install 'prunerzero[eval]'") from None
@@ -116,18 +137,22 @@ def run_tasks(model, tokenizer, tasks: list[str], num_fewshot: int | None = None
     if hub and not hub_reachable():  # lm-eval's own tasks download their data: say so at once
         raise ZeroShotError(f"task(s) {', '.join(hub)} download their data from the Hugging Face hub, which cannot "
                             f"be reached; offline, use {OFFLINE_TASK} (or your own tasks with --include-path)")
-    device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, random_seed=seed, numpy_random_seed=seed,
-                                      torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False,
-                                      bootstrap_iters=1000)
-    except Exception as e:  # noqa: BLE001 - a hub task offline fails deep inside datasets
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ZeroShotError(f"lm-eval could not run {', '.join(tasks)} ({type(e).__name__}: {first}); tasks "
-                            f"that download their data need the Hugging Face hub; offline, use {OFFLINE_TASK}") from None
-    return {task: _metrics(out["results"][task], out.get("n-samples", {}).get(task, {})) for task in tasks}
+    return manager
+
+
+class _quiet_about_in_memory_models(logging.Filter):
+    """Drops lm-eval's warning that an in-memory model is not a model name: giving it the loaded
+    model is what prunerzero means to do, and the warning's advice does not apply."""
+
+    def filter(self, record):
+        return "is not of type `str`" not in record.getMessage()
+
+    def __enter__(self):
+        logging.getLogger("lm_eval.models.huggingface").addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("lm_eval.models.huggingface").removeFilter(self)
 
 
 @functools.lru_cache(maxsize=4)

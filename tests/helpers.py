@@ -1,5 +1,6 @@
 """Shared test helpers: random metrics and random layer primitives."""
 import random
+from pathlib import Path
 
 import torch
 
@@ -26,26 +27,66 @@ def primitives(out=16, inp=32, seed=0, dtype=torch.float64):
 
 
 
+HOLD = """
+import os, sys, time, runpy
+from pathlib import Path
+from prunerzero.runs.rundir import RunDir
+held, at = Path(os.environ["PZ_TEST_HELD"]), int(os.environ["PZ_TEST_HOLD_GEN"])
+append = RunDir.append
+
+def holding(self, name, record):
+    append(self, name, record)
+    if record.get("gen") == at and not held.exists():  # mid-generation: a row written, no checkpoint
+        held.write_text(str(os.getpid()))
+        while True:
+            time.sleep(0.05)
+RunDir.append = holding
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def start_held(script, run, tmp_path, gen: int, env: dict):
+    """Start `script new RUN` in a process that stops, alive, right after the first log row of
+    generation `gen` is written (before that generation's checkpoint); returns (process, the file
+    that appears once it holds there)."""
+    import subprocess
+    import sys
+    held = tmp_path / f"held-{Path(run).name}"
+    env = dict(env, PZ_TEST_HELD=str(held), PZ_TEST_HOLD_GEN=str(gen))
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(script), "new", str(run)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, held
+
+
+def wait_for(path, proc, timeout: float = 300):
+    """Until `path` exists; fails with the process's output if it ends first (no race with a clock:
+    the deadline only bounds a hung test)."""
+    import time
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before reaching the state to kill it in:\n"
+                                 f"{proc.stderr.read()[-2000:]}")
+        assert time.time() < deadline, "the run never reached the state to kill it in"
+        time.sleep(0.02)
+
+
 def kill_and_resume(script, tmp_path, finished_file: str, sig=None, lines: int = 2):
     """Run `script new whole` to the end; run `script new cut`, send it `sig` (SIGKILL by default)
-    once cut/log.jsonl has `lines` lines, then `script resume cut`. Returns the resume's
-    CompletedProcess; fails if the killed run had already written `finished_file`."""
+    while it is held mid-generation `lines` (a log row of that generation written, its checkpoint
+    not), then `script resume cut`. Returns the resume's CompletedProcess."""
     import os
     import signal
     import subprocess
     import sys
-    import time
     env = dict(os.environ, PRUNERZERO_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1")
     subprocess.run([sys.executable, str(script), "new", str(tmp_path / "whole")], env=env, check=True,
                    capture_output=True)
-    proc = subprocess.Popen([sys.executable, str(script), "new", str(tmp_path / "cut")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = tmp_path / "cut" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < lines):
-        time.sleep(0.02)
+    proc, held = start_held(script, tmp_path / "cut", tmp_path, lines, env)
+    wait_for(held, proc)
     proc.send_signal(sig or signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.communicate(timeout=60)
     assert not (tmp_path / "cut" / finished_file).exists(), "the run finished before it was killed"
     r = subprocess.run([sys.executable, str(script), "resume", str(tmp_path / "cut")], env=env, capture_output=True,
                        text=True)

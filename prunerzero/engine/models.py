@@ -339,3 +339,23 @@ def require_prunable(model: nn.Module) -> dict[str, nn.Module]:
         raise ModelError(f"{type(model).__name__} has no prunable layer in its decoder blocks "
                          "(no nn.Linear, Conv1D or MoE expert projections found); nothing would be pruned")
     return layers
+
+
+def check_calibration_memory(model, windows: int, seqlen: int, option: str = "nsamples") -> None:
+    """Refuse calibration that cannot fit before drawing it: the token windows (int64, host) and
+    the block walk's activations (inputs and outputs of a block for every window, in fp32, on
+    the device the blocks run on). The kernel would otherwise kill the process with no message
+    after filling the memory."""
+    hidden = getattr(model.config.get_text_config(), "hidden_size", None) or 0
+    tokens = windows * seqlen
+    run_on = getattr(model, ONLOAD_ATTR, None) or next(model.parameters()).device
+    acts = tokens * hidden * 4 * 2
+    needs = {torch.device("cpu"): tokens * 8}
+    needs[torch.device(run_on)] = needs.get(torch.device(run_on), 0) + acts
+    for device, need in needs.items():
+        free = free_memory(device)
+        if free is not None and need > free:
+            raise checks.SettingsError(
+                f"{checks.flag(option)} {windows} x --seqlen {seqlen} needs about {need / 2**30:.1f} GiB for the "
+                f"calibration windows and their activations on {device}, which has {free / 2**30:.1f} GiB free; "
+                f"lower {checks.flag(option)}")

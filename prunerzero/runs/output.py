@@ -173,5 +173,5 @@ def _gib(n: float) -> str:
 def _reason(e: OSError) -> str:
     what = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
             errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied"}.get(e.errno)
-    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    where = f" (writing {Path(e.filename).name})" if getattr(e, "filename", None) else ""
     return (what or e.strerror or str(e)) + where

@@ -13,7 +13,8 @@ from ..data import DataError, sequences_for
 from ..language.metric import Metric
 from ..engine.masks import check_widths
 from ..engine.blocks import onloading
-from ..engine.models import (all_prunable, check_seqlen, concrete_dtype, copy_fits, hand_back_memory, placement,
+from ..engine.models import (all_prunable, check_calibration_memory, check_seqlen, concrete_dtype, copy_fits,
+                             hand_back_memory, placement,
                              require_prunable)
 from ..loading import load_model
 from ..language.space import load_space
@@ -128,6 +129,7 @@ def _evolve(config: SearchConfig, run: RunDir, resume, state, data, log, quiet, 
     model, tok = load_model(config.model, config.dtype, config.device, tokenizer=data is None)
     if data is None:  # given data carries its own sequence length
         check_seqlen(model, config.seqlen)
+        check_calibration_memory(model, config.nsamples, config.seqlen)
     check_widths(require_prunable(model), config.structure)
     note = ""
     if data is None:

@@ -14,9 +14,9 @@ from .. import progress
 from ..engine.calibration import cache_key
 from ..data import calibration_samples, sequences_for
 from ..engine.evaluate import perplexities
-from ..engine.models import cache_dir, check_seqlen, concrete_dtype, hand_back_memory
+from ..engine.models import cache_dir, check_calibration_memory, check_seqlen, concrete_dtype, hand_back_memory
 from ..loading import load_model
-from ..pipeline import check_finite, model_identity, calibration_for, eval_data_for, zero_shot_for
+from ..pipeline import check_finite, tasks_runnable, model_identity, calibration_for, eval_data_for, zero_shot_for
 from ..runs.checkpoint import CheckpointError
 from ..runs.output import Output
 from ..runs.pools import make_pool
@@ -106,6 +106,7 @@ def resumed_config(run: RunDir, overrides: dict) -> DarwinConfig:
 
 def _darwin(config: DarwinConfig, run: RunDir, resume, state, data, log, quiet) -> dict:
     c = config
+    tasks_runnable(c)
     if c.threads:
         torch.set_num_threads(c.threads)
     # darwin's fitness and training run the whole model: never onloaded block by block
@@ -113,6 +114,7 @@ def _darwin(config: DarwinConfig, run: RunDir, resume, state, data, log, quiet) 
     check_supported(model)  # refuse a family it cannot shrink before any data or database work
     if data is None:  # given data carries its own sequence length
         check_seqlen(model, c.seqlen)
+        check_calibration_memory(model, max(c.nsamples, c.fitness_windows), c.seqlen)
     total = prunable_params(model)
     if c.target > total:
         raise StructureError(f"--target-params {c.target:g} is more than the model's {total:,} prunable parameters; "
