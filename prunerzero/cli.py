@@ -232,9 +232,10 @@ def _task_options(flag: str):
 @click.option("--allocation-generations", default=20, show_default=True,
               help="Generations of --allocation search (a rerun with more continues the cached search).")
 @_task_options("--eval-tasks")
+@click.option("--quiet", is_flag=True, help="No progress bars or step lines; errors and the final line only.")
 def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, bos, metric, sparsity, structure, output,
           nsamples, calibration, seed, one_shot, method, group, update, allocation, allocation_generations, tasks,
-          num_fewshot, task_batch_size, task_limit, include_path):
+          num_fewshot, task_batch_size, task_limit, include_path, quiet):
     """Prune a model with a metric (or SparseGPT), report perplexity, and save it."""
     from .apply_config import ApplyConfig
     from .pipeline import run_apply
@@ -245,7 +246,9 @@ def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, bos, m
                       eval_chunks=eval_chunks, seed=seed, sequential=not one_shot, dtype=dtype, device=device,
                       data_dir=data_dir, bos=bos, tasks=tasks, num_fewshot=num_fewshot,
                       task_batch_size=task_batch_size, task_limit=task_limit, include_path=include_path)
-    run_apply(cfg, output, log=click.echo)
+    result = run_apply(cfg, output, log=_log(quiet))
+    if quiet:  # the one line a quiet run still prints: what it got
+        click.echo(f"perplexity {result['perplexity']['pruned']:.3f}" + (f", saved to {output}" if output else ""))
 
 
 def _log(quiet):
@@ -428,15 +431,16 @@ def darwin(model, output, resume, target, generations, offspring, stages, lr, la
 @main.command("eval")
 @_common
 @_task_options("--tasks")
+@click.option("--quiet", is_flag=True, help="No progress bars or step lines; the results only.")
 def eval_(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, bos, tasks, num_fewshot, task_batch_size,
-          task_limit, include_path):
+          task_limit, include_path, quiet):
     """Print a model's perplexity (SparseGPT/Wanda protocol) and, with --tasks, its zero-shot accuracies."""
     from .apply_config import EvalConfig
     from .pipeline import run_eval
     cfg = EvalConfig(model=model, seqlen=seqlen, eval_data=eval_data, eval_chunks=eval_chunks, data_dir=data_dir,
                      bos=bos, dtype=dtype, device=device, tasks=tasks, num_fewshot=num_fewshot,
                      task_batch_size=task_batch_size, task_limit=task_limit, include_path=include_path)
-    ppl = run_eval(cfg, log=click.echo)
+    ppl = run_eval(cfg, log=_log(quiet))
     click.echo(f"perplexity: {ppl:.3f}")
 
 

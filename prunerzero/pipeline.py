@@ -60,8 +60,8 @@ def eval_data_for(tokenizer, source=None, seqlen=512, chunks=None, data_dir=None
         if source is not None:
             raise
         ev = heldout_wikipedia(tokenizer, seqlen, chunks, calibration_source, calib_ids, calib_starts, seq)
-        ev.note = (f"WikiText-2 was not found ({str(e).split(':')[0]}); perplexity is measured on held-out "
-                   "Wikipedia summaries (chunks disjoint from the calibration windows), NOT on WikiText-2")
+        ev.note = ("WikiText-2 not found (give --data-dir or PRUNERZERO_DATA_DIR, or reach the hub): perplexity "
+                   "is on held-out Wikipedia, NOT WikiText-2")
         return ev
 
 
@@ -73,6 +73,16 @@ def heldout_wikipedia(tokenizer, seqlen=512, chunks=None, calibration_source="wi
         calib_starts = ()
     exclude = [(s, s + seq.text_len(seqlen)) for s in calib_starts]
     return EvalData(data.chunks(calib_ids, seqlen, chunks, exclude=exclude, seq=seq), WIKIPEDIA_HELDOUT)
+
+
+_NOTES_SAID: set = set()
+
+
+def note(text: str, log) -> None:
+    """A NOTE line, once per process (a notebook that runs many commands sees it once)."""
+    if text and text not in _NOTES_SAID:
+        _NOTES_SAID.add(text)
+        log("NOTE: " + text)
 
 
 def dense_primitives(model, metric: Metric, samples, settings: dict, sequential: bool, log=progress.log):
@@ -146,8 +156,7 @@ def _apply(cfg: ApplyConfig, m: Metric | None, out: Output | None, log) -> dict:
                                                cfg.data_dir, seq)
     ev = eval_data_for(tok, cfg.eval_data, cfg.seqlen, cfg.eval_chunks, cfg.data_dir, cfg.calibration, cal_ids,
                        starts, seq)
-    if ev.note:
-        log("NOTE: " + ev.note)
+    note(ev.note, log)
     ppl = {}
     if cfg.eval_dense:
         ppl["dense"] = perplexity(model, ev.chunks)
@@ -240,8 +249,7 @@ def run_eval(config: EvalConfig | None = None, log=progress.log, **settings) -> 
     seq = data.sequences_for(tok, cfg.bos)
     log(f"sequences: {seq.describe()}")
     ev = eval_data_for(tok, cfg.eval_data, cfg.seqlen, cfg.eval_chunks, cfg.data_dir, seq=seq)
-    if ev.note:
-        log("NOTE: " + ev.note)
+    note(ev.note, log)
     ppl = perplexity(model, ev.chunks)
     zero_shot_for(model, tok, cfg, log)
     return ppl

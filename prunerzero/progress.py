@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
@@ -20,6 +21,18 @@ def set_quiet(quiet: bool = True) -> None:
     """No bars, and only warnings and errors from the logger."""
     _state["quiet"] = quiet
     logger.setLevel(logging.WARNING if quiet else logging.NOTSET)
+
+
+@contextmanager
+def silenced():
+    """Quiet mode for a block (a probe whose bars and lines would only confuse)."""
+    saved, level = _state["quiet"], logger.level
+    set_quiet(True)
+    try:
+        yield
+    finally:
+        _state["quiet"] = saved
+        logger.setLevel(level)
 
 
 def quiet() -> bool:

@@ -1,10 +1,30 @@
 import logging
+import os
 
 import pytest
 import torch
 
 from helpers import primitives
 from tiny import tiny_llama
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tests_own_cache(tmp_path_factory):
+    """The tests write into a cache of their own, never the user's PRUNERZERO_CACHE; the bundled
+    model's one-time conversion is borrowed from the user's cache when it is there (read only)."""
+    from prunerzero.engine.models import cache_dir
+    saved = os.environ.get("PRUNERZERO_CACHE")
+    converted = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    root = tmp_path_factory.mktemp("cache")
+    if (converted / "config.json").is_file():
+        (root / "models").mkdir()
+        (root / "models" / converted.name).symlink_to(converted)
+    os.environ["PRUNERZERO_CACHE"] = str(root)
+    yield root
+    if saved is None:
+        os.environ.pop("PRUNERZERO_CACHE", None)
+    else:
+        os.environ["PRUNERZERO_CACHE"] = saved
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from prunerzero.cli import main
 from prunerzero.search import run as run_mod
 from prunerzero.search.config import SearchConfig
+from prunerzero.checks import SettingsError
 from prunerzero.runs.rundir import RunDir
 from prunerzero.search.run import run_evolve
 
@@ -191,22 +192,31 @@ def test_offspring_of_crossover_and_mutation_compile_and_score():
     assert scored > 30
 
 
-def test_the_time_limit_bounds_the_whole_run_and_baselines_are_chosen(tiny_dir, tmp_path):
-    """A limit the set-up alone nearly spends: one generation, then a stop that names the time
-    spent and the final scoring's estimate; only the chosen baseline is measured."""
+def test_a_time_limit_the_set_up_cannot_meet_is_refused_before_the_work(tiny_dir, tmp_path):
+    with pytest.raises(SettingsError, match=r"--time-limit 0 s cannot be met: the set-up alone takes about"):
+        run_evolve(config(tiny_dir, time_limit=1e-3), tmp_path / "r", data=data(), log=lambda *a: None)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_time_limit_without_room_for_a_generation_scores_the_baselines_and_stops(tiny_dir, tmp_path, monkeypatch):
+    """The estimate of a generation (measured seconds per chunk) decides before generation 0; a
+    resume with a new limit goes on from where it stopped; only the chosen baseline is measured."""
+    monkeypatch.setattr(run_mod, "generation_estimate", lambda search, c: 2e6)
     lines = []
-    out = run_evolve(config(tiny_dir, generations=50, time_limit=1e-3, baselines=("wanda",)), tmp_path / "r",
+    out = run_evolve(config(tiny_dir, generations=50, time_limit=1e6, baselines=("wanda",)), tmp_path / "r",
                      data=data(), log=lines.append)
-    assert out["generations"] == 1
-    assert any(line.startswith("--time-limit 0 s for the whole run") for line in lines)
+    assert out["generations"] == 0 and set(out["baselines"]) == {"wanda"}
+    assert any("no generation fits" in line for line in lines)
     stop = [line for line in lines if line.startswith("time limit")]
-    assert len(stop) == 1 and "stopping after generation 0" in stop[0] and "final scoring" in stop[0]
-    assert set(out["baselines"]) == {"wanda"}
-    # resumed with a new limit (evolve --resume RUN --time-limit S) it goes on from where it stopped
+    assert len(stop) == 1 and "final scoring" in stop[0]
+    assert out["baselines"]["wanda"]["heldout_perplexity"] > 0
+    monkeypatch.setattr(run_mod, "generation_estimate", lambda search, c: 1.0)
     lines.clear()
-    out = run_evolve(resume=tmp_path / "r", generations=3, time_limit=1e6, data=data(), log=lines.append)
+    out = run_evolve(resume=tmp_path / "r", generations=3, time_limit=1e9, data=data(), log=lines.append)
     assert out["generations"] == 3 and not any(line.startswith("time limit") for line in lines)
-    assert any(line.startswith("--time-limit 1000000 s") for line in lines)
+    assert any("generation(s) fit" in line for line in lines)
+    assert any(line.startswith("apply it: prunerzero apply --metric") for line in lines)
+    assert any(line.startswith("results: ") and "hall_of_fame.json" in line for line in lines)
 
 
 def test_resume_passes_a_typed_time_limit_and_only_a_typed_one(monkeypatch, tmp_path):
@@ -215,4 +225,4 @@ def test_resume_passes_a_typed_time_limit_and_only_a_typed_one(monkeypatch, tmp_
     for extra in (["--time-limit", "900"], []):
         result = CliRunner().invoke(main, ["evolve", "--resume", str(tmp_path), "--quiet"] + extra)
         assert result.exit_code == 0, result.output
-    assert [(c["time_limit"], c["generations"]) for c in calls] == [(900.0, None), (None, None)]
+    assert [c["overrides"] for c in calls] == [{"time_limit": 900.0}, {}]

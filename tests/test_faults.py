@@ -204,3 +204,14 @@ def test_sigterm_during_a_search_leaves_a_run_that_resumes(tmp_path):
                        text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming" in r.stdout and (tmp_path / "run" / "hall_of_fame.json").is_file()
+
+
+def test_a_cache_that_cannot_be_written_costs_the_reuse_not_the_run(world, tmp_path, monkeypatch):
+    import prunerzero.engine.calibration as calibration
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(calibration, "save_file", full)
+    r = CliRunner().invoke(main, apply_args(world, tmp_path / "out") + ["--metric", "pruner-zero"])  # uses G
+    assert r.exit_code == 0, r.output
+    assert "could not be cached" in r.output and (tmp_path / "out" / "report.json").is_file()

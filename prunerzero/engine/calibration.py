@@ -4,6 +4,7 @@ on disk so a second run skips the work."""
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import torch
 from safetensors import safe_open
@@ -340,10 +341,15 @@ def cached(kind: str, settings: dict, compute, names=None, log=progress.log) -> 
             log(f"WARNING: the cached {kind} primitives at {path} are discarded ({e}); computing them again")
             path.unlink(missing_ok=True)
     out = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
     plain = _unshared(out)
     meta = {"kind": kind, "settings": _settings_text(settings), "sha256": content_digest(plain)}
-    save_file(plain, str(tmp), metadata=meta)
-    tmp.rename(path)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(plain, str(tmp), metadata=meta)
+        tmp.rename(path)
+    except OSError as e:  # a full or read-only cache costs the reuse, never the run
+        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        log(f"WARNING: the {kind} primitives could not be cached at {path.parent} ({e.strerror}); "
+            "continuing without the cache (they are computed again next time)")
     return out

@@ -18,7 +18,7 @@ from ..engine.models import (all_prunable, check_calibration_memory, check_seqle
                              require_prunable)
 from ..loading import load_model
 from ..language.space import load_space
-from ..pipeline import WIKIPEDIA_HELDOUT, calibration_for, eval_data_for, primitive_settings
+from ..pipeline import WIKIPEDIA_HELDOUT, note as say_note, calibration_for, eval_data_for, primitive_settings
 from ..engine.reconstruct import Update
 from .config import SearchConfig
 from .evaluator import DENSE, Evaluator, Task
@@ -26,6 +26,7 @@ from .gp import from_text, primitive_set
 from .evolve import BEAT_MARGIN, Search, SearchData, _finite, setup_for
 from ..runs.pools import make_pool
 from ..runs.rundir import RunDir
+from ..checks import SettingsError
 from ..settings import with_overrides
 
 COMPUTE = {"X": compute_x, "G": compute_g, "H": compute_h}
@@ -134,14 +135,15 @@ def _evolve(config: SearchConfig, run: RunDir, resume, state, data, log, quiet, 
     note = ""
     if data is None:
         data, note = search_data(tok, config)
-    if note:
-        log("NOTE: " + note)
+    say_note(note, log)
     if data.sequences:
         log(f"sequences: {data.sequences}")
     search = None
     pool = None
     try:
         needed = terminals_needed(config, config.terminals or load_space().search["terminals"])
+        if config.time_limit:
+            check_setup_fits(model, config, data.calibration, needed, time.perf_counter() - t_start, log)
         files = primitive_files(model, config, data.calibration, needed, log)
         hessians = hessian_file(model, config, data.calibration, log)
         if not resume:
@@ -165,27 +167,82 @@ def _evolve(config: SearchConfig, run: RunDir, resume, state, data, log, quiet, 
             search.seed_rngs()
             search.reference = reference_fitness(search, config)
             search.checkpoint()
-        if config.time_limit:
-            log(f"--time-limit {config.time_limit:.0f} s for the whole run: set-up took "
-                f"{time.perf_counter() - t_start:.0f} s, the final held-out scoring is estimated at "
-                f"{finish_estimate(search, config):.0f} s; generations get the rest")
         gen_s = 0.0
+        if config.time_limit:
+            gen_s = generation_estimate(search, config)
+            left = config.time_limit - (time.perf_counter() - t_start) - finish_estimate(search, config)
+            log(f"--time-limit {config.time_limit:.0f} s: set-up took {time.perf_counter() - t_start:.0f} s, the "
+                f"final held-out scoring needs about {finish_estimate(search, config):.0f} s and a generation about "
+                f"{gen_s:.0f} s: " + (f"about {int(left // gen_s)} generation(s) fit" if gen_s and left >= gen_s
+                                      else "no generation fits; scoring the baselines held out now"))
         while search.gen < config.generations:
+            if config.time_limit:
+                spent, reserve = time.perf_counter() - t_start, finish_estimate(search, config)
+                if spent + gen_s + reserve > config.time_limit:
+                    log(f"time limit {config.time_limit:.0f} s: stopping after generation {search.gen - 1} "
+                        f"({spent:.0f} s spent, another generation takes about {gen_s:.0f} s and the final "
+                        f"scoring about {reserve:.0f} s)")
+                    break
             t_gen = time.perf_counter()
             search.step()
             search.checkpoint()
             gen_s = max(gen_s, time.perf_counter() - t_gen)
-            if config.time_limit and search.gen < config.generations:
-                spent, reserve = time.perf_counter() - t_start, finish_estimate(search, config)
-                if spent + gen_s + reserve > config.time_limit:
-                    log(f"time limit {config.time_limit:.0f} s: stopping after generation {search.gen - 1} "
-                        f"({spent:.0f} s spent, another generation takes up to {gen_s:.0f} s and the final "
-                        f"scoring about {reserve:.0f} s)")
-                    break
         return finish(search, data, config, run, log)
     finally:
         if pool is not None:
             pool.close()
+
+
+def setup_estimate(model, c: SearchConfig, samples: torch.Tensor, needed) -> dict[str, float]:
+    """Seconds each uncached dense statistic will take: computed on one calibration window here,
+    times the windows (the passes are linear in them)."""
+    key = primitive_settings(c.model, c.calibration, samples, c.seed, concrete_dtype(c.model, c.dtype, c.device))
+    work = {kind: lambda s, kind=kind: COMPUTE[kind](model, s) for kind in sorted(needed)}
+    if c.update != "none":
+        work["XtX"] = lambda s: compute_hessians(model, s, progress=False)
+    out = {}
+    with progress.silenced():
+        for kind, fn in work.items():
+            if cache_path(kind, key).is_file():
+                continue
+            t0 = time.perf_counter()
+            fn(samples[:1])
+            out[kind] = (time.perf_counter() - t0) * len(samples)
+    return out
+
+
+def check_setup_fits(model, c: SearchConfig, samples, needed, spent: float, log) -> None:
+    """Refuse, before the work, a --time-limit that the set-up alone would pass, saying what the
+    set-up costs here and what to change."""
+    est = setup_estimate(model, c, samples, needed)
+    total = sum(est.values())
+    if not est:
+        return
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in est.items())
+    if spent + total > c.time_limit:
+        drop = " or --terminals without G" if "G" in est else ""
+        raise SettingsError(f"--time-limit {c.time_limit:.0f} s cannot be met: the set-up alone takes about "
+                            f"{total:.0f} s here ({parts}, for {len(samples)} calibration windows, measured on one); "
+                            f"raise --time-limit, or lower --nsamples{drop}")
+    log(f"set-up: about {total:.0f} s ({parts}; cached for later runs)")
+
+
+def generation_estimate(search: Search, c: SearchConfig) -> float:
+    """Seconds one generation should take at the measured seconds per chunk: every offspring sees
+    the first stage's chunks, the promoted fraction each later stage's, plus one reconstruction for
+    each candidate that reaches a reconstructing stage."""
+    n = search.counters
+    if not n.chunk_evals:
+        return 0.0
+    per_chunk = n.eval_s / n.chunk_evals
+    chunks, recon, reach, prev = 0.0, 0.0, 1.0, 0
+    for i, k in enumerate(c.stages):
+        chunks += reach * (k - prev)
+        if c.reconstructs(i) and not (i and c.reconstructs(i - 1)):
+            recon += reach
+        prev, reach = k, reach * c.promote
+    recon_s = n.recon_s / n.recons if n.recons else 0.0
+    return c.population * (chunks * per_chunk + recon * recon_s)
 
 
 def finish_estimate(search: Search, c: SearchConfig) -> float:
@@ -233,7 +290,10 @@ def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir, log) 
     measured = {}
     for name in sets:
         n = len(data.heldout if name == "heldout" else data.full)
-        results = search.pool.map([Task(r[0], 0, n, name, reconstruct=c.reconstructs(-1)) for r in rows])
+        with progress.bar(total=len(rows), desc=f"final scoring ({name}, {n} chunks each)",
+                          enabled=not search.quiet) as b:
+            results = search.pool.map([Task(r[0], 0, n, name, reconstruct=c.reconstructs(-1)) for r in rows],
+                                      on_result=lambda r: b.update())
         measured[name] = [r.perplexity for r in results]
 
     def row(i, r):
@@ -253,6 +313,7 @@ def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir, log) 
     out["carry_over"] = carry_over(out)
     run.write_json("hall_of_fame.json", out)
     _print_summary(out, log)
+    _print_next_steps(out, c, run, log)
     return out
 
 
@@ -285,3 +346,24 @@ def _print_summary(out, log):
     if c and c["ratio"] is not None:
         log(f"carry-over: {c['search_gain']:+.2%} over {c['reference']} on the search chunks, "
             f"{c['heldout_gain']:+.2%} held out (ratio {c['ratio']:.2f})")
+
+
+def _print_next_steps(out: dict, c: SearchConfig, run: RunDir, log):
+    """Where the results are, how the best found compares with the best baseline held out (said
+    plainly when it is worse), and the command that applies it."""
+    log(f"results: {run.shown}/hall_of_fame.json (plot: {run.shown}/fitness.png)")
+    if not out["hall_of_fame"]:
+        return
+    best = out["hall_of_fame"][0]
+    base = {k: b["heldout_perplexity"] for k, b in out["baselines"].items() if b["heldout_perplexity"]}
+    if best["heldout_perplexity"] and base:
+        name = min(base, key=base.get)
+        change = best["heldout_perplexity"] / base[name] - 1
+        verdict = "better than" if change < 0 else "WORSE than"
+        log(f"the best found, {best['simplified']}, is {abs(change):.1%} {verdict} {name} held out "
+            f"({best['heldout_perplexity']:.3f} against {base[name]:.3f})"
+            + ("; keep using the baseline, or search longer (--resume with more --generations)" if change >= 0 else ""))
+    recipe = f" --update {c.update}" if c.update != "none" else ""
+    shape = f"--structure {c.structure}" if c.structure != "unstructured" else f"--sparsity {c.sparsity}"
+    log(f'apply it: prunerzero apply --metric "{best["expression"]}"{recipe} {shape} --output pruned')
+

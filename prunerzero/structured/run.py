@@ -16,7 +16,7 @@ from ..data import calibration_samples, sequences_for
 from ..engine.evaluate import perplexities
 from ..engine.models import cache_dir, check_calibration_memory, check_seqlen, concrete_dtype, hand_back_memory
 from ..loading import load_model
-from ..pipeline import check_finite, tasks_runnable, model_identity, calibration_for, eval_data_for, zero_shot_for
+from ..pipeline import check_finite, note, tasks_runnable, model_identity, calibration_for, eval_data_for, zero_shot_for
 from ..runs.checkpoint import CheckpointError
 from ..runs.output import Output
 from ..runs.pools import make_pool
@@ -120,8 +120,7 @@ def _darwin(config: DarwinConfig, run: RunDir, resume, state, data, log, quiet) 
         raise StructureError(f"--target-params {c.target:g} is more than the model's {total:,} prunable parameters; "
                              f"give a fraction in (0, 1] or a count up to {total:,}")
     data = data or darwin_data(tok, c)
-    if data.note:
-        log("NOTE: " + data.note)
+    note(data.note, log)
     if data.sequences:
         log(f"sequences: {data.sequences}")
     t0 = time.perf_counter()
