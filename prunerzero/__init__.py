@@ -6,7 +6,7 @@ from .language.metric import Metric, catalog
 
 def __getattr__(name):
     # The pruning API imports transformers; load it on first use so the metric language stays light.
-    lazy = {"apply_metric": "engine.prune", "apply_sparsegpt": "engine.prune", "PruneReport": "engine.prune",
+    lazy = {"apply_metric": "recipes", "apply_sparsegpt": "engine.prune", "PruneReport": "engine.prune",
             "perplexity": "engine.evaluate", "load_model": "loading",
             "load_text": "data", "tokenize": "data", "calibration_samples": "data", "chunks": "data",
             "run_apply": "pipeline", "calibration_for": "pipeline",

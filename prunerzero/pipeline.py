@@ -25,7 +25,8 @@ from .engine.models import (all_prunable, cache_dir, check_calibration_memory, c
                             require_prunable)
 from .loading import load_model
 from .runs.output import Output
-from .engine.prune import PruneError, apply_metric, apply_sparsegpt
+from .engine.prune import PruneError, apply_sparsegpt
+from .recipes import apply_metric
 
 
 @dataclass
@@ -197,7 +198,7 @@ def _prune(model, m: Metric | None, cfg: ApplyConfig, samples, log):
         log(f"allocation search: {allocation.generations} generations, run folder {allocation.run}")
     report = apply_metric(model, m, cfg.sparsity, cfg.structure, calibration=samples, sequential=cfg.sequential,
                           grads=grads, x_norms=x_norms, curvature=curvature, group=cfg.group, update=cfg.update,
-                          allocation=allocation, log=log)
+                          allocation=allocation, log=log)  # recipes.apply_metric: a search runs first
     report.timings["dense_primitives_s"] = t_prims
     return report
 

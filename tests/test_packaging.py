@@ -79,3 +79,31 @@ def test_no_module_imports_one_that_imports_it_back():
         if module not in state:
             visit(module, [module])
     assert not cycles, " ; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_layers_import_one_way():
+    """language <- engine <- runs <- search, structured <- the commands: the engine never calls
+    into a search (an allocation search is resolved above it, recipes.py), and the run
+    infrastructure knows no search."""
+    graph = _imports(Path(prunerzero.__file__).parent)
+    above = {"engine": ("search", "structured", "runs", "pipeline", "recipes", "cli", "loading"),
+             "language": ("engine", "search", "structured", "runs", "pipeline"),
+             "runs": ("search", "structured", "pipeline", "recipes", "cli")}
+    wrong = [(m, d) for m, deps in graph.items() for part, banned in above.items()
+             if m.startswith(f"prunerzero.{part}") for d in deps
+             if any(d == f"prunerzero.{b}" or d.startswith(f"prunerzero.{b}.") for b in banned)]
+    assert not wrong, wrong
+
+
+def test_the_readme_install_line_is_the_one_ci_runs():
+    """CI resolves what a new user gets only if it installs as the README says."""
+    root = Path(__file__).resolve().parents[1]
+    readme, ci = (root / "README.md").read_text(), (root / ".ci" / "run").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("python3 -m venv .venv"))
+    install = line.split(" && prunerzero ")[0]
+    assert install in ci and "pytest -q" in ci
+
+
+def test_the_tests_write_into_a_cache_of_their_own(tmp_path_factory):
+    from prunerzero.engine.models import cache_dir
+    assert str(cache_dir()).startswith(str(tmp_path_factory.getbasetemp()))

@@ -6,7 +6,7 @@ import torch
 
 from prunerzero.engine.calibration import cache_path, cached, compute_x
 from prunerzero.loading import load_model
-from prunerzero.search import pools
+from prunerzero.runs import pools
 from prunerzero.search.evaluator import Evaluator, Setup, Task
 
 from tiny import token_samples

@@ -8,10 +8,13 @@ weights exact to the weight.
   The blocks' outlier ratios are scaled to [0, 2*lambda], centred, and subtracted from the
   target, so block sparsities lie within target +- lambda (M = 5, lambda = 0.08 as published);
   X comes from one pass of the dense model, block by block.
-- `search`: each layer's sparsity found by evolution with KL to the dense model as fitness
-  (EvoPress-style; search/allocation.py).
+- a `LayerSparsity`: each layer's sparsity decided above the engine, by the allocation search
+  (EvoPress-style, search/allocation.py; `prunerzero.apply_metric` runs it for allocation="search").
+  The engine never calls into a search.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +26,13 @@ from ..checks import SettingsError
 from .layers import matrix
 
 ALLOCATIONS = ("uniform", "owl", "search")
+
+
+@dataclass
+class LayerSparsity:
+    """An allocation found elsewhere: the sparsity of each prunable layer, and its report."""
+    sparsity: dict
+    report: dict
 OWL_M, OWL_LAMBDA = 5.0, 0.08   # the published outlier threshold and sparsity spread
 
 
@@ -68,24 +78,18 @@ def layer_counts(layers: dict, sparsity_of: dict[str, float], sparsity: float) -
 
 
 def allocate(kind, model, layers: dict, samples, sparsity: float, structure: str,
-             progress: bool = True, metric=None, log=progress.log, known: dict | None = None
-             ) -> tuple[dict[str, int] | None, dict]:
+             progress: bool = True) -> tuple[dict[str, int] | None, dict]:
     """(weights to prune per layer, or None for uniform; what to write in the report). kind:
-    "uniform", "owl", "search", or an AllocationSearchConfig (a search with those settings),
-    which ranks candidate masks by `metric` (from the dense primitives `known`, the others
-    computed)."""
-    settings = None if isinstance(kind, str) else kind
-    kind = "search" if settings else kind
+    "uniform", "owl", or a LayerSparsity (a searched allocation, resolved by the caller)."""
+    if isinstance(kind, LayerSparsity):
+        check_allocation("search", structure)
+        return layer_counts(layers, kind.sparsity, sparsity), kind.report
     check_allocation(kind, structure)
+    if kind == "search" or not isinstance(kind, str):
+        raise SettingsError("an allocation search runs above the engine: prune with prunerzero.apply_metric "
+                            "(or give engine.prune.apply_metric the LayerSparsity that search_allocation finds)")
     if kind == "uniform":
         return None, {"kind": "uniform"}
-    if kind == "search":
-        # the one call from the engine up into the search (its evolutionary loop), made only here
-        from ..search.allocation import AllocationSearchConfig, search_allocation
-        settings = settings or AllocationSearchConfig()
-        per_layer, report = search_allocation(model, layers, metric, samples, sparsity, settings, settings.run, log,
-                                              progress, known)
-        return layer_counts(layers, per_layer, sparsity), report
     blocks = owl_block_sparsities(model, samples, sparsity, progress=progress)
     per_layer = {name: blocks[int(name.split(".")[1])] for name in layers}
     return layer_counts(layers, per_layer, sparsity), {"kind": "owl", "M": OWL_M, "lambda": OWL_LAMBDA,

@@ -72,7 +72,7 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
                  calibration: torch.Tensor | None = None, sequential: bool = True,
                  grads: dict | None = None, x_norms: dict | None = None, curvature: dict | None = None,
                  group: str | None = None, update: str | Update | None = None, allocation=None,
-                 progress: bool = True, log=progress.log) -> PruneReport:
+                 progress: bool = True) -> PruneReport:
     """Prune `model` in place with `metric` (text, catalog name or Metric) and report.
 
     calibration: (nsamples, seqlen) token ids, needed for X (unless `x_norms` is given for
@@ -81,10 +81,9 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
     (default: the catalog's for named metrics, else "row"). update: reconstruction of the kept
     weights after each layer's mask ("none", "obs", "obs-adaptive", "admm", or an Update with
     its parameters; see reconstruct.py), from the layer-input Hessians of the calibration data.
-    allocation: per-layer sparsity, "uniform", "owl" or "search" (or an AllocationSearchConfig:
-    a search with its settings and run folder; see allocation.py), with the total exact.
-    update and allocation default to a catalogued recipe's (e.g. "wanda-admm"), else none and uniform.
-    log: where an allocation search writes its lines.
+    allocation: "uniform", "owl" or a LayerSparsity (a searched allocation: prunerzero.apply_metric
+    resolves "search" before it calls this), with the total exact. update and allocation default
+    to a catalogued recipe's (e.g. "wanda-admm"), else none and uniform.
     """
     nm = parse_structure(structure, sparsity)
     require_prunable(model)
@@ -101,8 +100,7 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
     n = len(calibration) if calibration is not None else 0
     counts, allocated = allocate(allocation, model, all_prunable(model),
                                  None if allocation == "uniform" else _need(calibration, "a per-layer allocation"),
-                                 sparsity, structure, progress, metric=m, log=log,
-                                 known={"G": grads, "X": x_norms, "H": curvature})
+                                 sparsity, structure, progress)
     reconstructs = update.kind != "none"
     # nothing to recompute between blocks unless the metric reads activations or weights are updated
     sequential = sequential and (bool(uses & {"X", "H"}) or reconstructs)
