@@ -254,7 +254,8 @@ def apply(model, dtype, device, seqlen, eval_data, eval_chunks, data_dir, bos, m
 def _log(quiet):
     """The run's message callback; quiet also silences bars and the logger's info lines."""
     from .progress import set_quiet
-    set_quiet(quiet)
+    if quiet:  # otherwise the logger keeps the INFO level _setup_logging gave it
+        set_quiet(True)
     return (lambda *a: None) if quiet else click.echo
 
 

@@ -34,10 +34,18 @@ def load_model(name: str | None = None, dtype="auto", device: str | None = "auto
         raise load_error(name, e) from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt")
+
+
 def load_tokenizer(name, path):
     """The tokenizer of a model, or one line that blames the tokenizer files (not the model) when
     they cannot be read or turn text into no tokens."""
     from transformers import AutoTokenizer
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES) and not any(folder.glob("*.gguf")):
+        raise ModelError(f"{name} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the "
+                         "tokenizer beside the model (tokenizer.save_pretrained(folder))")
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - tokenizers raise TypeError, ValueError, JSON errors, ...

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from .errors import PrunerZeroError
-from .engine.models import cache_dir
+from .engine.models import cache_dir, publish_folder
 
 OFFLINE_TASK = "wiki_lastword"
 PASSAGES = 1000
@@ -62,15 +62,14 @@ def task_folder() -> Path:
     folder = cache_dir() / "tasks" / f"v{_VERSION}"
     if (folder / f"{OFFLINE_TASK}.yaml").is_file():
         return folder
-    tmp = folder.with_name(folder.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
     data = folder / f"{OFFLINE_TASK}.jsonl"
-    with open(tmp / data.name, "w", encoding="utf-8") as f:
-        for doc in lastword_passages(_summaries()):
-            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-    (tmp / f"{OFFLINE_TASK}.yaml").write_text(_task_yaml(data))
-    tmp.rename(folder)
-    return folder
+
+    def write(tmp):
+        with open(tmp / data.name, "w", encoding="utf-8") as f:
+            for doc in lastword_passages(_summaries()):
+                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        (tmp / f"{OFFLINE_TASK}.yaml").write_text(_task_yaml(data))
+    return publish_folder(folder, write)
 
 
 def _task_yaml(data: Path) -> str:

@@ -252,6 +252,8 @@ def test_darwin_refuses_the_other_families_clearly_before_any_work(family, tmp_p
         check_supported(model)
     if family == "gpt2":  # and through the command line: exit 2, one line, before any data is used
         model.save_pretrained(tmp_path / "m")
+        from tiny import word_tokenizer
+        word_tokenizer(False).save_pretrained(tmp_path / "m")
         (tmp_path / "short.txt").write_text("far too short to draw calibration windows from")
         r = CliRunner().invoke(main, ["darwin", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "run"),
                                       "--calibration", str(tmp_path / "short.txt")])

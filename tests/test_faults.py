@@ -215,3 +215,15 @@ def test_a_cache_that_cannot_be_written_costs_the_reuse_not_the_run(world, tmp_p
     r = CliRunner().invoke(main, apply_args(world, tmp_path / "out") + ["--metric", "pruner-zero"])  # uses G
     assert r.exit_code == 0, r.output
     assert "could not be cached" in r.output and (tmp_path / "out" / "report.json").is_file()
+
+
+def test_a_model_with_a_non_finite_perplexity_is_never_saved(world, tmp_path, monkeypatch):
+    calls = []
+
+    def broken(model, chunks, *a, **k):
+        calls.append(1)
+        return 30.0 if len(calls) == 1 else float("nan")      # dense fine, pruned broken
+    monkeypatch.setattr(pipeline, "perplexity", broken)
+    r = CliRunner().invoke(main, apply_args(world, tmp_path / "out"))
+    one_error(r, "the pruned perplexity is nan")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

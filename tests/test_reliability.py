@@ -1,6 +1,6 @@
 """Bad input and faults, tried as a hostile new user would, against the command line on a tiny
 model: every case ends in one clear line that names the problem, exit status 2 (130 for an
-interrupt), no traceback, and nothing half-written left behind. The README's reliability
+interrupt), no traceback, and nothing half-written left behind. docs/reliability.md's
 section counts these cases."""
 import json
 import shlex

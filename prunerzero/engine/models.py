@@ -112,12 +112,30 @@ def default_model_path() -> Path:
         del config.quantization_config  # the weights are dequantized fp32 now
     plain = type(loaded)(config)
     plain.load_state_dict(loaded.state_dict())
-    tmp = out.with_name(out.name + ".partial")
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: an interrupted conversion leaves no half-written model
+    publish_folder(out, lambda tmp: (plain.save_pretrained(tmp), tok.save_pretrained(tmp)))
     logger.warning(f"converted the bundled model in {time.perf_counter() - t0:.0f} s")
     return out
+
+
+def publish_folder(final: Path, write) -> Path:
+    """Fill a cache folder atomically: write(tmp) into a private temporary folder beside it, then
+    rename. A killed writer leaves only its own temporary folder; of two processes filling the
+    same entry at once, the first rename wins and the other's copy is dropped."""
+    import shutil
+    import tempfile
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def resolve_path(name: str | None) -> str:
