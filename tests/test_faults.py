@@ -20,18 +20,14 @@ from prunerzero.runs.output import MARKER, Output
 from prunerzero.runs.rundir import RunDir
 
 from helpers import search_script, start_held, wait_for
-from tiny import text, tiny_llama, word_tokenizer
+from tiny import saved_world, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    tiny_llama().save_pretrained(root / "m")
-    word_tokenizer(True).save_pretrained(root / "m")
-    (root / "t.txt").write_text("\n".join(text(300, s) for s in range(8)))
-    return root
+    return saved_world(tmp_path_factory.mktemp("faults"))
 
 
 def apply_args(w, out) -> list[str]:

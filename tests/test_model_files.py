@@ -16,18 +16,14 @@ from prunerzero.loading import load_model
 from prunerzero.structured.database import Database, build_database, layer_file
 from prunerzero.structured.units import StructureError
 
-from tiny import text, tiny_llama, token_samples, word_tokenizer
+from tiny import saved_world, tiny_llama, token_samples
 
 pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    root = tmp_path_factory.mktemp("files")
-    tiny_llama().save_pretrained(root / "m")
-    word_tokenizer(True).save_pretrained(root / "m")
-    (root / "t.txt").write_text("\n".join(text(300, s) for s in range(8)))
-    return root
+    return saved_world(tmp_path_factory.mktemp("files"))
 
 
 def copy(good, tmp_path):

@@ -43,3 +43,11 @@ def search_data():
     """Calibration, search and held-out token ids for a search on tiny_llama."""
     from prunerzero.search.evolve import SearchData
     return SearchData(token_samples(4, 32, 0), token_samples(4, 32, 1), token_samples(4, 32, 2))
+
+
+def saved_world(root):
+    """`root/m`: a saved tiny Llama with its word tokenizer; `root/t.txt`: a text in its words."""
+    tiny_llama().save_pretrained(root / "m")
+    word_tokenizer(True).save_pretrained(root / "m")
+    (root / "t.txt").write_text("\n".join(text(300, s) for s in range(8)))
+    return root
