@@ -200,7 +200,9 @@ def _task_options(flag: str):
             click.option("--task-batch-size", default=8, show_default=True, help="lm-eval batch size."),
             click.option("--limit", "task_limit", type=float, default=None,
                          help="Documents per task: a count, or a fraction below 1."),
-            click.option("--include-path", default=None, help="A folder of your own lm-eval task YAML files."),
+            click.option("--include-path", default=None,
+                         help="A folder of your own lm-eval task YAML files. Task YAML can run Python code "
+                              "(`!function`): give only folders you trust; never taken from a run folder."),
         ]
         for o in reversed(opts):
             f = o(f)

@@ -147,7 +147,7 @@ def _apply(cfg: ApplyConfig, m: Metric | None, out: Output | None, log) -> dict:
         out.room(sum(p.numel() * p.element_size() for p in model.parameters()) + (64 << 20))
     check_seqlen(model, cfg.seqlen)
     check_widths(require_prunable(model), cfg.structure)
-    check_calibration_memory(model, cfg.nsamples, cfg.seqlen)
+    check_calibration_memory(model, cfg.nsamples, cfg.seqlen, gradients=m is not None and "G" in m.terminals)
     t_load = time.perf_counter() - t0
     if onloading(model):
         log(f"model on {placement(model)}: it does not fit on the device whole")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prunerzero.engine.masks import SparsityError, layer_mask, make_mask, nm_mask, parse_structure, row_mask
+from prunerzero.engine.masks import lowest_k, SparsityError, layer_mask, make_mask, nm_mask, parse_structure, row_mask
 
 
 def test_row_mask_prunes_exactly_k_per_row():
@@ -32,6 +32,19 @@ def test_selection_masks_equal_a_stable_sort_on_tied_scores(sparsity):
     flat = torch.zeros(s.numel(), dtype=torch.bool)
     flat[torch.sort(s.flatten(), stable=True).indices[:k]] = True
     assert torch.equal(layer_mask(s, sparsity), flat.reshape(s.shape))
+
+
+def test_selection_without_ties_and_with_ties_in_some_rows_equals_a_stable_sort():
+    # the common case (no surplus ties anywhere) takes a shortcut; one tied row must not let it
+    g = torch.Generator().manual_seed(2)
+    s = torch.rand(40, 96, generator=g)
+    for tied in (False, True):
+        if tied:
+            s[7, :50] = s[7, 0]
+        k = 37
+        by_sort = torch.zeros_like(s, dtype=torch.bool).scatter_(1, torch.sort(s, dim=1, stable=True).indices[:, :k],
+                                                                 True)
+        assert torch.equal(lowest_k(s, k), by_sort)
 
 
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])

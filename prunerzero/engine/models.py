@@ -359,21 +359,25 @@ def require_prunable(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-def check_calibration_memory(model, windows: int, seqlen: int, option: str = "nsamples") -> None:
-    """Refuse calibration that cannot fit before drawing it: the token windows (int64, host) and
-    the block walk's activations (inputs and outputs of a block for every window, in fp32, on
-    the device the blocks run on). The kernel would otherwise kill the process with no message
-    after filling the memory."""
+def check_calibration_memory(model, windows: int, seqlen: int, option: str = "nsamples",
+                             gradients: bool = False) -> None:
+    """Refuse calibration that cannot fit before drawing it: the token windows (int64, host), the
+    block walk's activations (inputs and outputs of a block for every window, in fp32, on the
+    device the blocks run on) and, with `gradients`, G (one value per prunable weight, in the
+    model's dtype, at worst in host memory). The kernel would otherwise kill the process with no
+    message after filling the memory."""
     hidden = getattr(model.config.get_text_config(), "hidden_size", None) or 0
     tokens = windows * seqlen
     run_on = getattr(model, ONLOAD_ATTR, None) or next(model.parameters()).device
     acts = tokens * hidden * 4 * 2
-    needs = {torch.device("cpu"): tokens * 8}
+    grads = sum(m.weight.numel() * m.weight.element_size() for m in all_prunable(model).values()) if gradients else 0
+    needs = {torch.device("cpu"): tokens * 8 + grads}
     needs[torch.device(run_on)] = needs.get(torch.device(run_on), 0) + acts
     for device, need in needs.items():
         free = free_memory(device)
         if free is not None and need > free:
             raise checks.SettingsError(
                 f"{checks.flag(option)} {windows} x --seqlen {seqlen} needs about {need / 2**30:.1f} GiB for the "
-                f"calibration windows and their activations on {device}, which has {free / 2**30:.1f} GiB free; "
-                f"lower {checks.flag(option)}")
+                f"calibration windows and their activations{' and G' if grads else ''} on {device}, which has "
+                f"{free / 2**30:.1f} GiB free; lower {checks.flag(option)}"
+                + (" (or use a metric without G)" if grads else ""))

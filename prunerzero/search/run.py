@@ -130,7 +130,9 @@ def _evolve(config: SearchConfig, run: RunDir, resume, state, data, log, quiet, 
     model, tok = load_model(config.model, config.dtype, config.device, tokenizer=data is None)
     if data is None:  # given data carries its own sequence length
         check_seqlen(model, config.seqlen)
-        check_calibration_memory(model, config.nsamples, config.seqlen)
+        check_calibration_memory(model, config.nsamples, config.seqlen,
+                                 gradients="G" in terminals_needed(config, config.terminals
+                                                                   or load_space().search["terminals"]))
     check_widths(require_prunable(model), config.structure)
     note = ""
     if data is None:
