@@ -102,6 +102,7 @@ CASES = [
     ("evolve " + SEARCH + " --structure 2:3", "needs input widths divisible by 3"),
     ("evolve " + SEARCH + " --structure 2:4 --sparsity 0.9", "contradicts it"),
     ("evolve " + SEARCH + " --nsamples 0", "--nsamples must be at least 1"),
+    ("evolve " + SEARCH + " --stages 1 --update admm", "--proxy-stages 1 leaves no stage scored with --update admm"),
     ("evolve " + SEARCH + " --seqlen 100", "longer than the 64 positions"),
     ("evolve " + SEARCH + " --time-limit -1", "--time-limit must be > 0"),
     ("evolve " + SEARCH + " --heldout-chunks 0", "--heldout-chunks must be at least 1"),

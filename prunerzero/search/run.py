@@ -169,7 +169,7 @@ def _evolve(config: SearchConfig, run: RunDir, resume, state, data, log, quiet, 
             search.seed_rngs()
             search.reference = reference_fitness(search, config)
             search.checkpoint()
-        gen_s = 0.0
+        gen_s, measured = 0.0, 0.0   # a generation's estimate, then the longest one measured
         if config.time_limit:
             gen_s = generation_estimate(search, config)
             left = config.time_limit - (time.perf_counter() - t_start) - finish_estimate(search, config)
@@ -181,14 +181,16 @@ def _evolve(config: SearchConfig, run: RunDir, resume, state, data, log, quiet, 
             if config.time_limit:
                 spent, reserve = time.perf_counter() - t_start, finish_estimate(search, config)
                 if spent + gen_s + reserve > config.time_limit:
-                    log(f"time limit {config.time_limit:.0f} s: stopping after generation {search.gen - 1} "
+                    done = f"after generation {search.gen - 1}" if search.gen else "before generation 0"
+                    log(f"time limit {config.time_limit:.0f} s: stopping {done} "
                         f"({spent:.0f} s spent, another generation takes about {gen_s:.0f} s and the final "
                         f"scoring about {reserve:.0f} s)")
                     break
             t_gen = time.perf_counter()
             search.step()
             search.checkpoint()
-            gen_s = max(gen_s, time.perf_counter() - t_gen)
+            measured = max(measured, time.perf_counter() - t_gen)
+            gen_s = measured
         return finish(search, data, config, run, log)
     finally:
         if pool is not None:
