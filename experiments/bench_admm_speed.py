@@ -1,9 +1,10 @@
 """ADMM reconstruction against SparseGPT: prune time and perplexity, side by side in one process.
 
-    python experiments/bench_admm_speed.py [--structures unstructured,2:4] [--iters 20/15,12/9]
+    python experiments/bench_admm_speed.py [--structures unstructured,2:4] [--iters 20/15,12/9,20/15/10]
 
 For each structure: SparseGPT, then Wanda's mask + ADMM at each --iters setting
-(iterations/gradual-mask iterations), each applied sequentially to a fresh copy of the
+(iterations/gradual-mask iterations, and a third number for admm-pcg: conjugate-gradient steps
+on the final mask), each applied sequentially to a fresh copy of the
 default model with 32 x 512 Wikipedia calibration tokens (seed 0), timed (the pruning call
 only) and evaluated on --chunks WikiText-2 chunks of 512. Alternating methods within one run
 keeps the time ratios fair on a noisy machine. Writes results/bench_admm_speed.{json,md}.
@@ -31,9 +32,10 @@ def run(model, dense, method, structure, samples, chunks):
     if method == "sparsegpt":
         apply_sparsegpt(model, 0.5, structure, calibration=samples, progress=False)
     else:
-        iters, gradual = map(int, method.split(" ")[1].split("/"))
-        apply_metric(model, "wanda", 0.5, structure, calibration=samples, progress=False,
-                     update=Update("admm", iters=iters, gradual=gradual))
+        kind, numbers = method.split(" ")
+        iters, gradual, *refine = map(int, numbers.split("/"))
+        update = Update(kind, iters=iters, gradual=gradual, refine=refine[0] if refine else None)
+        apply_metric(model, "wanda", 0.5, structure, calibration=samples, progress=False, update=update)
     prune_s = time.perf_counter() - t0
     return dict(method=method, structure=structure, prune_s=prune_s,
                 perplexity=perplexity(model, chunks, progress=False))
@@ -44,7 +46,8 @@ def report(data, out: Path):
     lines = [f"# ADMM reconstruction against SparseGPT ({s['threads']} threads, {s['machine']}, torch {s['torch']})", "",
              f"Sequential, calibration {s['nsamples']} x {s['seqlen']} Wikipedia tokens, seed {s['seed']}; "
              f"perplexity on WikiText-2 {s['chunks']} x {s['seqlen']}; time = the pruning call, methods alternated "
-             "in one process. 'admm I/G': Wanda's mask + ADMM, I iterations, the mask re-chosen over the first G.", "",
+             "in one process. 'admm I/G': Wanda's mask + ADMM, I iterations, the mask re-chosen over the first G; "
+             "'admm-pcg I/G/R': then R conjugate-gradient steps on the final mask.", "",
              "| structure | method | perplexity | prune s | time / SparseGPT |", "|---|---|---:|---:|---:|"]
     for structure in dict.fromkeys(r["structure"] for r in data["rows"]):
         rows = [r for r in data["rows"] if r["structure"] == structure]
@@ -72,7 +75,7 @@ def main():
     chunks = eval_data_for(tok, seqlen=512, chunks=args.chunks, data_dir=args.data_dir).chunks
     data = dict(settings=dict(nsamples=32, seqlen=512, seed=args.seed, chunks=args.chunks, threads=torch.get_num_threads(),
                               torch=torch.__version__, machine=platform.machine()), rows=[])
-    methods = ["sparsegpt"] + [f"admm {it}" for it in args.iters.split(",")]
+    methods = ["sparsegpt"] + [f"{'admm-pcg' if it.count('/') == 2 else 'admm'} {it}" for it in args.iters.split(",")]
     for structure in args.structures.split(","):
         for method in methods:
             data["rows"].append(run(model, dense, method, structure, samples, chunks))

@@ -44,7 +44,7 @@ def shape_ok(W, sparsity, structure, group="row"):
 CASES = [(0.5, "unstructured", "row"), (0.6, "unstructured", "layer"), (0.5, "2:4", "row")]
 
 
-@pytest.mark.parametrize("kind", ["obs", "obs-adaptive", "admm"])
+@pytest.mark.parametrize("kind", ["obs", "obs-adaptive", "admm", "admm-pcg"])
 @pytest.mark.parametrize("sparsity, structure, group", CASES)
 def test_every_update_beats_mask_only_and_keeps_the_mask_shape(kind, sparsity, structure, group):
     W, H = layer()
@@ -78,6 +78,34 @@ def test_admm_at_convergence_equals_the_direct_least_squares_solve():
         want = torch.linalg.solve(Hd[keep][:, keep], (Hd @ W[r].double())[keep])
         assert torch.allclose(new[r, keep].double(), want, rtol=1e-4, atol=1e-5)
         assert (new[r, ~keep] == 0).all()
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_pcg_refinement_keeps_the_mask_never_raises_the_error_and_converges_to_the_direct_solve(structure):
+    from prunerzero.engine.reconstruct import admm_factor, refine_on_mask
+    W, H = layer(seed=3)
+    score = wanda(H)
+    admm = reconstruct(W, H, Update("admm"), score, 0.5, structure)
+    kept = (admm != 0).float()
+    factor = admm_factor(H, Update("admm-pcg"))
+    norm = factor.norm
+    errors = [error(admm, W, H)]
+    for steps in range(1, 9):   # each step count from the same start: the error never goes up
+        refined = refine_on_mask(admm * norm, W * norm, factor.plain, kept, steps) / norm
+        assert torch.equal(refined == 0, admm == 0)
+        errors.append(error(refined, W, H))
+    assert all(b <= a * (1 + 1e-5) for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < errors[0]
+    # run long enough, each row reaches the direct solve of its masked least squares (undamped H)
+    done = refine_on_mask(admm * norm, W * norm, factor.plain, kept, 200) / norm
+    for r in range(W.shape[0]):
+        keep = admm[r] != 0
+        want = torch.linalg.solve(H.double()[keep][:, keep], (H.double() @ W[r].double())[keep])
+        assert torch.allclose(done[r, keep].double(), want, rtol=1e-3, atol=1e-3)
+    # through reconstruct, with its report entry
+    via = reconstruct(W, H, Update("admm-pcg", refine=8), score, 0.5, structure)
+    assert torch.equal(via == 0, refined == 0) and torch.allclose(via, refined, rtol=1e-4, atol=1e-5)
+    assert Update("admm-pcg").describe()["refine"] == 10 and "refine" not in Update("admm").describe()
 
 
 def test_adaptive_obs_with_the_obs_saliency_is_sparsegpt_at_2_4():

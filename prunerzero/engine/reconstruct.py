@@ -26,7 +26,9 @@ import torch
 from ..errors import PrunerZeroError
 from .masks import lowest_k, lowest_per_row, make_mask, nm_mask, parse_structure, row_counts
 
-UPDATES = ("none", "obs", "obs-adaptive", "admm")
+UPDATES = ("none", "obs", "obs-adaptive", "admm", "admm-pcg")
+ADMM_KINDS = ("admm", "admm-pcg")
+PCG_STEPS = 10   # admm-pcg's refinement steps unless given
 
 
 class HessianError(PrunerZeroError, RuntimeError):
@@ -63,10 +65,12 @@ class Update:
     rho: float = 1.0                # ADMM penalty, in unit-diagonal coordinates
     iters: int = 20                 # ADMM iterations
     gradual: int = 15               # ADMM: iterations that re-choose the mask (0: fixed mask)
+    refine: int | None = None       # admm-pcg: conjugate-gradient steps on the final mask (None: PCG_STEPS)
 
     def __post_init__(self):
         from .. import checks
         checks.choice("update", self.kind, UPDATES)
+        checks.integer("refine", self.refine, minimum=0, optional=True)
         checks.number("percdamp", self.percdamp, low=0, low_open=True, optional=True)
         checks.integer("blocksize", self.blocksize)
         checks.number("rho", self.rho, low=0, low_open=True)
@@ -74,22 +78,36 @@ class Update:
         checks.integer("gradual", self.gradual, minimum=0, maximum=self.iters)
 
     @property
+    def is_admm(self) -> bool:
+        return self.kind in ADMM_KINDS
+
+    @property
+    def refine_steps(self) -> int:
+        """Conjugate-gradient steps on the final mask: admm-pcg's (PCG_STEPS unless given), else none."""
+        if self.kind != "admm-pcg":
+            return 0
+        return PCG_STEPS if self.refine is None else self.refine
+
+    @property
     def damping(self) -> float:
-        return self.percdamp if self.percdamp is not None else (0.1 if self.kind == "admm" else 0.01)
+        return self.percdamp if self.percdamp is not None else (0.1 if self.is_admm else 0.01)
 
     def describe(self) -> dict:
         """The parameters that matter for this kind, for report.json."""
         if self.kind == "none":
             return {"kind": "none"}
         keep = ("blocksize",) if self.kind.startswith("obs") else ("rho", "iters", "gradual")
-        return {"kind": self.kind, "percdamp": self.damping, **{k: v for k, v in asdict(self).items() if k in keep}}
+        out = {"kind": self.kind, "percdamp": self.damping, **{k: v for k, v in asdict(self).items() if k in keep}}
+        if self.kind == "admm-pcg":
+            out["refine"] = self.refine_steps
+        return out
 
 
 def factorise(H: torch.Tensor, update: Update):
     """What `update` needs of a layer-input Hessian, computed once per Hessian: the layers that
     share one (q/k/v, gate/up), and every candidate of a search, reuse it. obs: (U, dead) of
     inverse_factor; admm: AdmmFactor."""
-    return admm_factor(H, update) if update.kind == "admm" else inverse_factor(H, update.damping)
+    return admm_factor(H, update) if update.is_admm else inverse_factor(H, update.damping)
 
 
 def reconstruct(W: torch.Tensor, H: torch.Tensor | None, update: Update, score, sparsity: float,
@@ -101,7 +119,7 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor | None, update: Update, score, 
     (unstructured; see make_mask)."""
     nm = parse_structure(structure, sparsity)
     factor = factorise(H, update) if factor is None else factor
-    if update.kind == "admm":
+    if update.is_admm:
         return admm_weights(W, factor, score, sparsity, structure, group, update, count)
     U, dead = factor
     if update.kind == "obs":
@@ -186,10 +204,12 @@ def adaptive_chooser(score, sparsity: float, nm, group: str, shape, count: int |
 class AdmmFactor:
     """A Hessian in unit-diagonal coordinates, Hn = H / (norm norm^T) + damping: `inv` is the
     inverse of Hn + rho I that every ADMM iteration applies (Hn itself is not needed: see
-    admm_weights); `dead` inputs never fire."""
+    admm_weights); `dead` inputs never fire; `plain`, for admm-pcg only, is the undamped
+    H / (norm norm^T), whose masked least squares the refinement solves."""
     inv: torch.Tensor
     norm: torch.Tensor
     dead: torch.Tensor
+    plain: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -200,11 +220,12 @@ def admm_factor(H: torch.Tensor, update: Update) -> AdmmFactor:
     dead = norm == 0
     norm = torch.where(dead, torch.ones_like(norm), norm)
     Hn = H / norm / norm[:, None]
+    plain = Hn.float() if update.refine_steps else None
     Hn.diagonal().add_(update.damping * Hn.diagonal().mean() + update.rho)
     L, info = torch.linalg.cholesky_ex(Hn)
     if info:
         raise HessianError("the calibration Hessian is not positive semi-definite; use more calibration samples")
-    return AdmmFactor(torch.cholesky_inverse(L).float(), norm.float(), dead)
+    return AdmmFactor(torch.cholesky_inverse(L).float(), norm.float(), dead, plain)
 
 
 @torch.no_grad()
@@ -223,6 +244,7 @@ def admm_weights(W: torch.Tensor, factor: AdmmFactor, score, sparsity: float, st
     W0 = W.float().clone()
     W0[:, factor.dead] = 0
     Wn = W0.mul_(norm)
+    target = Wn.clone() if update.refine_steps else None  # the dense weights the refinement fits
     T = torch.addmm(Wn, Wn, inv, alpha=-rho)
     nm = parse_structure(structure, sparsity)
 
@@ -247,4 +269,34 @@ def admm_weights(W: torch.Tensor, factor: AdmmFactor, score, sparsity: float, st
             pruned = mask_of(V, 1 - (1 - (t + 1) / update.gradual) ** 3).float()
         Udual = V * pruned
         Wn = torch.addmm(T, V.sub_(Udual, alpha=2), inv, alpha=rho)
-    return Wn.add_(Udual).mul_(1 - pruned).div_(norm)
+    kept = 1 - pruned
+    out = Wn.add_(Udual).mul_(kept)
+    if update.refine_steps:
+        out = refine_on_mask(out, target, factor.plain, kept, update.refine_steps)
+    return out.div_(norm)
+
+
+@torch.no_grad()
+def refine_on_mask(Wn: torch.Tensor, target: torch.Tensor, Hn: torch.Tensor, kept: torch.Tensor,
+                   steps: int) -> torch.Tensor:
+    """`steps` conjugate-gradient steps on every row's masked least squares at once (ALPS's
+    refinement after ADMM, Meng et al. 2024): min over W' of tr((W' - target) Hn (W' - target)^T)
+    with W' zero where `kept` is 0. In Hn's unit-diagonal coordinates this is CG with the Jacobi
+    preconditioner. Each step costs one product with Hn and lowers (never raises) each row's
+    error; run to convergence it reaches the direct solve of each row on its kept inputs."""
+    X = Wn.clone()
+    R = (target - X).mm(Hn).mul_(kept)          # minus half the gradient, on the kept entries
+    P = R.clone()
+    rr = (R * R).sum(1, keepdim=True)
+    tiny = torch.finfo(X.dtype).tiny
+    for _ in range(steps):
+        HP = P.mm(Hn).mul_(kept)
+        curv = (P * HP).sum(1, keepdim=True)
+        alpha = torch.where(curv > tiny, rr / curv.clamp_min(tiny), torch.zeros_like(rr))
+        X.addcmul_(alpha, P)
+        R.addcmul_(alpha, HP, value=-1)
+        new = (R * R).sum(1, keepdim=True)
+        beta = torch.where(rr > tiny, new / rr.clamp_min(tiny), torch.zeros_like(rr))
+        P = R + beta * P
+        rr = new
+    return X
