@@ -204,8 +204,8 @@ def adaptive_chooser(score, sparsity: float, nm, group: str, shape, count: int |
 class AdmmFactor:
     """A Hessian in unit-diagonal coordinates, Hn = H / (norm norm^T) + damping: `inv` is the
     inverse of Hn + rho I that every ADMM iteration applies (Hn itself is not needed: see
-    admm_weights); `dead` inputs never fire; `plain`, for admm-pcg only, is the undamped
-    H / (norm norm^T), whose masked least squares the refinement solves."""
+    admm_weights); `dead` inputs never fire; `plain`, for admm-pcg only, is Hn itself (damped,
+    without rho), whose masked least squares the refinement solves."""
     inv: torch.Tensor
     norm: torch.Tensor
     dead: torch.Tensor
@@ -220,8 +220,11 @@ def admm_factor(H: torch.Tensor, update: Update) -> AdmmFactor:
     dead = norm == 0
     norm = torch.where(dead, torch.ones_like(norm), norm)
     Hn = H / norm / norm[:, None]
+    Hn.diagonal().add_(update.damping * Hn.diagonal().mean())
+    # the damped problem ADMM solves, for the refinement (undamped, it fits the calibration
+    # tokens closer and measured worse held out: see docs/benchmarks.md)
     plain = Hn.float() if update.refine_steps else None
-    Hn.diagonal().add_(update.damping * Hn.diagonal().mean() + update.rho)
+    Hn.diagonal().add_(update.rho)
     L, info = torch.linalg.cholesky_ex(Hn)
     if info:
         raise HessianError("the calibration Hessian is not positive semi-definite; use more calibration samples")
@@ -281,7 +284,7 @@ def refine_on_mask(Wn: torch.Tensor, target: torch.Tensor, Hn: torch.Tensor, kep
                    steps: int) -> torch.Tensor:
     """`steps` conjugate-gradient steps on every row's masked least squares at once (ALPS's
     refinement after ADMM, Meng et al. 2024): min over W' of tr((W' - target) Hn (W' - target)^T)
-    with W' zero where `kept` is 0. In Hn's unit-diagonal coordinates this is CG with the Jacobi
+    with W' zero where `kept` is 0 (Hn damped as ADMM's, so both solve one problem). In Hn's unit-diagonal coordinates this is CG with the Jacobi
     preconditioner. Each step costs one product with Hn and lowers (never raises) each row's
     error; run to convergence it reaches the direct solve of each row on its kept inputs."""
     X = Wn.clone()
