@@ -284,8 +284,7 @@ def _resumed(run_fn, output, resume, log, quiet) -> bool:
              if p.name not in ("resume", "quiet") and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE]
     for p in typed:
         if p.name not in _RESUME_OPTIONS:
-            allowed = ", ".join("--" + n.replace("_", "-").replace("use-", "") for n in _RESUME_OPTIONS
-                                if any(q.name == n for q in ctx.command.params))
+            allowed = ", ".join(q.opts[0] for q in ctx.command.params if q.name in _RESUME_OPTIONS)
             raise SettingsError(f"{p.opts[0]} cannot be given with --resume: a run keeps the settings it started "
                                 f"with (its config.json); only {allowed} may be given")
     overrides = {_RESUME_OPTIONS[p.name]: ctx.params[p.name] for p in typed}

@@ -33,6 +33,13 @@ class Settings:
 RESUMABLE = ("generations", "time_limit", "workers", "threads", "ray", "ray_address", "gpus_per_worker")
 
 
+def resume_overrides(overrides: dict | None, generations=None, time_limit=None) -> dict:
+    """The overrides of a resume, with the run functions' own generations and time_limit arguments
+    folded in when given."""
+    given = {k: v for k, v in (("generations", generations), ("time_limit", time_limit)) if v is not None}
+    return dict(overrides or {}, **given)
+
+
 def with_overrides(config, overrides: dict | None, also: tuple = ()):
     """`config` (a resumed run's settings) with the `overrides` a resume may give, validated; any
     other setting is refused with one line naming its option."""

@@ -26,6 +26,7 @@ from ..checks import SettingsError
 from .layers import matrix
 
 ALLOCATIONS = ("uniform", "owl", "search")
+OWL_M, OWL_LAMBDA = 5.0, 0.08   # the published outlier threshold and sparsity spread
 
 
 @dataclass
@@ -33,7 +34,6 @@ class LayerSparsity:
     """An allocation found elsewhere: the sparsity of each prunable layer, and its report."""
     sparsity: dict
     report: dict
-OWL_M, OWL_LAMBDA = 5.0, 0.08   # the published outlier threshold and sparsity spread
 
 
 def check_allocation(kind: str, structure: str) -> None:
@@ -84,10 +84,10 @@ def allocate(kind, model, layers: dict, samples, sparsity: float, structure: str
     if isinstance(kind, LayerSparsity):
         check_allocation("search", structure)
         return layer_counts(layers, kind.sparsity, sparsity), kind.report
-    check_allocation(kind, structure)
-    if kind == "search" or not isinstance(kind, str):
+    if kind == "search" or not isinstance(kind, str):  # "search", or a search's settings object
         raise SettingsError("an allocation search runs above the engine: prune with prunerzero.apply_metric "
                             "(or give engine.prune.apply_metric the LayerSparsity that search_allocation finds)")
+    check_allocation(kind, structure)
     if kind == "uniform":
         return None, {"kind": "uniform"}
     blocks = owl_block_sparsities(model, samples, sparsity, progress=progress)

@@ -195,7 +195,7 @@ def axes(e: sympy.Expr) -> frozenset:
         return inner - {"i"}
     if isinstance(e, ColSum):
         return inner - {"o"}
-    if isinstance(e, NORMALISERS) and not varies_over_scope(e):
+    if isinstance(e, NORMALISERS) and not _varies_within(e, inner):
         return frozenset()
     return inner
 
@@ -203,6 +203,10 @@ def axes(e: sympy.Expr) -> frozenset:
 def varies_over_scope(e: sympy.Expr) -> bool:
     """Whether normaliser `e`'s argument varies where it normalises: anywhere in the matrix for
     mms and zsn, along each row for the row variants."""
-    inner = axes(e.args[0])
+    return _varies_within(e, axes(e.args[0]))
+
+
+def _varies_within(e: sympy.Expr, inner: frozenset) -> bool:
+    """Normaliser `e` over an argument varying along `inner`: is it anything but constant?"""
     return bool(inner) if isinstance(e, GLOBAL_NORMALISERS) else "i" in inner
 

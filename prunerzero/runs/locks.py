@@ -63,6 +63,14 @@ class FolderLock:
         self.release()
 
 
+def lock_beside(folder: Path, what: str) -> FolderLock:
+    """The held lock of `folder` (a run folder, an output): a hidden file beside it, so nothing is
+    written into the folder itself and a run that fails its checks leaves nothing behind; removed
+    on release."""
+    folder = Path(folder)
+    return FolderLock(folder.parent / f".{folder.name}.prunerzero-lock", what, remove=True).acquire()
+
+
 def _holder(path: Path) -> str:
     try:
         pid = path.read_text().strip()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .. import checks
 from ..errors import PrunerZeroError
-from .locks import FolderLock
+from .locks import FolderLock, lock_beside
 
 MARKER = ".prunerzero-partial"   # inside every temporary folder this module creates
 
@@ -66,8 +66,7 @@ class Output:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise checks.SettingsError(f"{checks.flag(self.option)} {self.shown}: {_reason(e)}") from None
-        self.lock = FolderLock(self.path.parent / f".{self.path.name}.prunerzero-lock",
-                               f"{self.shown}", remove=True).acquire()
+        self.lock = lock_beside(self.path, self.shown)
         remove_leftovers(self.path)
         return self
 

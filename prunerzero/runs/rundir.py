@@ -11,20 +11,18 @@ A run folder may come from someone else, so resuming one treats it as data:
 - one process at a time writes it (a lock file, see locks.py)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from pathlib import Path
 
-import hashlib
-
 from .. import checks
 from .checkpoint import FILE, LEGACY, CheckpointError, decode, encode
-from .locks import FolderLock
+from .locks import FolderLock, lock_beside
 from .output import resolve_target
 
 LOGS = ("log.jsonl", "evaluations.jsonl", "failures.jsonl")  # rows carry the generation "gen"
-LOCK = ".prunerzero-lock"
 SUM = "settings_sha256"
 
 
@@ -58,13 +56,24 @@ class RunDir:
         self.path = resolve_target(option, path)
         self.lock: FolderLock | None = None
 
+    @classmethod
+    def open_resumed(cls, path, kind: str, settings_of):
+        """(run, checkpoint state, settings) of a run to resume, the folder locked for this process
+        and its checkpoint validated before any model or data is loaded; settings_of(run) reads
+        and checks the settings. Nothing stays locked when a check fails."""
+        run = cls(path, kind, "resume").hold()
+        try:
+            state = run.load_checkpoint()
+            return run, state, settings_of(run)
+        except BaseException:
+            run.release()
+            raise
+
     def hold(self) -> "RunDir":
         """Lock the folder for this process (until release() or exit); BusyError if another holds
-        it. The lock file lies beside the folder (hidden, removed on release), so a run that fails
-        its checks leaves nothing behind."""
+        it (see locks.lock_beside)."""
         if self.lock is None:
-            self.lock = FolderLock(self.path.parent / f".{self.path.name}{LOCK}", f"run folder {self.shown}",
-                                   remove=True).acquire()
+            self.lock = lock_beside(self.path, f"run folder {self.shown}")
         return self
 
     def release(self):

@@ -27,7 +27,7 @@ from .evolve import BEAT_MARGIN, Search, SearchData, _finite, setup_for
 from ..runs.pools import make_pool
 from ..runs.rundir import RunDir
 from ..checks import SettingsError
-from ..settings import with_overrides
+from ..settings import resume_overrides, with_overrides
 
 COMPUTE = {"X": compute_x, "G": compute_g, "H": compute_h}
 
@@ -105,15 +105,9 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
     the run folder is locked while this call writes it."""
     t_start = time.perf_counter()
     if resume:
-        run = RunDir(resume, "evolve", "resume").hold()
-        overrides = dict(overrides or {}, **{k: v for k, v in (("generations", generations),
-                                                               ("time_limit", time_limit)) if v is not None})
-        try:
-            state = run.load_checkpoint()  # validated now, before any model or data is loaded
-            config = with_overrides(SearchConfig.from_dict(run.config()), overrides)
-        except BaseException:
-            run.release()
-            raise
+        overrides = resume_overrides(overrides, generations, time_limit)
+        run, state, config = RunDir.open_resumed(
+            resume, "evolve", lambda run: with_overrides(SearchConfig.from_dict(run.config()), overrides))
     else:
         config = config or SearchConfig()
         run = RunDir(output, "evolve")

@@ -10,6 +10,7 @@ safetensors file per block, so an interrupted build resumes at the block it stop
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -133,7 +134,6 @@ def _settings_text(settings: dict) -> str:
 
 def _digest(tensors: dict, levels_text: str) -> str:
     """One checksum over a block's weights and its level table (kept units, parameters, errors)."""
-    import hashlib
     return hashlib.sha256((content_digest(tensors) + levels_text).encode()).hexdigest()
 
 
@@ -149,14 +149,21 @@ class Database:
             self._read(meta)
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
             raise DatabaseDamaged(f"meta.json is unreadable ({type(e).__name__})") from None
+        self._meta = meta
         if verify:
-            for i in range(self.n_layers):
-                levels = check_layer_file(layer_file(self.path, i), i, self.settings)
-                if any(levels[k] != meta[k][i] for k in ("attn", "mlp")):
-                    raise DatabaseDamaged(f"meta.json does not match {layer_file(self.path, i).name}")
-            for kind, units in (("attn", self.anatomy.heads), ("mlp", self.anatomy.channels)):
-                if any(not 0 <= u < units for layer in self.levels[kind] for lv in layer for u in lv.kept):
-                    raise DatabaseDamaged(f"meta.json names {kind} units the model does not have")
+            self.verify()
+
+    def verify(self) -> "Database":
+        """Every block file against its checksum, meta.json against the block files, and every kept
+        unit within the model's; DatabaseDamaged otherwise."""
+        for i in range(self.n_layers):
+            levels = check_layer_file(layer_file(self.path, i), i, self.settings)
+            if any(levels[k] != self._meta[k][i] for k in ("attn", "mlp")):
+                raise DatabaseDamaged(f"meta.json does not match {layer_file(self.path, i).name}")
+        for kind, units in (("attn", self.anatomy.heads), ("mlp", self.anatomy.channels)):
+            if any(not 0 <= u < units for layer in self.levels[kind] for lv in layer for u in lv.kept):
+                raise DatabaseDamaged(f"meta.json names {kind} units the model does not have")
+        return self
 
     def _read(self, meta: dict):
         self.settings = meta["settings"]
@@ -205,7 +212,7 @@ def build_database(model, samples: torch.Tensor, path, settings: dict, ladder=DE
             if db.settings != settings:
                 raise StructureError(f"{path} holds a database built with other settings; use another folder")
             try:
-                return Database(path)
+                return db.verify()
             except DatabaseDamaged as e:
                 logger.warning(f"level database {path}: {e}; building the damaged blocks again")
                 (path / "meta.json").unlink()
@@ -239,7 +246,7 @@ def build_database(model, samples: torch.Tensor, path, settings: dict, ladder=DE
         meta["build_s"] += entry.get("seconds", 0.0)
     (path / "meta.json.partial").write_text(json.dumps(meta))
     (path / "meta.json.partial").rename(path / "meta.json")
-    return Database(path)
+    return Database(path, verify=False)  # every block was checked as it was built or reused above
 
 
 def _reusable(file: Path, i: int, settings: dict) -> dict | None:

@@ -21,7 +21,7 @@ from ..runs.checkpoint import CheckpointError
 from ..runs.output import Output
 from ..runs.pools import make_pool
 from ..runs.rundir import RunDir, contained
-from ..settings import with_overrides
+from ..settings import resume_overrides, with_overrides
 from .config import DarwinConfig
 from .database import build_database, database_settings
 from .fitness import DenseReference, light_train
@@ -67,15 +67,8 @@ def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, dat
     be given `overrides` of settings.RESUMABLE, include_path (task code is never taken from a run
     folder) and database (to confirm a database outside the run folder and the cache)."""
     if resume:
-        run = RunDir(resume, "darwin", "resume").hold()
-        overrides = dict(overrides or {}, **{k: v for k, v in (("generations", generations),
-                                                               ("time_limit", time_limit)) if v is not None})
-        try:
-            state = run.load_checkpoint()  # validated now, before any model or data is loaded
-            config = resumed_config(run, overrides)
-        except BaseException:
-            run.release()
-            raise
+        overrides = resume_overrides(overrides, generations, time_limit)
+        run, state, config = RunDir.open_resumed(resume, "darwin", lambda run: resumed_config(run, overrides))
     else:
         config = config or DarwinConfig()
         run = RunDir(output, "darwin")
