@@ -333,6 +333,16 @@ def _tuple(text, cast=str, option=""):
               show_default=True, help="Search recipes: each candidate's kept weights reconstructed (see apply).")
 @click.option("--proxy-stages", default=1, show_default=True,
               help="With --update: leading stages ranked by the mask alone, a cheap proxy.")
+@click.option("--fitness", type=click.Choice(["one-shot", "sequential"]), default=None,
+              help="How the last stage prunes its candidates: sequential, as apply prunes them (block by block "
+                   "through the pruned earlier blocks; the faithful fitness, a whole prune per candidate) or "
+                   "one-shot (every layer from the dense model's statistics, cheap). Default: sequential with "
+                   "--update, else one-shot.")
+@click.option("--fitness-samples", type=int, default=None,
+              help="Calibration windows of the sequential stage (default --nsamples): fewer is cheaper.")
+@click.option("--stage-check", default=0, show_default=True,
+              help="Before generation 0, score this many varied candidates on every stage and write how each "
+                   "stage ranks like the last (Spearman) to RUN/stage_check.json; 20 or more to mean much.")
 @click.option("--data-dir", default=None, envvar="PRUNERZERO_DATA_DIR",
               help="Folder holding wikitext-2-raw/wiki.test.raw.")
 @_bos_option()
@@ -347,7 +357,8 @@ def _tuple(text, cast=str, option=""):
 @click.option("--quiet", is_flag=True, help="No live lines or progress bars; the run folder has the logs.")
 def evolve(model, output, resume, sparsity, structure, strategy, population, generations, elite, tournament, stages,
            promote, heldout_chunks, heldout_full, baselines, seed_metrics, terminals, nsamples, seqlen, calibration, search_data,
-           update, proxy_stages, data_dir, bos, seed, time_limit, workers, threads, use_ray, ray_address, gpus_per_worker, dtype, device, quiet):
+           update, proxy_stages, fitness, fitness_samples, stage_check, data_dir, bos, seed, time_limit, workers, threads,
+           use_ray, ray_address, gpus_per_worker, dtype, device, quiet):
     """Search for a pruning metric by genetic programming (Pruner-Zero)."""
     from .search.config import SearchConfig
     from .search.run import run_evolve
@@ -361,8 +372,9 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
                        baselines=() if baselines.strip() == "none" else _tuple(baselines),
                        seed_metrics=_tuple(seed_metrics), terminals=_tuple(terminals) or None, nsamples=nsamples,
                        seqlen=seqlen, calibration=calibration, search_data=search_data, update=update,
-                       proxy_stages=proxy_stages, data_dir=data_dir, bos=bos, seed=seed,
-                       time_limit=time_limit, workers=workers, threads=threads, ray=use_ray, ray_address=ray_address,
+                       proxy_stages=proxy_stages, fitness=fitness, fitness_samples=fitness_samples,
+                       stage_check=stage_check, data_dir=data_dir, bos=bos, seed=seed, time_limit=time_limit,
+                       workers=workers, threads=threads, ray=use_ray, ray_address=ray_address,
                        gpus_per_worker=gpus_per_worker, dtype=dtype, device=device)
     run_evolve(cfg, output, log=log, quiet=quiet)
 

@@ -184,7 +184,7 @@ def test_the_time_reserved_for_held_out_scoring_counts_a_reconstruction_once_per
     from prunerzero.search.evolve import Counters
     from prunerzero.search.run import finish_estimate
     c = SearchConfig(update=update, stages=(2, 8), proxy_stages=1, baselines=("magnitude", "wanda"), hof_size=2,
-                     heldout_chunks=64)
+                     heldout_chunks=64, fitness="one-shot")
     search = SimpleNamespace(counters=Counters(chunk_evals=40, eval_s=40.0, recon_s=600.0, recons=4), hof=[1, 2, 3])
     models = 1 + 2 + 2   # dense, the baselines, the hall of fame
     want = 64 * models + (150.0 * (models - 1) if update == "admm" else 0)

@@ -213,7 +213,7 @@ def run_block(block, inputs, call, batch: int | None = None):
 
 
 def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning blocks", dense: bool = False,
-              batch: int | None = None):
+              batch: int | None = None, paired: bool = False):
     """Sequential pruning: record each block's inputs statistics with `recorder`, prune it with
     `prune_block(index, linears, recorder)`, and pass the calibration activations through the
     pruned block to the next one. dense: pass on the block's outputs from before it was pruned
@@ -221,8 +221,11 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
     Each block runs on execution_device(model) (moved there only while it runs when the model is
     onloaded) and in compute_dtype(model) (fp32 for a half-precision model on a CPU without
     half-precision units), so statistics come from fp32 activations there. batch: samples per
-    block call (None: block_batch, one on a CPU)."""
+    block call (None: block_batch, one on a CPU). paired (sequential only): the dense model's
+    activations are carried along too, one more pass per block, and each batch runs on both
+    streams in turn for a paired recorder (calibration.PairedHessians)."""
     inputs, calls = block_inputs(model, calibration)
+    originals = list(inputs) if paired and not dense else None
     blocks = decoder_layers(model)
     dtype, device = compute_dtype(model), execution_device(model)
     for i, block in enumerate(bar(blocks, desc=desc, enabled=progress)):
@@ -230,10 +233,28 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
         with running_in(block, dtype, device):
             linears = prunable_linears(block)
             with torch.no_grad(), recorder(linears) as rec:
-                outputs = run_block(block, inputs, call, batch)
+                if originals is None:
+                    outputs = run_block(block, inputs, call, batch)
+                else:
+                    originals = run_paired(block, as_dtype(originals, call, dtype, device)[0], inputs, call, batch,
+                                           rec)
             prune_block(i, linears, rec)
             if dense:
                 inputs = outputs
             else:
                 with torch.no_grad():
                     inputs = run_block(block, inputs, call, batch)
+
+
+def run_paired(block, originals, inputs, call, batch, rec):
+    """The block's outputs on the dense stream `originals`, each batch of which runs just before
+    the same batch of `inputs` (the pruned stream, outputs dropped), so that `rec` sees a layer's
+    dense input and then its pruned input on the same tokens."""
+    batch = batch or block_batch(inputs)
+    outs = []
+    for i in range(0, len(inputs), batch):
+        rec.capturing = True
+        outs.extend(run_block(block, originals[i:i + batch], call, batch))
+        rec.capturing = False
+        run_block(block, inputs[i:i + batch], call, batch)
+    return outs

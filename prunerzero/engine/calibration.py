@@ -108,6 +108,40 @@ class Hessians(Recorder):
         return self.per_layer(lambda H: inverse_factor(H, percdamp))
 
 
+class PairedHessians(Hessians):
+    """Hessians, plus K = X^T Xd per shared input: X the inputs a layer receives in the model
+    pruned so far, Xd those the dense model gives it on the same tokens (see
+    reconstruct.dense_fitter). blocks.blockwise runs each batch twice: first the dense stream
+    with `capturing` set (its inputs are kept, one batch at a time), then the pruned stream, whose
+    inputs meet them here. A layer whose two inputs differ in shape (an MoE expert that the two
+    streams route different tokens to) has no pairing: it is listed in `unpaired`, has no K, and
+    is fitted to its own output."""
+
+    def __init__(self, linears: dict):
+        self.K: dict[str, torch.Tensor] = {}
+        self.unpaired: set[str] = set()
+        self.capturing = False
+        self._dense: dict[str, torch.Tensor] = {}
+        super().__init__(linears)
+
+    def add(self, name, x):
+        if self.capturing:
+            self._dense[name] = x
+            return
+        super().add(name, x)
+        xd = self._dense.pop(name, None)
+        if xd is None or xd.shape != x.shape:
+            self.unpaired.add(name)
+            return
+        if name not in self.K:
+            self.K[name] = torch.zeros_like(self.H[name])
+        self.K[name].addmm_(x.float().T, xd.float())
+
+    def cross(self, owner: str) -> torch.Tensor | None:
+        """K of a shared input, or None when it could not be paired."""
+        return None if owner in self.unpaired else self.K.get(owner)
+
+
 def obs_curvature(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
     """1 / [(H + damp I)^-1]_jj per input channel j, shaped (1, in), damp = percdamp * mean diag H.
 

@@ -9,7 +9,7 @@ import torch
 from .. import progress
 from ..progress import bar
 
-from .calibration import Hessians, InputNorms, compute_g, compute_h, compute_x
+from .calibration import Hessians, InputNorms, PairedHessians, compute_g, compute_h, compute_x
 from .allocation import allocate
 from .blocks import blockwise
 from ..language.compile import layer_primitives, scorer
@@ -18,7 +18,7 @@ from ..language.metric import Metric
 from .layers import matrix
 from ..errors import PrunerZeroError
 from .models import all_prunable, require_prunable, skipped_layers
-from .reconstruct import Update, factorise, reconstruct
+from .reconstruct import Update, dense_fitter, factorise, reconstruct
 from ..language.space import recipe_defaults
 from .sparsegpt import prune_with_sparsegpt
 
@@ -56,15 +56,17 @@ def metric_mask(name, W, fn, prims, sparsity, structure, group="row", count=None
 
 
 def _prune_linear(name, linear, fn, prims, sparsity, structure, group="row", update: Update = NO_UPDATE, factor=None,
-                  count=None):
+                  count=None, fit=None):
     """Prune one layer by the metric's mask (exactly `count` weights when an allocation gives
     one) and, with an update, reconstruct its kept weights (factor: factorise(H, update) of
-    its input Hessian)."""
+    its input Hessian; fit: reconstruct.dense_fitter's function, which moves the weights to the
+    dense-output fit first)."""
     W = matrix(linear)
     if update.kind == "none":
         W[metric_mask(name, W, fn, prims, sparsity, structure, group, count)] = 0
     else:
-        W.copy_(reconstruct(W, None, update, scorer(name, fn, prims), sparsity, structure, group, count,
+        start = W if fit is None else fit(W)
+        W.copy_(reconstruct(start, None, update, scorer(name, fn, prims), sparsity, structure, group, count,
                             factor).to(W.dtype))
 
 
@@ -139,11 +141,15 @@ def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, 
                       update: Update = NO_UPDATE, counts=None, dense: bool = False):
     # H (the terminal, or the reconstruction) needs the full input covariance; X alone only its diagonal
     needs_h = "H" in uses or update.kind != "none"
+    # fitting the dense output needs the dense stream beside the pruned one (not in one-shot,
+    # where the two are the same and the fit is the layer's own)
+    paired = update.fit == "dense" and not dense
 
     def prune_block(i, linears, rec):
         _prune_block_layers(f"layers.{i}.", linears, rec, fn, uses, grads, len(calibration), sparsity, structure,
                             group, update, counts)
-    blockwise(model, calibration, Hessians if needs_h else InputNorms, prune_block, progress, dense=dense)
+    recorder = PairedHessians if paired else Hessians if needs_h else InputNorms
+    blockwise(model, calibration, recorder, prune_block, progress, dense=dense, paired=paired)
 
 
 def _prune_block_layers(prefix, linears, rec, fn, uses, grads, n, sparsity, structure, group, update, counts=None):
@@ -153,14 +159,17 @@ def _prune_block_layers(prefix, linears, rec, fn, uses, grads, n, sparsity, stru
     stats = {"G": grads, "X": {prefix + k: v for k, v in local.items()}}
     if "H" in uses:
         stats["H"] = {prefix + k: v for k, v in rec.curvature().items()}
-    factors = {}  # one factorisation per shared Hessian (q/k/v, gate/up)
+    factors, fits = {}, {}  # one factorisation (and dense fit) per shared Hessian (q/k/v, gate/up)
     for name, lin in linears.items():
-        factor = None
+        factor = fit = None
         if hessians and update.kind != "none":
             owner = rec.owner[name]
             factor = factors[owner] = factors.get(owner) or factorise(rec.H[owner], update)
+            K = rec.cross(owner) if isinstance(rec, PairedHessians) else None
+            if K is not None:
+                fit = fits[owner] = fits.get(owner) or dense_fitter(rec.H[owner], K, update)
         _prune_linear(prefix + name, lin, fn, layer_primitives(prefix + name, uses, stats, n), sparsity, structure,
-                      group, update, factor, counts and counts[prefix + name])
+                      group, update, factor, counts and counts[prefix + name], fit)
 
 
 def apply_sparsegpt(model, sparsity: float = 0.5, structure: str = "unstructured",

@@ -27,6 +27,7 @@ from ..errors import PrunerZeroError
 from .masks import lowest_k, lowest_per_row, make_mask, nm_mask, parse_structure, row_counts
 
 UPDATES = ("none", "obs", "obs-adaptive", "admm", "admm-pcg")
+FITS = ("layer", "dense")   # what a reconstructed layer's output is fitted to (see Update.fit)
 ADMM_KINDS = ("admm", "admm-pcg")
 PCG_STEPS = 10   # admm-pcg's refinement steps unless given
 
@@ -66,10 +67,16 @@ class Update:
     iters: int = 20                 # ADMM iterations
     gradual: int = 15               # ADMM: iterations that re-choose the mask (0: fixed mask)
     refine: int | None = None       # admm-pcg: conjugate-gradient steps on the final mask (None: PCG_STEPS)
+    fit: str = "layer"              # sequential pruning: fit the layer's own output on the inputs it now
+                                    # receives ("layer"), or the dense model's output at that layer ("dense":
+                                    # the layer also makes up for the error the pruned earlier blocks left)
 
     def __post_init__(self):
         from .. import checks
         checks.choice("update", self.kind, UPDATES)
+        checks.choice("fit", self.fit, FITS)
+        if self.fit == "dense" and self.kind == "none":
+            raise checks.SettingsError("--fit dense changes how kept weights are reconstructed: give an --update")
         checks.integer("refine", self.refine, minimum=0, optional=True)
         checks.number("percdamp", self.percdamp, low=0, low_open=True, optional=True)
         checks.integer("blocksize", self.blocksize)
@@ -100,6 +107,8 @@ class Update:
         out = {"kind": self.kind, "percdamp": self.damping, **{k: v for k, v in asdict(self).items() if k in keep}}
         if self.kind == "admm-pcg":
             out["refine"] = self.refine_steps
+        if self.fit != "layer":
+            out["fit"] = self.fit
         return out
 
 
@@ -127,6 +136,37 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor | None, update: Update, score, 
         return obs_sweep(W, U, dead, lambda cur, a, b, d: fixed[:, a:b], update.blocksize, group_only=True)
     chooser = adaptive_chooser(score, sparsity, nm, group, W.shape, count)
     return obs_sweep(W, U, dead, chooser, update.blocksize, nm and nm[1])
+
+
+@torch.no_grad()
+def dense_fitter(H: torch.Tensor, K: torch.Tensor, update: Update):
+    """For fit="dense": a function taking a layer's dense weights W to the weights W* that best
+    fit the dense model's output from the inputs the layer now receives,
+
+        W* = argmin ||X W*^T - Xd W^T||^2 + (W* - W) D (W* - W)^T = (W K^T + W D) (H + D)^-1,
+
+    with H = X^T X and K = X^T Xd recorded on the same tokens (X: the inputs after the earlier
+    pruned blocks, Xd: the dense model's) and D the update's own damping (OBS: percdamp * mean
+    diag H; ADMM: its damping in unit-diagonal coordinates, i.e. proportional to diag H). The
+    masked problem around W* with H is the damped masked problem of fitting Xd W^T, up to a
+    constant, so every solver runs unchanged from W*. With K = H (no earlier error), W* = W.
+    Computed once per shared input (q/k/v, gate/up), applied to each layer that reads it."""
+    H = H.double()
+    diag = H.diagonal()
+    dead = diag == 0
+    damp = update.damping * (diag * (~dead).double().mean() if update.is_admm else diag.mean().expand_as(diag))
+    damp = torch.where(dead, torch.ones_like(damp), damp)   # dead inputs: W* keeps W there (pruned later)
+    A = H + torch.diag(damp)
+    L, info = torch.linalg.cholesky_ex(A)
+    if info:
+        raise HessianError("the calibration Hessian is not positive definite; use more calibration samples")
+    Kt, damp32 = K.T.float(), damp.float()
+
+    def fit(W: torch.Tensor) -> torch.Tensor:
+        W = W.float()
+        B = torch.addcmul(W.mm(Kt), W, damp32)
+        return torch.cholesky_solve(B.T.double(), L).T.float()
+    return fit
 
 
 @torch.no_grad()

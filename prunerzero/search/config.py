@@ -26,6 +26,14 @@ class SearchConfig(Settings):
                                              # wikipedia-heldout: search on held-out Wikipedia, report on WikiText-2
     update: str = "none"                     # the recipe's reconstruction: none, obs, obs-adaptive, admm
     proxy_stages: int = 1                    # with an update: leading stages ranked by the mask alone (cheap)
+    fitness: str | None = None               # how the last stage prunes: "one-shot" (every layer from the dense
+                                             # model's statistics) or "sequential" (as `apply` prunes: block by
+                                             # block through the pruned earlier blocks); None: sequential with an
+                                             # update (its gain must survive as users get it), else one-shot
+    fitness_samples: int | None = None       # calibration windows of the sequential stage (None: --nsamples);
+                                             # fewer is a cheaper, lower-fidelity sequential stage
+    stage_check: int = 0                     # before generation 0, score this many varied candidates on every
+                                             # stage and write how each stage ranks like the last (Spearman)
     data_dir: str | None = None
     bos: str = "auto"                        # BOS per sequence: auto (as the tokenizer does), always, never
     stages: tuple[int, ...] = (1, 4, 16)     # search chunks seen by candidates reaching each stage
@@ -74,6 +82,19 @@ class SearchConfig(Settings):
         stage = stage % len(self.stages)
         return self.update != "none" and stage >= self.proxy_stages
 
+    def sequential(self, stage: int) -> bool:
+        """Whether candidates in `stage` are pruned as `apply` prunes them: the last stage, with
+        fitness "sequential"."""
+        return self.fitness == "sequential" and stage % len(self.stages) == len(self.stages) - 1
+
+    def stage_mode(self, stage: int) -> str:
+        """How a stage prunes its candidates, for logs and the stage check: "mask" (the metric's
+        masks alone, one-shot), "one-shot" (with the update, from the dense statistics) or
+        "sequential"."""
+        if self.sequential(stage):
+            return "sequential"
+        return "one-shot" if self.reconstructs(stage) else "mask"
+
     def validate(self):
         self.sparsity = resolve_sparsity(self.structure, self.sparsity)
         checks.model_and_text(self.bos, self.dtype, self.device, self.seqlen)
@@ -92,6 +113,17 @@ class SearchConfig(Settings):
             raise SearchConfigError(f"--stages must be increasing chunk counts >= 1, got {self.stages}")
         checks.number("promote", self.promote, 0, 1, low_open=True)
         checks.choice("update", self.update, UPDATES)
+        if self.fitness is None:
+            self.fitness = "sequential" if self.update != "none" else "one-shot"
+        checks.choice("fitness", self.fitness, ("one-shot", "sequential"))
+        checks.integer("fitness_samples", self.fitness_samples, optional=True)
+        if self.fitness_samples is not None and self.fitness_samples > self.nsamples:
+            raise SearchConfigError(f"--fitness-samples {self.fitness_samples} is more than the {self.nsamples} "
+                                    f"calibration windows (--nsamples)")
+        checks.integer("stage_check", self.stage_check, minimum=0)
+        if 0 < self.stage_check < 3:
+            raise SearchConfigError(f"--stage-check {self.stage_check}: a rank correlation needs at least 3 "
+                                    f"candidates (20 or more to mean much)")
         checks.integer("proxy_stages", self.proxy_stages, minimum=0)
         # the proxy stages only matter with an update, whose last stage must reconstruct
         if self.update != "none" and self.proxy_stages > len(self.stages) - 1:

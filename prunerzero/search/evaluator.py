@@ -29,7 +29,7 @@ from ..engine.layers import matrix, set_matrix
 from ..engine.models import all_prunable, copy_fits, prunable_linears
 from ..loading import load_model
 from ..language.compile import layer_primitives, scorer
-from ..engine.prune import metric_mask
+from ..engine.prune import apply_metric, metric_mask
 from ..engine.reconstruct import Update, factorise, reconstruct
 
 
@@ -56,6 +56,7 @@ class Setup:
     per_block: bool | None = None       # candidates pruned in place one decoder block at a
                                         # time (see Evaluator); None: when a whole-model copy of the
                                         # masked weights would not fit in free memory
+    calibration: torch.Tensor | None = None   # (n, seqlen) token ids for sequential tasks (pruned as apply prunes)
 
 
     def inline(self) -> "Setup":
@@ -99,6 +100,8 @@ class Task:
     chunks: str = "search"
     known: dict = field(default_factory=dict)
     reconstruct: bool = False          # prune with the recipe's update (else the mask alone)
+    sequential: bool = False           # prune as `apply` does: block by block, each block's statistics
+                                       # recomputed through the pruned earlier ones (with the update, if any)
 
 
 @dataclass
@@ -172,10 +175,12 @@ def packed_fingerprint(bits: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def weights_fingerprint(weights: dict[str, torch.Tensor], update: Update) -> str:
+def weights_fingerprint(weights: dict[str, torch.Tensor], update: Update, sequential: bool = False) -> str:
     """A hash of the update and every layer's reconstructed weights: with an adaptive update the
     mask alone does not decide the weights, so the fingerprint takes all their bytes."""
     h = weights_digest(update)
+    if sequential:
+        h.update(b"sequential")
     for name in sorted(weights):
         add_layer(h, name, weights[name])
     return h.hexdigest()
@@ -279,6 +284,24 @@ class Evaluator:
             out[name] = W.cpu()
         return h.hexdigest(), out
 
+    def sequential_weights(self, text: str) -> dict[str, torch.Tensor]:
+        """Every layer's weights pruned as `apply` prunes them (prune.apply_metric, sequential,
+        with the recipe's update) on the setup's calibration windows, into fresh tensors: the
+        model's own dense weights are pointed back at after, untouched."""
+        s = self.setup
+        if s.calibration is None:
+            raise ValueError("a sequential task needs calibration windows (Setup.calibration)")
+        for name, lin in self.layers.items():
+            set_matrix(lin, self.dense[name].clone())
+        try:
+            # G is the dense model's gradient either way: the cached one serves
+            apply_metric(self.model, text, s.sparsity, s.structure, calibration=s.calibration, sequential=True,
+                         grads=self.prims.get("G"), update=self.update, allocation="uniform", progress=False)
+            return {name: matrix(lin) for name, lin in self.layers.items()}
+        finally:
+            for name, lin in self.layers.items():
+                set_matrix(lin, self.dense[name])
+
     def factor(self, name: str):
         if self._hessians is None:
             if not self.setup.hessians:
@@ -296,6 +319,9 @@ class Evaluator:
         """(fingerprint, new weights of every layer) of a task's candidate."""
         if task.text == DENSE:
             return self.dense_fingerprint(), self.dense
+        if task.sequential:
+            weights = self.sequential_weights(task.text)
+            return weights_fingerprint(weights, self.update, sequential=True), weights
         if task.reconstruct:
             weights = self.reconstructed(task.text)
             return weights_fingerprint(weights, self.update), weights
@@ -341,7 +367,11 @@ class Evaluator:
         r = Result(task.text)
         try:
             if self.per_block:
-                if task.reconstruct and task.text != DENSE:
+                if task.sequential and task.text != DENSE:
+                    weights = {n: w.cpu() for n, w in self.sequential_weights(task.text).items()}
+                    r.fingerprint = weights_fingerprint(weights, self.update, sequential=True)
+                    around = functools.partial(self.replaced_block, weights)
+                elif task.reconstruct and task.text != DENSE:
                     r.fingerprint, weights = self.reconstructed_in_host(task.text)
                     around = functools.partial(self.replaced_block, weights)
                 else:

@@ -56,6 +56,8 @@ class Counters:
     eval_s: float = 0.0        # seconds spent in those chunk evaluations, pruning excluded (for time estimates)
     recon_s: float = 0.0       # seconds spent pruning and reconstructing recipes (once per candidate)
     recons: int = 0            # recipe candidates reconstructed
+    sequential_s: float = 0.0  # seconds spent pruning candidates sequentially (the faithful stage)
+    sequentials: int = 0       # candidates pruned sequentially
 
 
 def same_key(a, b) -> bool:
@@ -92,6 +94,8 @@ class Search:
     # ------------------------------------------------------------------ candidates
     def key(self, ind) -> str | None:
         return self.cache.describe(str(ind))[1]
+
+    key_of = key   # for metric texts as well as trees
 
     def _valid_fresh(self, taken: set):
         """A random tree that is a valid metric with a key not in `taken`."""
@@ -152,9 +156,8 @@ class Search:
             else:
                 alive.append(ind)
         for s, k in enumerate(self.stages):
-            recon = self.config.reconstructs(s)
-            what = f"{k} chunks" + (f", {self.config.update}" if recon else "")
-            ppl = self._measure(alive, k, f"{desc} stage {s + 1}/{len(self.stages)} ({what})", recon=recon)
+            ppl = self._measure(alive, k, f"{desc} stage {s + 1}/{len(self.stages)} ({self.stage_what(s)})",
+                                **self.how(s))
             ok = []
             for ind in alive:
                 p = ppl[self.key(ind)]
@@ -166,9 +169,21 @@ class Search:
             keep = max(1, math.ceil(len(ok) * self.config.promote)) if s + 1 < len(self.stages) else 0
             alive = sorted(ok, key=lambda i: i.fitness.values[1])[:keep]
 
-    def _measure(self, inds, k: int, desc: str, tag=None, recon: bool = False) -> dict:
+    def how(self, stage: int) -> dict:
+        """_measure's arguments for how `stage` prunes its candidates."""
+        return dict(recon=self.config.reconstructs(stage), seq=self.config.sequential(stage))
+
+    def stage_what(self, stage: int) -> str:
+        c = self.config
+        mode = c.stage_mode(stage)
+        what = f"{self.stages[stage]} chunks"
+        if mode == "sequential":
+            return what + ", sequential" + (f" with {c.update}" if c.update != "none" else "")
+        return what + (f", {c.update}" if mode == "one-shot" else "")
+
+    def _measure(self, inds, k: int, desc: str, tag=None, recon: bool = False, seq: bool = False) -> dict:
         """Perplexity on the first k search chunks of every distinct key among `inds`, of the
-        masks alone or (recon) of the recipe with its update."""
+        masks alone, (recon) of the recipe with its update, or (seq) pruned as apply prunes."""
         out, tasks, keys = {}, [], []
         known = self.cache.known()  # fingerprints measured before this batch, shared by its tasks
         for ind in inds:
@@ -176,7 +191,7 @@ class Search:
             if key in out or key in keys:
                 self.counters.key_hits += 1
                 continue
-            entry = self.entry(key, recon)
+            entry = self.entry(key, recon, seq)
             m = self.cache.measured(entry)
             if self.cache.failure(entry):
                 out[key] = math.inf
@@ -185,16 +200,19 @@ class Search:
                 out[key] = m.perplexity(k)
             else:
                 keys.append(key)
-                tasks.append(Task(simplified, m.done if m else 0, k, "search", known, reconstruct=recon))
+                tasks.append(Task(simplified, m.done if m else 0, k, "search", known, reconstruct=recon, sequential=seq))
         bar = progress.bar(total=len(tasks), desc=desc.strip(), enabled=not self.quiet and bool(tasks), done_line=False)
         results = self.pool.map(tasks, on_result=lambda r: bar.update())
         bar.close()
         for key, task, r in zip(keys, tasks, results):
-            out[key] = self._record(self.entry(key, recon), task, r, k, self.gen if tag is None else tag)
+            out[key] = self._record(self.entry(key, recon, seq), task, r, k, self.gen if tag is None else tag)
         return out
 
-    def entry(self, key: str, recon: bool) -> str:
-        """The cache entry of a key: the mask alone and the reconstructed recipe are measured apart."""
+    def entry(self, key: str, recon: bool, seq: bool = False) -> str:
+        """The cache entry of a key: the mask alone, the reconstructed recipe and the candidate
+        pruned sequentially are measured apart."""
+        if seq:
+            return f"{key} sequential" + (f" +{self.config.update}" if self.config.update != "none" else "")
         return f"{key} +{self.config.update}" if recon else key
 
     def _record(self, key, task, r, k, gen) -> float:
@@ -211,13 +229,17 @@ class Search:
             self.counters.evaluations += 1
             self.counters.chunk_evals += r.hi - r.lo
             self.counters.eval_s += r.seconds - r.prune_s
-            if task.reconstruct:
+            if task.sequential:
+                self.counters.sequential_s += r.prune_s
+                self.counters.sequentials += 1
+            elif task.reconstruct:
                 self.counters.recon_s += r.prune_s
                 self.counters.recons += 1
         ppl = m.perplexity(k) if m.done >= k else math.inf
         self.run.append("evaluations.jsonl", dict(gen=gen, metric=task.text, key=key, fingerprint=r.fingerprint,
                                                   chunks=[r.lo, r.hi], cached=r.cached, perplexity=_finite(ppl),
-                                                  update=self.config.update if task.reconstruct else "none",
+                                                  update=self.config.update if task.reconstruct or task.sequential
+                                                  else "none", sequential=task.sequential,
                                                   seconds=round(r.seconds, 3)))
         return ppl
 
@@ -309,6 +331,8 @@ def setup_for(config: SearchConfig, data: SearchData, primitive_files: dict, hes
     chunks = {"search": data.search, "heldout": data.heldout}
     if data.full is not None:
         chunks["full"] = data.full
+    sequential = config.fitness == "sequential"
     return Setup(model=config.model, primitives=primitive_files, nsamples=len(data.calibration),
                  sparsity=config.sparsity, structure=config.structure, chunks=chunks, dtype=config.dtype,
-                 device=config.device, threads=config.threads, update={"kind": config.update}, hessians=hessians)
+                 device=config.device, threads=config.threads, update={"kind": config.update}, hessians=hessians,
+                 calibration=data.calibration[:config.fitness_samples] if sequential else None)

@@ -22,6 +22,7 @@ from ..pipeline import WIKIPEDIA_HELDOUT, note as say_note, calibration_for, eva
 from ..engine.reconstruct import Update
 from .config import SearchConfig
 from .evaluator import DENSE, Evaluator, Task
+from .fidelity import describe, stage_check
 from .gp import from_text, primitive_set
 from .evolve import BEAT_MARGIN, Search, SearchData, _finite, setup_for
 from ..runs.pools import make_pool
@@ -162,6 +163,11 @@ def _evolve(config: SearchConfig, run: RunDir, resume, state, data, log, quiet, 
         if not (resume and run.resume(search, log, state)):
             search.seed_rngs()
             search.reference = reference_fitness(search, config)
+            if config.stage_check:
+                check = stage_check(search, config.stage_check)
+                run.write_json("stage_check.json", check)
+                for line in describe(check):
+                    log(line)
             search.checkpoint()
         gen_s, measured = 0.0, 0.0   # a generation's estimate, then the longest one measured
         if config.time_limit:
@@ -228,19 +234,25 @@ def check_setup_fits(model, c: SearchConfig, samples, needed, spent: float, log)
 def generation_estimate(search: Search, c: SearchConfig) -> float:
     """Seconds one generation should take at the measured seconds per chunk: every offspring sees
     the first stage's chunks, the promoted fraction each later stage's, plus one reconstruction for
-    each candidate that reaches a reconstructing stage."""
+    each candidate that reaches a reconstructing stage, and one sequential pruning for each that
+    reaches the sequential stage."""
     n = search.counters
     if not n.chunk_evals:
         return 0.0
     per_chunk = n.eval_s / n.chunk_evals
-    chunks, recon, reach, prev = 0.0, 0.0, 1.0, 0
+    chunks, recon, seq, reach, prev = 0.0, 0.0, 0.0, 1.0, 0
     for i, k in enumerate(c.stages):
-        chunks += reach * (k - prev)
-        if c.reconstructs(i) and not (i and c.reconstructs(i - 1)):
-            recon += reach
+        if c.sequential(i):   # a fresh model: every chunk of the stage is evaluated again
+            chunks += reach * k
+            seq += reach
+        else:
+            chunks += reach * (k - prev)
+            if c.reconstructs(i) and not (i and c.reconstructs(i - 1)):
+                recon += reach
         prev, reach = k, reach * c.promote
     recon_s = n.recon_s / n.recons if n.recons else 0.0
-    return c.population * (chunks * per_chunk + recon * recon_s)
+    seq_s = n.sequential_s / n.sequentials if n.sequentials else 0.0
+    return c.population * (chunks * per_chunk + recon * recon_s + seq * seq_s)
 
 
 def finish_estimate(search: Search, c: SearchConfig) -> float:
@@ -252,7 +264,10 @@ def finish_estimate(search: Search, c: SearchConfig) -> float:
     if not n.chunk_evals:
         return 0.0
     models = 1 + len(c.baselines) + min(c.hof_size, max(len(search.hof), 1))
-    recon = n.recon_s / n.recons * (models - 1) if c.reconstructs(-1) and n.recons else 0.0
+    if c.sequential(-1):
+        recon = n.sequential_s / n.sequentials * (models - 1) if n.sequentials else 0.0
+    else:
+        recon = n.recon_s / n.recons * (models - 1) if c.reconstructs(-1) and n.recons else 0.0
     return n.eval_s / n.chunk_evals * c.heldout_chunks * models + recon
 
 
@@ -267,8 +282,7 @@ def _check_metrics(c: SearchConfig):
 
 def reference_fitness(search: Search, c: SearchConfig) -> dict:
     """Search fitness (all search chunks) of the baselines, for the log and the plot."""
-    ppl = search._measure(list(c.baselines), search.stages[-1], "baselines", tag="baselines",
-                          recon=c.reconstructs(-1))
+    ppl = search._measure(list(c.baselines), search.stages[-1], "baselines", tag="baselines", **search.how(-1))
     out = {}
     for name in c.baselines:
         key = search.cache.describe(name)[1]
@@ -290,7 +304,8 @@ def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir, log) 
         n = len(data.heldout if name == "heldout" else data.full)
         with progress.bar(total=len(rows), desc=f"final scoring ({name}, {n} chunks each)",
                           enabled=not search.quiet) as b:
-            results = search.pool.map([Task(r[0], 0, n, name, reconstruct=c.reconstructs(-1)) for r in rows],
+            results = search.pool.map([Task(r[0], 0, n, name, reconstruct=c.reconstructs(-1),
+                                            sequential=c.sequential(-1)) for r in rows],
                                       on_result=lambda r: b.update())
         measured[name] = [r.perplexity for r in results]
 

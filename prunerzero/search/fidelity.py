@@ -1,0 +1,99 @@
+"""How far a search can trust its cheap stages: before generation 0, a set of varied
+candidates (the baselines, the seed metrics, then fresh random trees) is scored on every stage,
+and each stage's ranking is compared with the last stage's (Spearman's rank correlation). A
+stage that ranks unlike the last one promotes the wrong candidates; this makes that visible
+in RUN/stage_check.json, in the log, and in the benchmark."""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+
+from .gp import from_text
+
+
+def ranks(values) -> np.ndarray:
+    """Ranks 1..n of `values`, ties given the mean of the ranks they span."""
+    v = np.asarray(values, dtype=float)
+    order = np.argsort(v, kind="stable")
+    r = np.empty(len(v))
+    r[order] = np.arange(1, len(v) + 1)
+    for x in np.unique(v):
+        tie = v == x
+        if tie.sum() > 1:
+            r[tie] = r[tie].mean()
+    return r
+
+
+def spearman(a, b) -> float | None:
+    """Spearman's rank correlation of two equally long sequences (the Pearson correlation of
+    their ranks); None when fewer than 3 pairs or either side is constant."""
+    if len(a) != len(b):
+        raise ValueError(f"spearman: {len(a)} values against {len(b)}")
+    if len(a) < 3:
+        return None
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / den) if den > 0 else None
+
+
+def check_candidates(search, n: int) -> list:
+    """n varied candidates with distinct keys: the baselines, the seed metrics, then fresh random
+    trees of the search space. The global RNG is put back after, so the search that follows is
+    the one a run without the check makes."""
+    c, out, taken = search.config, [], set()
+    for text in (*c.baselines, *c.seed_metrics):
+        key = search.cache.describe(text)[1]
+        if key is not None and key not in taken and len(out) < n:
+            out.append(text)
+            taken.add(key)
+    state = random.getstate()
+    try:
+        random.seed(f"stage-check {c.seed}")
+        for _ in range(50 * n):
+            if len(out) >= n:
+                break
+            ind = search._valid_fresh(taken)
+            key = search.key(ind)
+            if key is not None and key not in taken:
+                out.append(str(ind))
+                taken.add(key)
+    finally:
+        random.setstate(state)
+    return out
+
+
+def stage_check(search, n: int) -> dict:
+    """Score n varied candidates on every stage (no promotion) and correlate each stage's
+    perplexities with the last stage's over the candidates finite on both."""
+    c = search.config
+    texts = check_candidates(search, n)
+    per_stage = []
+    for s, k in enumerate(search.stages):
+        ppl = search._measure(texts, k, f"stage check: stage {s + 1}/{len(search.stages)} ({search.stage_what(s)})",
+                              tag="stage-check", **search.how(s))
+        per_stage.append([ppl[search.key_of(t)] for t in texts])
+    last = per_stage[-1]
+    stages = []
+    for s, figures in enumerate(per_stage):
+        pairs = [(a, b) for a, b in zip(figures, last) if math.isfinite(a) and math.isfinite(b)]
+        stages.append(dict(stage=s + 1, chunks=search.stages[s], pruning=c.stage_mode(s),
+                           spearman=spearman(*zip(*pairs)) if len(pairs) >= 3 else None, candidates=len(pairs)))
+    return dict(stages=stages, update=c.update, fitness=c.fitness, fitness_samples=c.fitness_samples,
+                candidates=[dict(metric=t, perplexity=[_finite(p[i]) for p in per_stage]) for i, t in enumerate(texts)])
+
+
+def _finite(x):
+    return x if math.isfinite(x) else None
+
+
+def describe(check: dict) -> list[str]:
+    """Log lines: each stage's rank correlation with the last."""
+    lines = [f"stage check over {len(check['candidates'])} candidates (Spearman with the last stage):"]
+    for s in check["stages"]:
+        rho = "n/a" if s["spearman"] is None else f"{s['spearman']:+.3f}"
+        lines.append(f"  stage {s['stage']}: {s['chunks']:3d} chunks, {s['pruning']:10}  {rho}  "
+                     f"({s['candidates']} finite)")
+    return lines
