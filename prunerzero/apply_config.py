@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from . import checks
 from .engine.allocation import check_allocation
 from .engine.masks import parse_structure, resolve_sparsity
-from .engine.reconstruct import UPDATES
+from .engine.reconstruct import Update
 from .settings import Settings, TaskSettings
 from .language.space import recipe_defaults
 
@@ -57,7 +57,7 @@ class ApplyConfig(EvalConfig):
         checks.choice("group", self.group, (None, "row", "layer"))
         self.update, self.allocation = recipe_defaults(self.metric if self.method == "metric" else None,
                                                        self.update, self.allocation)
-        checks.choice("update", self.update, UPDATES)
+        self.update = Update.parse(self.update).spec()
         check_allocation(self.allocation, self.structure)
         if self.method == "sparsegpt" and self.allocation != "uniform":
             raise checks.SettingsError("--allocation applies to --method metric")

@@ -224,12 +224,14 @@ def _task_options(flag: str):
               help="sparsegpt: second-order reconstruction instead of a metric (--metric is ignored).")
 @click.option("--group", type=click.Choice(["row", "layer"]), default=None,
               help="Unstructured comparison group (default: the metric's published one, else row).")
-@click.option("--update", type=click.Choice(UPDATES), default=None,
+@click.option("--update", default=None,
               help="Reconstruct the kept weights after each layer's mask (docs/pruning.md). none: the mask alone; "
                    "obs: SparseGPT's sweep on the fixed mask (about SparseGPT's time); obs-adaptive: the sweep, "
                    "re-scoring as it goes; admm: 20 ADMM iterations re-choosing the mask over 15 (the best models, "
                    "about 1.4x SparseGPT's time on a CPU); admm-pcg: admm, then 10 conjugate-gradient steps on the "
-                   "final mask (ALPS' refinement, a tenth more). Default: the catalogued recipe's, else none.")
+                   "final mask (ALPS' refinement, a tenth more). A kind may carry parameters, as searched recipes "
+                   "do: \"admm rho=0.5 iters=30\" (percdamp, rho, iters, gradual, refine, fit). Default: the "
+                   "catalogued recipe's, else none.")
 @click.option("--allocation", type=click.Choice(["uniform", "owl", "search"]), default=None,
               help="Per-layer sparsity (unstructured): owl gives blocks with more outliers fewer pruned weights; "
                    "search evolves each layer's sparsity (KL to the dense model); default: the catalogued "
@@ -295,7 +297,7 @@ def _resumed(run_fn, output, resume, log, quiet) -> bool:
 def _tuple(text, cast=str, option=""):
     """'a,b,c' -> a tuple of `cast` values; a usage error (exit 2) names the option otherwise."""
     try:
-        return tuple(cast(x) for x in text.split(",") if x.strip()) if text else ()
+        return tuple(cast(x.strip()) for x in text.split(",") if x.strip()) if text else ()
     except ValueError:
         kind = {int: "whole numbers", float: "numbers"}.get(cast, "values")
         raise click.UsageError(f"{option} must be comma-separated {kind}, got {text!r}") from None
@@ -329,10 +331,16 @@ def _tuple(text, cast=str, option=""):
 @click.option("--search-data", default=None,
               help="Search text (default WikiText-2 test); wikipedia-heldout: search on held-out Wikipedia "
                    "and report on WikiText-2.")
-@click.option("--update", type=click.Choice(UPDATES), default="none",
-              show_default=True, help="Search recipes: each candidate's kept weights reconstructed (see apply).")
+@click.option("--update", default="none", show_default=True,
+              help="Search recipes: each candidate's kept weights reconstructed (a kind, with parameters if "
+                   "wanted, as for apply).")
 @click.option("--proxy-stages", default=1, show_default=True,
               help="With --update: leading stages ranked by the mask alone, a cheap proxy.")
+@click.option("--search", "search_parts", default="metric", show_default=True,
+              help="The parts of a candidate that evolve: metric (the tree), update (the reconstruction's "
+                   "settings, starting from --update's: rho, iterations, mask schedule, damping, refinement, "
+                   "error correction), or both (metric,update); a part left out stays as given (the metric: "
+                   "the first --seed-metrics).")
 @click.option("--fitness", type=click.Choice(["one-shot", "sequential"]), default=None,
               help="How the last stage prunes its candidates: sequential, as apply prunes them (block by block "
                    "through the pruned earlier blocks; the faithful fitness, a whole prune per candidate) or "
@@ -357,7 +365,7 @@ def _tuple(text, cast=str, option=""):
 @click.option("--quiet", is_flag=True, help="No live lines or progress bars; the run folder has the logs.")
 def evolve(model, output, resume, sparsity, structure, strategy, population, generations, elite, tournament, stages,
            promote, heldout_chunks, heldout_full, baselines, seed_metrics, terminals, nsamples, seqlen, calibration, search_data,
-           update, proxy_stages, fitness, fitness_samples, stage_check, data_dir, bos, seed, time_limit, workers, threads,
+           update, proxy_stages, search_parts, fitness, fitness_samples, stage_check, data_dir, bos, seed, time_limit, workers, threads,
            use_ray, ray_address, gpus_per_worker, dtype, device, quiet):
     """Search for a pruning metric by genetic programming (Pruner-Zero)."""
     from .search.config import SearchConfig
@@ -372,7 +380,7 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
                        baselines=() if baselines.strip() == "none" else _tuple(baselines),
                        seed_metrics=_tuple(seed_metrics), terminals=_tuple(terminals) or None, nsamples=nsamples,
                        seqlen=seqlen, calibration=calibration, search_data=search_data, update=update,
-                       proxy_stages=proxy_stages, fitness=fitness, fitness_samples=fitness_samples,
+                       proxy_stages=proxy_stages, search=_tuple(search_parts), fitness=fitness, fitness_samples=fitness_samples,
                        stage_check=stage_check, data_dir=data_dir, bos=bos, seed=seed, time_limit=time_limit,
                        workers=workers, threads=threads, ray=use_ray, ray_address=ray_address,
                        gpus_per_worker=gpus_per_worker, dtype=dtype, device=device)

@@ -1,4 +1,4 @@
-"""Fitting the dense model's output (Update.fit="dense"): each layer's weights move first to the
+"""Fitting the dense model's output (Update.correct=1.0): each layer's weights move first to the
 damped least-squares fit of the dense output from the inputs it now receives, then any solver
 runs unchanged. Checked against the closed form, against the layer's own fit when nothing
 before it was pruned, and end to end on tiny models of every family."""
@@ -27,7 +27,7 @@ def streams(out=12, inp=16, tokens=300, seed=0, noise=0.3):
 @pytest.mark.parametrize("kind", ["obs", "admm"])
 def test_the_fit_is_the_closed_form_damped_least_squares_solve(kind):
     W, X, Xd = streams()
-    update = Update(kind)
+    update = Update(kind, correct=1.0)
     H, K = X.T @ X, X.T @ Xd
     got = dense_fitter(H.float(), K.float(), update)(W.float()).double()
     # the damping each solver uses: OBS percdamp * mean diag H, ADMM its unit-diagonal damping
@@ -38,13 +38,17 @@ def test_the_fit_is_the_closed_form_damped_least_squares_solve(kind):
     B = torch.cat([Xd @ W.T, torch.diag(damp.sqrt()) @ W.T])
     want = torch.linalg.lstsq(A, B).solution.T
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # a share c of the correction: the weights move linearly from W (c = 0) to the full fit
+    half = dense_fitter(H.float(), K.float(), Update(kind, correct=0.25))(W.float()).double()
+    torch.testing.assert_close(half, W + 0.25 * (want - W), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["obs", "admm"])
 def test_with_no_earlier_error_the_fit_leaves_the_weights_as_they_are(kind):
     W, _, Xd = streams()
     H = (Xd.T @ Xd).float()
-    torch.testing.assert_close(dense_fitter(H, H, Update(kind))(W.float()), W.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dense_fitter(H, H, Update(kind, correct=1.0))(W.float()), W.float(), rtol=1e-4,
+                               atol=1e-4)
 
 
 def test_on_a_fixed_mask_admm_from_the_fit_reaches_the_masked_solve_against_the_dense_output():
@@ -53,7 +57,7 @@ def test_on_a_fixed_mask_admm_from_the_fit_reaches_the_masked_solve_against_the_
     W, X, Xd = streams(noise=0.5)
     H, K = (X.T @ X).float(), (X.T @ Xd).float()
     fixed = torch.rand(W.shape, generator=torch.Generator().manual_seed(1))
-    update = Update("admm", gradual=0, iters=500, percdamp=1e-6)
+    update = Update("admm", gradual=0, iters=500, percdamp=1e-6, correct=1.0)
     errors = {}
     for fit in ("layer", "dense"):
         start = W.float() if fit == "layer" else dense_fitter(H, K, update)(W.float())
@@ -93,10 +97,10 @@ def test_the_first_block_is_pruned_as_the_layer_fit_prunes_it_and_the_model_ends
     models, errors = {}, {}
     for fit in ("layer", "dense"):
         model = models[fit] = tiny_llama(layers=3)
-        report = apply_metric(model, "wanda", 0.5, "2:4", calibration=samples, update=Update("admm", fit=fit),
-                              progress=False)
+        update = Update("admm", correct=1.0 if fit == "dense" else 0.0)
+        report = apply_metric(model, "wanda", 0.5, "2:4", calibration=samples, update=update, progress=False)
         assert report.sparsity == pytest.approx(0.5)
-        assert report.update.get("fit", "layer") == fit
+        assert report.update.get("correct", 0.0) == update.correct
         with torch.no_grad():
             errors[fit] = float((model(samples).logits - want).pow(2).mean())
     layers = {f: all_prunable(m) for f, m in models.items()}
@@ -110,16 +114,18 @@ def test_the_first_block_is_pruned_as_the_layer_fit_prunes_it_and_the_model_ends
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_prunes_exactly_with_the_dense_fit(family):
+def test_every_family_prunes_exactly_with_error_correction(family):
     model = tiny(family)
     report = apply_metric(model, "wanda", 0.5, "2:4", calibration=token_samples(n=4, seqlen=32),
-                          update=Update("admm", iters=4, gradual=2, fit="dense"), progress=False)
-    assert 0.5 <= report.sparsity < 0.52 and report.update["fit"] == "dense"   # OPT: dead inputs too
+                          update=Update("admm", iters=4, gradual=2, correct=0.5), progress=False)
+    assert 0.5 <= report.sparsity < 0.52 and report.update["correct"] == 0.5   # OPT: dead inputs too
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_the_dense_fit_needs_an_update_and_a_known_name():
+def test_error_correction_needs_an_update_and_a_share_between_0_and_1():
     with pytest.raises(PrunerZeroError, match="--update"):
-        Update("none", fit="dense")
-    with pytest.raises(PrunerZeroError, match="fit"):
-        Update("admm", fit="output")
+        Update("none", correct=1.0)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(PrunerZeroError, match="correct"):
+            Update("admm", correct=bad)
+    assert Update.parse("admm correct=0.2").correct == 0.2

@@ -91,7 +91,7 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
     require_prunable(model)
     m = Metric.parse(metric) if not isinstance(metric, Metric) else metric
     update, allocation = recipe_defaults(m.name, update, allocation)
-    update = update if isinstance(update, Update) else Update(update)
+    update = Update.parse(update)
     fn, uses = m.compile(), m.terminals
     group = group or m.group
     timings = {}
@@ -143,7 +143,7 @@ def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, 
     needs_h = "H" in uses or update.kind != "none"
     # fitting the dense output needs the dense stream beside the pruned one (not in one-shot,
     # where the two are the same and the fit is the layer's own)
-    paired = update.fit == "dense" and not dense
+    paired = update.correct > 0 and not dense
 
     def prune_block(i, linears, rec):
         _prune_block_layers(f"layers.{i}.", linears, rec, fn, uses, grads, len(calibration), sparsity, structure,

@@ -19,6 +19,7 @@ Every solver keeps exactly the requested mask shape: unstructured (per row or pe
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,7 +28,6 @@ from ..errors import PrunerZeroError
 from .masks import lowest_k, lowest_per_row, make_mask, nm_mask, parse_structure, row_counts
 
 UPDATES = ("none", "obs", "obs-adaptive", "admm", "admm-pcg")
-FITS = ("layer", "dense")   # what a reconstructed layer's output is fitted to (see Update.fit)
 ADMM_KINDS = ("admm", "admm-pcg")
 PCG_STEPS = 10   # admm-pcg's refinement steps unless given
 
@@ -67,22 +67,51 @@ class Update:
     iters: int = 20                 # ADMM iterations
     gradual: int = 15               # ADMM: iterations that re-choose the mask (0: fixed mask)
     refine: int | None = None       # admm-pcg: conjugate-gradient steps on the final mask (None: PCG_STEPS)
-    fit: str = "layer"              # sequential pruning: fit the layer's own output on the inputs it now
-                                    # receives ("layer"), or the dense model's output at that layer ("dense":
-                                    # the layer also makes up for the error the pruned earlier blocks left)
+    correct: float = 0.0            # sequential pruning: the share of the error the pruned earlier blocks
+                                    # left that each layer's reconstruction makes up for (0: fit the layer's
+                                    # own output on the inputs it now receives, as published; 1: fit the
+                                    # dense model's output, which overfits the calibration text)
 
     def __post_init__(self):
         from .. import checks
         checks.choice("update", self.kind, UPDATES)
-        checks.choice("fit", self.fit, FITS)
-        if self.fit == "dense" and self.kind == "none":
-            raise checks.SettingsError("--fit dense changes how kept weights are reconstructed: give an --update")
+        checks.number("correct", self.correct, 0, 1)
+        if self.correct and self.kind == "none":
+            raise checks.SettingsError("correct= changes how kept weights are reconstructed: give an --update kind")
         checks.integer("refine", self.refine, minimum=0, optional=True)
         checks.number("percdamp", self.percdamp, low=0, low_open=True, optional=True)
         checks.integer("blocksize", self.blocksize)
         checks.number("rho", self.rho, low=0, low_open=True)
         checks.integer("iters", self.iters)
         checks.integer("gradual", self.gradual, minimum=0, maximum=self.iters)
+
+    @classmethod
+    def parse(cls, spec) -> "Update":
+        """An Update from its spec: a kind alone ("admm"), or a kind and some of its parameters,
+        "admm-pcg rho=0.5 iters=30 refine=20" (what spec() writes; catalog entries, --update and
+        the searched recipes use it). An Update is returned as it is."""
+        if isinstance(spec, Update):
+            return spec
+        if spec is None:
+            return cls()
+        from .. import checks
+        kind, *pairs = str(spec).replace(",", " ").split()
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        args = {}
+        for pair in pairs:
+            name, sep, value = pair.partition("=")
+            if not sep or name not in fields or name == "kind":
+                raise checks.SettingsError(f"--update {spec!r}: '{pair}' is not a parameter=value of an update "
+                                           f"(parameters: {', '.join(n for n in fields if n != 'kind')})")
+            args[name] = _number(value, f"--update {spec!r}: {name}")
+        return cls(kind, **args)
+
+    def spec(self) -> str:
+        """The kind and every parameter that differs from the kind's defaults, as parse() reads it."""
+        base = Update(self.kind)
+        extra = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                 if f.name != "kind" and getattr(self, f.name) != getattr(base, f.name)]
+        return " ".join([self.kind, *extra])
 
     @property
     def is_admm(self) -> bool:
@@ -107,9 +136,17 @@ class Update:
         out = {"kind": self.kind, "percdamp": self.damping, **{k: v for k, v in asdict(self).items() if k in keep}}
         if self.kind == "admm-pcg":
             out["refine"] = self.refine_steps
-        if self.fit != "layer":
-            out["fit"] = self.fit
+        if self.correct:
+            out["correct"] = self.correct
         return out
+
+
+def _number(text: str, what: str):
+    from .. import checks
+    try:
+        return int(text) if text.lstrip("-").isdigit() else float(text)
+    except ValueError:
+        raise checks.SettingsError(f"{what} must be a number, got {text!r}") from None
 
 
 def factorise(H: torch.Tensor, update: Update):
@@ -140,17 +177,19 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor | None, update: Update, score, 
 
 @torch.no_grad()
 def dense_fitter(H: torch.Tensor, K: torch.Tensor, update: Update):
-    """For fit="dense": a function taking a layer's dense weights W to the weights W* that best
-    fit the dense model's output from the inputs the layer now receives,
+    """For update.correct = c > 0: a function taking a layer's dense weights W to the weights W*
+    that best fit, from the inputs X the layer now receives, the target Y = (1 - c) X W^T + c Xd W^T
+    (c = 1: the dense model's output),
 
-        W* = argmin ||X W*^T - Xd W^T||^2 + (W* - W) D (W* - W)^T = (W K^T + W D) (H + D)^-1,
+        W* = argmin ||X W*^T - Y||^2 + (W* - W) D (W* - W)^T = (W Kc^T + W D) (H + D)^-1,
 
-    with H = X^T X and K = X^T Xd recorded on the same tokens (X: the inputs after the earlier
-    pruned blocks, Xd: the dense model's) and D the update's own damping (OBS: percdamp * mean
-    diag H; ADMM: its damping in unit-diagonal coordinates, i.e. proportional to diag H). The
-    masked problem around W* with H is the damped masked problem of fitting Xd W^T, up to a
-    constant, so every solver runs unchanged from W*. With K = H (no earlier error), W* = W.
+    with H = X^T X, K = X^T Xd recorded on the same tokens (Xd: the dense model's inputs),
+    Kc = (1 - c) H + c K, and D the update's own damping (OBS: percdamp * mean diag H; ADMM: its
+    damping in unit-diagonal coordinates, i.e. proportional to diag H). The masked problem
+    around W* with H is the damped masked problem of fitting Y, up to a constant, so every
+    solver runs unchanged from W*. With K = H (no earlier error), W* = W; W* moves linearly in c.
     Computed once per shared input (q/k/v, gate/up), applied to each layer that reads it."""
+    K = torch.lerp(H.double(), K.double(), update.correct)
     H = H.double()
     diag = H.diagonal()
     dead = diag == 0

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from .. import checks
 from ..engine.masks import resolve_sparsity
-from ..engine.reconstruct import UPDATES
+from ..engine.reconstruct import Update
 from ..settings import Settings
 
 
@@ -32,6 +32,8 @@ class SearchConfig(Settings):
                                              # update (its gain must survive as users get it), else one-shot
     fitness_samples: int | None = None       # calibration windows of the sequential stage (None: --nsamples);
                                              # fewer is a cheaper, lower-fidelity sequential stage
+    search: tuple[str, ...] = ("metric",)    # the parts of a candidate that evolve: metric, update (the
+                                             # reconstruction's settings, from --update's); the rest frozen
     stage_check: int = 0                     # before generation 0, score this many varied candidates on every
                                              # stage and write how each stage ranks like the last (Spearman)
     data_dir: str | None = None
@@ -74,6 +76,7 @@ class SearchConfig(Settings):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
         self.seed_metrics, self.baselines = tuple(self.seed_metrics), tuple(self.baselines)
+        self.search = tuple(self.search)
         self.validate()
 
     def reconstructs(self, stage: int) -> bool:
@@ -81,6 +84,9 @@ class SearchConfig(Settings):
         update: every stage after the proxy stages, when there is an update."""
         stage = stage % len(self.stages)
         return self.update != "none" and stage >= self.proxy_stages
+
+    def searches(self, part: str) -> bool:
+        return part in self.search
 
     def sequential(self, stage: int) -> bool:
         """Whether candidates in `stage` are pruned as `apply` prunes them: the last stage, with
@@ -112,7 +118,7 @@ class SearchConfig(Settings):
         if not self.stages or any(b <= a for a, b in zip(self.stages, self.stages[1:])) or self.stages[0] < 1:
             raise SearchConfigError(f"--stages must be increasing chunk counts >= 1, got {self.stages}")
         checks.number("promote", self.promote, 0, 1, low_open=True)
-        checks.choice("update", self.update, UPDATES)
+        self.update = Update.parse(self.update).spec()
         if self.fitness is None:
             self.fitness = "sequential" if self.update != "none" else "one-shot"
         checks.choice("fitness", self.fitness, ("one-shot", "sequential"))
@@ -121,6 +127,16 @@ class SearchConfig(Settings):
             raise SearchConfigError(f"--fitness-samples {self.fitness_samples} is more than the {self.nsamples} "
                                     f"calibration windows (--nsamples)")
         checks.integer("stage_check", self.stage_check, minimum=0)
+        parts = ("metric", "update")
+        if not self.search or any(p not in parts for p in self.search) or len(set(self.search)) < len(self.search):
+            raise SearchConfigError(f"--search must name some of {', '.join(parts)} once each, got "
+                                    f"{','.join(self.search)}")
+        if "update" in self.search and self.update == "none":
+            raise SearchConfigError("--search update evolves the reconstruction's settings: give an --update "
+                                    "(admm, admm-pcg, obs or obs-adaptive) to start from")
+        if "metric" not in self.search and not self.seed_metrics:
+            raise SearchConfigError("a search that freezes the metric (--search without metric) prunes with the "
+                                    "first --seed-metrics: give one")
         if 0 < self.stage_check < 3:
             raise SearchConfigError(f"--stage-check {self.stage_check}: a rank correlation needs at least 3 "
                                     f"candidates (20 or more to mean much)")

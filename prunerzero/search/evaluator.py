@@ -100,6 +100,7 @@ class Task:
     chunks: str = "search"
     known: dict = field(default_factory=dict)
     reconstruct: bool = False          # prune with the recipe's update (else the mask alone)
+    update: str | None = None          # the candidate's own update spec (a searched recipe); None: the setup's
     sequential: bool = False           # prune as `apply` does: block by block, each block's statistics
                                        # recomputed through the pruned earlier ones (with the update, if any)
 
@@ -259,32 +260,36 @@ class Evaluator:
                                   s.sparsity, s.structure, m.group)
                 for name, W in self.dense.items()}
 
-    def reconstructed(self, text: str) -> dict[str, torch.Tensor]:
+    def update_for(self, task: Task | None) -> Update:
+        """The update a task's candidate is reconstructed with: its own spec, else the setup's."""
+        return Update.parse(task.update) if task is not None and task.update else self.update
+
+    def reconstructed(self, text: str, update: Update | None = None) -> dict[str, torch.Tensor]:
         """Every layer pruned by the metric and its kept weights updated (one-shot: from the
         dense model's Hessians, so each layer is independent of the others)."""
         m = Metric.parse(text)
         fn = m.compile()
-        return {name: self.reconstructed_layer(m, fn, name) for name in self.dense}
+        return {name: self.reconstructed_layer(m, fn, name, update or self.update) for name in self.dense}
 
-    def reconstructed_layer(self, m: Metric, fn, name: str) -> torch.Tensor:
+    def reconstructed_layer(self, m: Metric, fn, name: str, update: Update) -> torch.Tensor:
         s, W = self.setup, self.dense[name]
         score = scorer(name, fn, layer_primitives(name, m.terminals, self.prims, s.nsamples))
-        return reconstruct(W, None, self.update, score, s.sparsity, s.structure, m.group,
-                           factor=self.factor(name)).to(W.dtype)
+        return reconstruct(W, None, update, score, s.sparsity, s.structure, m.group,
+                           factor=self.factor(name, update)).to(W.dtype)
 
-    def reconstructed_in_host(self, text: str) -> tuple[str, dict[str, torch.Tensor]]:
+    def reconstructed_in_host(self, text: str, update: Update) -> tuple[str, dict[str, torch.Tensor]]:
         """(fingerprint, every layer's reconstructed weights in host memory), made one layer at a
         time: the per-block path's recipe, whose device holds one extra layer at most. The
         fingerprint is weights_fingerprint's (the layers are hashed in the same order)."""
-        m, h, out = Metric.parse(text), weights_digest(self.update), {}
+        m, h, out = Metric.parse(text), weights_digest(update), {}
         fn = m.compile()
         for name in sorted(self.dense):
-            W = self.reconstructed_layer(m, fn, name)
+            W = self.reconstructed_layer(m, fn, name, update)
             add_layer(h, name, W)
             out[name] = W.cpu()
         return h.hexdigest(), out
 
-    def sequential_weights(self, text: str) -> dict[str, torch.Tensor]:
+    def sequential_weights(self, text: str, update: Update | None = None) -> dict[str, torch.Tensor]:
         """Every layer's weights pruned as `apply` prunes them (prune.apply_metric, sequential,
         with the recipe's update) on the setup's calibration windows, into fresh tensors: the
         model's own dense weights are pointed back at after, untouched."""
@@ -296,13 +301,14 @@ class Evaluator:
         try:
             # G is the dense model's gradient either way: the cached one serves
             apply_metric(self.model, text, s.sparsity, s.structure, calibration=s.calibration, sequential=True,
-                         grads=self.prims.get("G"), update=self.update, allocation="uniform", progress=False)
+                         grads=self.prims.get("G"), update=update or self.update, allocation="uniform",
+                         progress=False)
             return {name: matrix(lin) for name, lin in self.layers.items()}
         finally:
             for name, lin in self.layers.items():
                 set_matrix(lin, self.dense[name])
 
-    def factor(self, name: str):
+    def factor(self, name: str, update: Update):
         if self._hessians is None:
             if not self.setup.hessians:
                 raise ValueError("a reconstructing task needs the dense Hessians (Setup.hessians)")
@@ -310,21 +316,26 @@ class Evaluator:
             self._hessians = (_tensors(self.setup.hessians, device),
                               shared_inputs(self.model, self.setup.chunks["search"]))
         H, owner = self._hessians
-        key = owner[name]
+        # a factor depends on the input, the kind's family, the damping, rho and (admm-pcg) the refinement
+        key = (owner[name], update.is_admm, update.damping, update.rho if update.is_admm else None,
+               bool(update.refine_steps))
         if key not in self.factors:
-            self.factors[key] = factorise(H[key], self.update)
+            if len(self.factors) > 64:   # a searched update brings new settings: keep memory bounded
+                self.factors.clear()
+            self.factors[key] = factorise(H[owner[name]], update)
         return self.factors[key]
 
     def pruned(self, task: Task) -> tuple[str, dict[str, torch.Tensor]]:
         """(fingerprint, new weights of every layer) of a task's candidate."""
         if task.text == DENSE:
             return self.dense_fingerprint(), self.dense
+        update = self.update_for(task)
         if task.sequential:
-            weights = self.sequential_weights(task.text)
-            return weights_fingerprint(weights, self.update, sequential=True), weights
+            weights = self.sequential_weights(task.text, update)
+            return weights_fingerprint(weights, update, sequential=True), weights
         if task.reconstruct:
-            weights = self.reconstructed(task.text)
-            return weights_fingerprint(weights, self.update), weights
+            weights = self.reconstructed(task.text, update)
+            return weights_fingerprint(weights, update), weights
         masks = self.masks(task.text)
         return fingerprint(masks), {n: self.dense[n].masked_fill(masks[n], 0) for n in masks}
 
@@ -367,12 +378,13 @@ class Evaluator:
         r = Result(task.text)
         try:
             if self.per_block:
+                update = self.update_for(task)
                 if task.sequential and task.text != DENSE:
-                    weights = {n: w.cpu() for n, w in self.sequential_weights(task.text).items()}
-                    r.fingerprint = weights_fingerprint(weights, self.update, sequential=True)
+                    weights = {n: w.cpu() for n, w in self.sequential_weights(task.text, update).items()}
+                    r.fingerprint = weights_fingerprint(weights, update, sequential=True)
                     around = functools.partial(self.replaced_block, weights)
                 elif task.reconstruct and task.text != DENSE:
-                    r.fingerprint, weights = self.reconstructed_in_host(task.text)
+                    r.fingerprint, weights = self.reconstructed_in_host(task.text, update)
                     around = functools.partial(self.replaced_block, weights)
                 else:
                     r.fingerprint, bits = self.packed_masks(task.text)

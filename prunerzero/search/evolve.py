@@ -16,8 +16,10 @@ from .cache import Cache, Measured
 from ..runs.checkpoint import rng_state, set_rng_state
 from .gp import individual_from, individual_record
 from .config import SearchConfig
+from ..engine.reconstruct import Update
 from .evaluator import Setup, Task
 from .gp import from_text, primitive_set, toolbox, vary
+from . import recipe
 from ..runs.rundir import RunDir
 
 WORST = (-1.0, math.inf)
@@ -93,14 +95,31 @@ class Search:
 
     # ------------------------------------------------------------------ candidates
     def key(self, ind) -> str | None:
-        return self.cache.describe(str(ind))[1]
+        """A candidate's cache key: its metric's canonical key and, when the update is searched,
+        its update spec (a metric text stands for itself with --update's settings)."""
+        mkey = self.cache.describe(str(ind))[1]
+        if mkey is None or not self.config.searches("update"):
+            return mkey
+        return f"{mkey} | {self.update_of(ind)}"
 
     key_of = key   # for metric texts as well as trees
 
+    def update_of(self, ind) -> str:
+        """The update spec a candidate is reconstructed with: its own, else --update's."""
+        return getattr(ind, "update", None) or self.config.update
+
+    def _new(self):
+        """A fresh candidate: a random tree (the first seed metric when the metric is frozen) with
+        random update settings when those are searched."""
+        c = self.config
+        ind = self.tb.individual() if c.searches("metric") else from_text(c.seed_metrics[0], self.pset)
+        ind.update = recipe.fresh(c.update) if c.searches("update") else c.update
+        return ind
+
     def _valid_fresh(self, taken: set):
-        """A random tree that is a valid metric with a key not in `taken`."""
+        """A fresh candidate that is a valid metric with a key not in `taken`."""
         for _ in range(200):
-            ind = self.tb.individual()
+            ind = self._new()
             key = self.key(ind)
             if key is not None and key not in taken:
                 return ind
@@ -110,8 +129,10 @@ class Search:
         pop, taken = [], set()
         for text in self.config.seed_metrics:
             ind = from_text(text, self.pset)
-            pop.append(ind)
-            taken.add(self.key(ind))
+            ind.update = self.config.update
+            if self.key(ind) not in taken:
+                pop.append(ind)
+                taken.add(self.key(ind))
         while len(pop) < self.config.population:
             ind = self._valid_fresh(taken)
             pop.append(ind)
@@ -122,11 +143,17 @@ class Search:
         """n new candidates: varied from tournament winners (or fresh trees for random search);
         any whose canonical key is already in the population, or taken by an earlier
         offspring, is replaced by a fresh valid tree (OOS keeps the population diverse)."""
+        c = self.config
         taken = {self.key(i) for i in self.population}
-        if self.config.strategy == "random":
-            kids = [self.tb.individual() for _ in range(n)]
+        if c.strategy == "random":
+            kids = [self._new() for _ in range(n)]
         else:
-            kids = vary(self.tb.select(self.population, n), self.tb, self.config.cxpb, self.config.mutpb)
+            parents = self.tb.select(self.population, n)
+            kids = vary(parents, self.tb, c.cxpb, c.mutpb) if c.searches("metric") else \
+                [self.tb.clone(p) for p in parents]
+            if c.searches("update"):
+                # with the metric frozen the update is all that can change: every child mutates
+                self._vary_updates(kids, c.cxpb, c.mutpb if c.searches("metric") else 1.0)
         out = []
         for kid in kids:
             key = self.key(kid)
@@ -139,6 +166,15 @@ class Search:
             out.append(kid)
         return out
 
+    def _vary_updates(self, kids: list, cxpb: float, mutpb: float):
+        """The update part of variation: neighbours cross their settings, then each may mutate."""
+        for a, b in zip(kids[::2], kids[1::2]):
+            if random.random() < cxpb:
+                a.update, b.update = recipe.cross(self.update_of(a), self.update_of(b))
+        for kid in kids:
+            if random.random() < mutpb:
+                kid.update = recipe.mutate(self.update_of(kid))
+
     # ------------------------------------------------------------------ fitness
     def evaluate(self, inds: list, desc: str = ""):
         """Staged fitness: everyone on the first stage's chunks, the best `promote` fraction on
@@ -148,8 +184,8 @@ class Search:
         alive = []
         for ind in inds:
             ind.first = math.nan
-            simplified, key, error = self.cache.describe(str(ind))
-            ind.key = key
+            simplified, _, error = self.cache.describe(str(ind))
+            ind.key = self.key(ind)
             if error:
                 self.counters.invalid += 1
                 ind.fitness.values = WORST
@@ -184,36 +220,41 @@ class Search:
     def _measure(self, inds, k: int, desc: str, tag=None, recon: bool = False, seq: bool = False) -> dict:
         """Perplexity on the first k search chunks of every distinct key among `inds`, of the
         masks alone, (recon) of the recipe with its update, or (seq) pruned as apply prunes."""
-        out, tasks, keys = {}, [], []
+        value, tasks, entries = {}, [], []   # per cache entry: several candidates may share one
         known = self.cache.known()  # fingerprints measured before this batch, shared by its tasks
+        where = []
         for ind in inds:
-            simplified, key, _ = self.cache.describe(str(ind))
-            if key in out or key in keys:
+            simplified, mkey, _ = self.cache.describe(str(ind))
+            spec = self.update_of(ind)
+            entry = self.entry(mkey, recon, seq, spec)
+            where.append((self.key(ind), entry))
+            if entry in value or entry in entries:
                 self.counters.key_hits += 1
                 continue
-            entry = self.entry(key, recon, seq)
             m = self.cache.measured(entry)
             if self.cache.failure(entry):
-                out[key] = math.inf
+                value[entry] = math.inf
             elif m is not None and m.done >= k:
                 self.counters.key_hits += 1
-                out[key] = m.perplexity(k)
+                value[entry] = m.perplexity(k)
             else:
-                keys.append(key)
-                tasks.append(Task(simplified, m.done if m else 0, k, "search", known, reconstruct=recon, sequential=seq))
+                entries.append(entry)
+                tasks.append(Task(simplified, m.done if m else 0, k, "search", known, reconstruct=recon,
+                                  sequential=seq, update=spec if recon or seq else None))
         bar = progress.bar(total=len(tasks), desc=desc.strip(), enabled=not self.quiet and bool(tasks), done_line=False)
         results = self.pool.map(tasks, on_result=lambda r: bar.update())
         bar.close()
-        for key, task, r in zip(keys, tasks, results):
-            out[key] = self._record(self.entry(key, recon, seq), task, r, k, self.gen if tag is None else tag)
-        return out
+        for entry, task, r in zip(entries, tasks, results):
+            value[entry] = self._record(entry, task, r, k, self.gen if tag is None else tag)
+        return {key: value[entry] for key, entry in where}
 
-    def entry(self, key: str, recon: bool, seq: bool = False) -> str:
-        """The cache entry of a key: the mask alone, the reconstructed recipe and the candidate
-        pruned sequentially are measured apart."""
+    def entry(self, key: str, recon: bool, seq: bool = False, update: str | None = None) -> str:
+        """The cache entry of a metric key: the mask alone, the recipe reconstructed one-shot and
+        the candidate pruned sequentially are measured apart, each recipe with its own update."""
+        update = update or self.config.update
         if seq:
-            return f"{key} sequential" + (f" +{self.config.update}" if self.config.update != "none" else "")
-        return f"{key} +{self.config.update}" if recon else key
+            return f"{key} sequential" + (f" +{update}" if update != "none" else "")
+        return f"{key} +{update}" if recon else key
 
     def _record(self, key, task, r, k, gen) -> float:
         if r.error:
@@ -238,8 +279,9 @@ class Search:
         ppl = m.perplexity(k) if m.done >= k else math.inf
         self.run.append("evaluations.jsonl", dict(gen=gen, metric=task.text, key=key, fingerprint=r.fingerprint,
                                                   chunks=[r.lo, r.hi], cached=r.cached, perplexity=_finite(ppl),
-                                                  update=self.config.update if task.reconstruct or task.sequential
-                                                  else "none", sequential=task.sequential,
+                                                  update=(task.update or self.config.update)
+                                                  if task.reconstruct or task.sequential else "none",
+                                                  sequential=task.sequential,
                                                   seconds=round(r.seconds, 3)))
         return ppl
 
@@ -275,6 +317,7 @@ class Search:
         cn = self.counters
         record = dict(gen=self.gen, best=_finite(best.fitness.values[1]) if best else None,
                       best_metric=self.cache.describe(str(best))[0] if best else None,
+                      best_update=self.update_of(best) if best else None,
                       median_first_stage=_finite(float(stats["median"])), min_first_stage=_finite(float(stats["min"])),
                       distinct_candidates=len(self.cache.by_key), distinct_masks=len(self.cache.by_fp),
                       candidates=cn.candidates, evaluations=cn.evaluations, chunk_evals=cn.chunk_evals,
@@ -334,5 +377,5 @@ def setup_for(config: SearchConfig, data: SearchData, primitive_files: dict, hes
     sequential = config.fitness == "sequential"
     return Setup(model=config.model, primitives=primitive_files, nsamples=len(data.calibration),
                  sparsity=config.sparsity, structure=config.structure, chunks=chunks, dtype=config.dtype,
-                 device=config.device, threads=config.threads, update={"kind": config.update}, hessians=hessians,
+                 device=config.device, threads=config.threads, update=asdict(Update.parse(config.update)), hessians=hessians,
                  calibration=data.calibration[:config.fitness_samples] if sequential else None)

@@ -45,7 +45,7 @@ def check_candidates(search, n: int) -> list:
     the one a run without the check makes."""
     c, out, taken = search.config, [], set()
     for text in (*c.baselines, *c.seed_metrics):
-        key = search.cache.describe(text)[1]
+        key = search.key(text)
         if key is not None and key not in taken and len(out) < n:
             out.append(text)
             taken.add(key)

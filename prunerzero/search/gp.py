@@ -93,7 +93,7 @@ def _names(node):
 
 def individual_record(ind) -> dict:
     return dict(text=str(ind), fitness=list(ind.fitness.values) if ind.fitness.valid else None,
-                key=getattr(ind, "key", None), first=getattr(ind, "first", None))
+                key=getattr(ind, "key", None), first=getattr(ind, "first", None), update=getattr(ind, "update", None))
 
 
 def individual_from(record: dict, pset):
@@ -103,4 +103,7 @@ def individual_from(record: dict, pset):
     if record["fitness"] is not None:
         ind.fitness.values = tuple(record["fitness"])
     ind.key, ind.first = record["key"], record["first"]
+    if record.get("update") is not None:
+        from ..engine.reconstruct import Update
+        ind.update = Update.parse(record["update"]).spec()   # checked like any typed spec
     return ind

@@ -285,7 +285,7 @@ def reference_fitness(search: Search, c: SearchConfig) -> dict:
     ppl = search._measure(list(c.baselines), search.stages[-1], "baselines", tag="baselines", **search.how(-1))
     out = {}
     for name in c.baselines:
-        key = search.cache.describe(name)[1]
+        key = search.key(name)
         out[name] = ppl[key]
         search.log(f"baseline {name:12} search perplexity {ppl[key]:.3f}")
     return out
@@ -295,9 +295,11 @@ def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir, log) 
     """Re-evaluate the hall of fame and the baselines on the held-out chunks (and the whole
     split if asked), and write hall_of_fame.json."""
     hof = [search.cache.describe(str(ind)) for ind in search.hof]
-    entries = [(s, str(ind), key, ind.fitness.values[1]) for (s, key, _), ind in zip(hof, search.hof)]
-    baselines = [(search.cache.describe(b)[0], b, search.cache.describe(b)[1], search.reference.get(b)) for b in c.baselines]
-    rows = [(DENSE, DENSE, DENSE, None)] + baselines + entries
+    entries = [(s, str(ind), key, ind.fitness.values[1], search.update_of(ind))
+               for (s, key, _), ind in zip(hof, search.hof)]
+    baselines = [(search.cache.describe(b)[0], b, search.cache.describe(b)[1], search.reference.get(b), c.update)
+                 for b in c.baselines]
+    rows = [(DENSE, DENSE, DENSE, None, c.update)] + baselines + entries
     sets = ["heldout"] + (["full"] if data.full is not None else [])
     measured = {}
     for name in sets:
@@ -305,13 +307,15 @@ def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir, log) 
         with progress.bar(total=len(rows), desc=f"final scoring ({name}, {n} chunks each)",
                           enabled=not search.quiet) as b:
             results = search.pool.map([Task(r[0], 0, n, name, reconstruct=c.reconstructs(-1),
-                                            sequential=c.sequential(-1)) for r in rows],
+                                            sequential=c.sequential(-1), update=r[4]) for r in rows],
                                       on_result=lambda r: b.update())
         measured[name] = [r.perplexity for r in results]
 
     def row(i, r):
-        simplified, expr, key, fit = r
+        simplified, expr, key, fit, update = r
         d = dict(expression=expr, simplified=simplified, canonical=key, search_perplexity=_finite(fit))
+        if c.update != "none":
+            d["update"] = update
         for name in sets:
             d[f"{name}_perplexity"] = _finite(measured[name][i])
         return d
@@ -321,7 +325,7 @@ def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir, log) 
                heldout=dict(source=data.source, chunks=len(data.heldout), seqlen=data.heldout.shape[1],
                             note=data.note, sequences=data.sequences),
                search=dict(source=data.search_source or data.source, chunks=len(data.search)),
-               update=Update(c.update).describe(),
+               update=Update.parse(c.update).describe(),
                counters=asdict(search.counters), generations=search.gen, settings=c.to_dict())
     out["carry_over"] = carry_over(out)
     run.write_json("hall_of_fame.json", out)
@@ -376,7 +380,8 @@ def _print_next_steps(out: dict, c: SearchConfig, run: RunDir, log):
         log(f"the best found, {best['simplified']}, is {abs(change):.1%} {verdict} {name} held out "
             f"({best['heldout_perplexity']:.3f} against {base[name]:.3f})"
             + ("; keep using the baseline, or search longer (--resume with more --generations)" if change >= 0 else ""))
-    recipe = f" --update {c.update}" if c.update != "none" else ""
+    update = best.get("update", c.update)
+    recipe = (f' --update "{update}"' if " " in update else f" --update {update}") if update != "none" else ""
     shape = f"--structure {c.structure}" if c.structure != "unstructured" else f"--sparsity {c.sparsity}"
     log(f'apply it: prunerzero apply --metric "{best["expression"]}"{recipe} {shape} --output pruned')
 

@@ -1,0 +1,109 @@
+"""`evolve --search metric,update`: a candidate is a metric and the settings of its update; the
+settings move on ladders, each part can be frozen, the hall of fame and the apply command give
+every part, and a killed run resumes to the same result."""
+import json
+import random
+import signal
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from prunerzero.cli import main
+from prunerzero.engine.reconstruct import Update
+from prunerzero.search import recipe
+from prunerzero.search.config import SearchConfig
+from prunerzero.search.run import run_evolve
+
+from helpers import kill_and_resume, search_script
+from tiny import search_data
+
+pytestmark = pytest.mark.usefixtures("own_cache")
+
+
+def config(tiny_dir, **kw):
+    base = dict(model=str(tiny_dir), population=6, generations=2, elite=1, stages=(1, 2), promote=0.5,
+                heldout_chunks=2, hof_size=3, threads=1, update="admm iters=6 gradual=4", fitness="one-shot",
+                baselines=("wanda",))
+    return SearchConfig(**{**base, **kw})
+
+
+def evaluations(run):
+    return [json.loads(line) for line in (Path(run) / "evaluations.jsonl").read_text().splitlines()]
+
+
+def test_update_specs_read_back_to_the_same_update_and_equal_settings_spell_one_way():
+    for text in ("admm", "admm-pcg rho=0.5 iters=30 refine=20", "obs percdamp=0.03 blocksize=64", "admm correct=0.2"):
+        u = Update.parse(text)
+        assert Update.parse(u.spec()) == u
+    assert recipe.spec(Update.parse("admm percdamp=0.1")) == "admm"           # ADMM's default damping
+    assert recipe.spec(Update.parse("admm-pcg refine=0")) == "admm"           # no refinement: plain ADMM
+    assert recipe.spec(Update.parse("admm-pcg refine=10")) == "admm-pcg"
+    for bad, word in (("admm rho", "rho"), ("admm speed=2", "speed"), ("admm rho=fast", "number"), ("sgd", "one of")):
+        with pytest.raises(Exception, match=word):
+            Update.parse(bad)
+
+
+def test_mutations_and_crossovers_stay_on_the_ladders_and_give_valid_updates():
+    rng = random.Random(0)
+    seen = set()
+    text = "admm"
+    for _ in range(300):
+        text = recipe.mutate(text, rng)
+        u = Update.parse(text)
+        assert u.is_admm and u.gradual <= u.iters and u.rho in recipe.ADMM_LADDERS["rho"]
+        assert u.iters in recipe.ADMM_LADDERS["iters"] and u.damping in recipe.ADMM_LADDERS["percdamp"]
+        assert u.correct in recipe.ADMM_LADDERS["correct"]
+        seen.add(text)
+    assert len(seen) > 50
+    a, b = "admm rho=4.0 iters=40", "admm-pcg percdamp=0.01 refine=5"
+    for _ in range(20):
+        x, y = recipe.cross(a, b, rng)
+        for name in ("rho", "iters", "percdamp", "refine"):   # each setting comes from one of the parents
+            got = sorted(recipe._value(Update.parse(t), name) for t in (x, y))
+            assert got == sorted(recipe._value(Update.parse(t), name) for t in (a, b)), name
+    assert recipe.mutate("none", rng) == "none"
+
+
+def test_a_joint_search_varies_both_parts_and_reports_each(tiny_dir, tmp_path):
+    out = run_evolve(config(tiny_dir, search=("metric", "update"), seed_metrics=("wanda",)), tmp_path / "run",
+                     data=search_data(), log=lambda *a: None, quiet=True)
+    rows = [e for e in evaluations(tmp_path / "run") if e["update"] != "none"]
+    assert len({e["update"] for e in rows}) > 2 and len({e["metric"] for e in rows}) > 2
+    best = out["hall_of_fame"][0]
+    assert Update.parse(best["update"]) and best["update"] in [e["update"] for e in rows]
+    assert "update" in json.loads((tmp_path / "run" / "config.json").read_text())["search"]
+
+
+def test_a_frozen_metric_stays_the_seed_and_a_frozen_update_stays_the_given_one(tiny_dir, tmp_path):
+    run_evolve(config(tiny_dir, search=("update",), seed_metrics=("wanda",)), tmp_path / "u", data=search_data(),
+               log=lambda *a: None, quiet=True)
+    rows = [e for e in evaluations(tmp_path / "u") if e["gen"] != "baselines"]
+    assert {e["metric"] for e in rows} == {"abs(W)*X"} and len({e["update"] for e in rows if e["update"] != "none"}) > 2
+    run_evolve(config(tiny_dir), tmp_path / "m", data=search_data(), log=lambda *a: None, quiet=True)
+    rows = evaluations(tmp_path / "m")
+    assert {e["update"] for e in rows} <= {"none", "admm iters=6 gradual=4"}
+    assert len({e["metric"] for e in rows}) > 2
+
+
+def test_a_killed_joint_search_resumes_to_the_same_hall_of_fame(tiny_dir, tmp_path):
+    script = tmp_path / "search.py"
+    script.write_text(search_script(tiny_dir, 4, update="admm iters=6 gradual=4", search=("metric", "update"),
+                                    seed_metrics=("wanda",), fitness="one-shot"))
+    kill_and_resume(script, tmp_path, "hall_of_fame.json", signal.SIGKILL)
+    whole, cut = (json.loads((tmp_path / r / "hall_of_fame.json").read_text()) for r in ("whole", "cut"))
+    assert [(e["canonical"], e["update"]) for e in cut["hall_of_fame"]] == \
+        [(e["canonical"], e["update"]) for e in whole["hall_of_fame"]]
+    assert [e["heldout_perplexity"] for e in cut["hall_of_fame"]] == [e["heldout_perplexity"] for e in whole["hall_of_fame"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--search", "metric,allocation"], "--search"),
+    (["--search", "update"], "--update"),
+    (["--search", "update", "--update", "admm"], "--seed-metrics"),
+    (["--update", "admm rho=fast"], "--update"),
+])
+def test_cli_refuses_bad_search_parts(tmp_path, args, message):
+    r = CliRunner().invoke(main, ["evolve", "--output", str(tmp_path / "run"), *args])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "run").exists()
