@@ -2,6 +2,7 @@
 line or by the caller) and carried down whole; written next to every result in report.json."""
 from __future__ import annotations
 
+from pathlib import Path
 from dataclasses import dataclass
 
 from . import checks
@@ -58,7 +59,12 @@ class ApplyConfig(EvalConfig):
         self.update, self.allocation = recipe_defaults(self.metric if self.method == "metric" else None,
                                                        self.update, self.allocation)
         self.update = Update.parse(self.update).spec()
-        check_allocation(self.allocation, self.structure)
+        if str(self.allocation).endswith(".json"):   # a per-layer sparsity a search saved
+            check_allocation("search", self.structure)
+            if not Path(self.allocation).is_file():
+                raise checks.SettingsError(f"--allocation {self.allocation}: no such file")
+        else:
+            check_allocation(self.allocation, self.structure)
         if self.method == "sparsegpt" and self.allocation != "uniform":
             raise checks.SettingsError("--allocation applies to --method metric")
         if self.method == "sparsegpt" and self.update != "none":

@@ -232,10 +232,11 @@ def _task_options(flag: str):
                    "final mask (ALPS' refinement, a tenth more). A kind may carry parameters, as searched recipes "
                    "do: \"admm rho=0.5 iters=30\" (percdamp, rho, iters, gradual, refine, fit). Default: the "
                    "catalogued recipe's, else none.")
-@click.option("--allocation", type=click.Choice(["uniform", "owl", "search"]), default=None,
-              help="Per-layer sparsity (unstructured): owl gives blocks with more outliers fewer pruned weights; "
-                   "search evolves each layer's sparsity (KL to the dense model); default: the catalogued "
-                   "recipe's, else uniform.")
+@click.option("--allocation", default=None,
+              help="Per-layer sparsity (unstructured): uniform; owl gives blocks with more outliers fewer pruned "
+                   "weights; search evolves each layer's sparsity (KL to the dense model); or a FILE.json of "
+                   "per-layer sparsities that a search saved (evolve --search allocation writes "
+                   "RUN/allocation_1.json). Default: the catalogued recipe's, else uniform.")
 @click.option("--allocation-generations", default=20, show_default=True,
               help="Generations of --allocation search (a rerun with more continues the cached search).")
 @_task_options("--eval-tasks")

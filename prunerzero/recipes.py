@@ -37,8 +37,32 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
                                               settings.run, log, progress,
                                               {"G": grads, "X": x_norms, "H": curvature})
         allocation = LayerSparsity(per_layer, report)
+    elif isinstance(allocation, str) and allocation.endswith(".json"):
+        allocation = allocation_from_file(allocation, all_prunable(model))
     return prune.apply_metric(model, m, sparsity, structure, calibration, sequential, grads, x_norms, curvature,
                               group, update, allocation, progress)
+
+
+def allocation_from_file(path: str, layers: dict) -> LayerSparsity:
+    """A per-layer sparsity saved by a search (RUN/allocation_N.json of `evolve --search
+    allocation`, or an allocation search's allocation.json), checked against the model's layers."""
+    import json
+    import math
+    from pathlib import Path
+    from .checks import SettingsError
+    try:
+        data = json.loads(Path(path).read_text())
+        sparsity = {str(k): float(v) for k, v in data["sparsity"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SettingsError(f"--allocation {path}: not a per-layer sparsity file ({type(e).__name__}: {e})") from None
+    missing, extra = sorted(set(layers) - set(sparsity)), sorted(set(sparsity) - set(layers))
+    if missing or extra:
+        what = f"has no sparsity for {missing[0]}" if missing else f"names {extra[0]}, which this model lacks"
+        raise SettingsError(f"--allocation {path} {what}: it was found for another model")
+    bad = [k for k, v in sparsity.items() if not (math.isfinite(v) and 0 <= v < 1)]
+    if bad:
+        raise SettingsError(f"--allocation {path}: the sparsity of {bad[0]} is {sparsity[bad[0]]}, not in [0, 1)")
+    return LayerSparsity(sparsity, dict(data.get("report") or {}, kind="file", file=str(path)))
 
 
 def _is_search(allocation) -> bool:

@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from prunerzero.cli import main
@@ -98,7 +99,8 @@ def test_a_killed_joint_search_resumes_to_the_same_hall_of_fame(tiny_dir, tmp_pa
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--search", "metric,allocation"], "--search"),
+    (["--search", "metric,layout"], "--search"),
+    (["--search", "allocation", "--structure", "2:4", "--seed-metrics", "wanda"], "--search allocation"),
     (["--search", "update"], "--update"),
     (["--search", "update", "--update", "admm"], "--seed-metrics"),
     (["--update", "admm rho=fast"], "--update"),
@@ -107,3 +109,64 @@ def test_cli_refuses_bad_search_parts(tmp_path, args, message):
     r = CliRunner().invoke(main, ["evolve", "--output", str(tmp_path / "run"), *args])
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_allocation_genes_keep_the_total_exact_and_read_back():
+    from prunerzero.engine.allocation import layer_counts
+    from prunerzero.engine.models import all_prunable
+    from prunerzero.engine.layers import matrix
+    from tiny import tiny_llama
+    layers = all_prunable(tiny_llama(layers=4))
+    sizes = {n: matrix(l).numel() for n, l in layers.items()}
+    genes = recipe.AllocationGenes(sizes, 0.6)
+    assert len(genes.groups) == 8 and genes.text(genes.start) == "0" * 8
+    rng, text, seen = random.Random(1), genes.text(genes.start), set()
+    for _ in range(40):
+        text = genes.mutate(text, rng)
+        seen.add(text)
+        assert genes.parse(text) and genes.text(genes.parse(text)) == text
+        counts = layer_counts(layers, genes.sparsity_of(text), 0.6)
+        assert sum(counts.values()) == int(sum(sizes.values()) * 0.6)       # exact to the weight
+    assert len(seen) > 5 and any(set(t) != {"0"} for t in seen)
+    for bad in ("0" * 7, "z" * 8, "a" + "0" * 7):   # wrong length, off the ladder, total changed
+        with pytest.raises(ValueError):
+            genes.parse(bad)
+
+
+def test_an_allocation_search_varies_per_layer_sparsity_and_apply_reproduces_its_best(tiny_dir, tmp_path):
+    from prunerzero import apply_metric
+    from prunerzero.engine.layers import matrix
+    from prunerzero.engine.models import all_prunable
+    from prunerzero.search import run as run_mod
+    from tiny import tiny_llama
+    cfg = config(tiny_dir, search=("allocation",), seed_metrics=("wanda",), sparsity=0.6, update="admm iters=6 gradual=4",
+                 fitness="sequential")
+    out = run_evolve(cfg, tmp_path / "run", data=search_data(), log=lambda *a: None, quiet=True)
+    rows = [e for e in evaluations(tmp_path / "run") if e["gen"] != "baselines"]
+    assert {e["metric"] for e in rows} == {"abs(W)*X"} and {e["update"] for e in rows} <= {"none", cfg.update}
+    best = out["hall_of_fame"][0]
+    assert len(best["allocation"]) == 4 and Path(best["allocation_file"]).is_file()
+    assert len({r["allocation"] for r in out["hall_of_fame"]}) == len(out["hall_of_fame"])   # one entry each
+    # apply with the saved allocation prunes the weights the search scored last (sequentially)
+    files = run_mod.primitive_files(tiny_llama(), cfg, search_data().calibration, {"X"})
+    ev = run_mod.Evaluator(run_mod.setup_for(cfg, search_data(), files, None), model=tiny_llama())
+    genes = recipe.AllocationGenes({n: w.numel() for n, w in ev.dense.items()}, 0.6)
+    searched = ev.sequential_weights("abs(W)*X", Update.parse(cfg.update), genes.sparsity_of(best["allocation"])
+                                     if set(best["allocation"]) != {"0"} else None)
+    applied = tiny_llama()
+    report = apply_metric(applied, "wanda", 0.6, calibration=search_data().calibration, update=cfg.update,
+                          allocation=best["allocation_file"], progress=False)
+    assert report.sparsity == pytest.approx(0.6, abs=1e-4)   # int(total * 0.6) weights
+    for name, lin in all_prunable(applied).items():
+        torch.testing.assert_close(searched[name], matrix(lin), rtol=1e-4, atol=1e-5)
+
+
+def test_apply_refuses_an_allocation_file_of_another_model(tmp_path):
+    from prunerzero import apply_metric
+    from tiny import tiny_llama, token_samples
+    bad = tmp_path / "a.json"
+    bad.write_text(json.dumps({"sparsity": {"layers.0.mlp.up_proj": 0.5}}))
+    with pytest.raises(Exception, match="another model"):
+        apply_metric(tiny_llama(), "wanda", 0.5, calibration=token_samples(), allocation=str(bad), progress=False)
+    r = CliRunner().invoke(main, ["apply", "--allocation", str(tmp_path / "none.json"), "--output", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "no such file" in r.output

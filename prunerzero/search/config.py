@@ -33,7 +33,8 @@ class SearchConfig(Settings):
     fitness_samples: int | None = None       # calibration windows of the sequential stage (None: --nsamples);
                                              # fewer is a cheaper, lower-fidelity sequential stage
     search: tuple[str, ...] = ("metric",)    # the parts of a candidate that evolve: metric, update (the
-                                             # reconstruction's settings, from --update's); the rest frozen
+                                             # reconstruction's settings, from --update's), allocation (a
+                                             # sparsity per block and layer kind, exact total); the rest frozen
     stage_check: int = 0                     # before generation 0, score this many varied candidates on every
                                              # stage and write how each stage ranks like the last (Spearman)
     data_dir: str | None = None
@@ -127,13 +128,16 @@ class SearchConfig(Settings):
             raise SearchConfigError(f"--fitness-samples {self.fitness_samples} is more than the {self.nsamples} "
                                     f"calibration windows (--nsamples)")
         checks.integer("stage_check", self.stage_check, minimum=0)
-        parts = ("metric", "update")
+        parts = ("metric", "update", "allocation")
         if not self.search or any(p not in parts for p in self.search) or len(set(self.search)) < len(self.search):
             raise SearchConfigError(f"--search must name some of {', '.join(parts)} once each, got "
                                     f"{','.join(self.search)}")
         if "update" in self.search and self.update == "none":
             raise SearchConfigError("--search update evolves the reconstruction's settings: give an --update "
                                     "(admm, admm-pcg, obs or obs-adaptive) to start from")
+        if "allocation" in self.search and self.structure != "unstructured":
+            raise SearchConfigError("--search allocation spreads unstructured sparsity over the layers: N:M keeps "
+                                    "one pattern in every layer")
         if "metric" not in self.search and not self.seed_metrics:
             raise SearchConfigError("a search that freezes the metric (--search without metric) prunes with the "
                                     "first --seed-metrics: give one")

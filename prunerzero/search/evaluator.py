@@ -30,6 +30,7 @@ from ..engine.models import all_prunable, copy_fits, prunable_linears
 from ..loading import load_model
 from ..language.compile import layer_primitives, scorer
 from ..engine.prune import apply_metric, metric_mask
+from ..engine.allocation import LayerSparsity, layer_counts
 from ..engine.reconstruct import Update, factorise, reconstruct
 
 
@@ -101,6 +102,7 @@ class Task:
     known: dict = field(default_factory=dict)
     reconstruct: bool = False          # prune with the recipe's update (else the mask alone)
     update: str | None = None          # the candidate's own update spec (a searched recipe); None: the setup's
+    allocation: dict | None = None     # the candidate's own sparsity per layer (exact total); None: uniform
     sequential: bool = False           # prune as `apply` does: block by block, each block's statistics
                                        # recomputed through the pruned earlier ones (with the update, if any)
 
@@ -252,44 +254,51 @@ class Evaluator:
         self.prims = {t: LazyLayers(source, self.device) if self.per_block and isinstance(source, str)
                       else _tensors(source, device) for t, source in setup.primitives.items()}
 
-    def masks(self, text: str) -> dict[str, torch.Tensor]:
+    def counts(self, allocation: dict | None) -> dict:
+        """Weights each layer prunes under a candidate's allocation (the total exact), or None each."""
+        if not allocation:
+            return dict.fromkeys(self.dense)
+        return layer_counts(self.layers, allocation, self.setup.sparsity)
+
+    def masks(self, text: str, allocation: dict | None = None) -> dict[str, torch.Tensor]:
         m = Metric.parse(text)
         fn = m.compile()
-        s = self.setup
+        s, counts = self.setup, self.counts(allocation)
         return {name: metric_mask(name, W, fn, layer_primitives(name, m.terminals, self.prims, s.nsamples),
-                                  s.sparsity, s.structure, m.group)
+                                  s.sparsity, s.structure, m.group, counts[name])
                 for name, W in self.dense.items()}
 
     def update_for(self, task: Task | None) -> Update:
         """The update a task's candidate is reconstructed with: its own spec, else the setup's."""
         return Update.parse(task.update) if task is not None and task.update else self.update
 
-    def reconstructed(self, text: str, update: Update | None = None) -> dict[str, torch.Tensor]:
+    def reconstructed(self, text: str, update: Update | None = None, allocation: dict | None = None) -> dict:
         """Every layer pruned by the metric and its kept weights updated (one-shot: from the
         dense model's Hessians, so each layer is independent of the others)."""
         m = Metric.parse(text)
-        fn = m.compile()
-        return {name: self.reconstructed_layer(m, fn, name, update or self.update) for name in self.dense}
+        fn, counts = m.compile(), self.counts(allocation)
+        return {name: self.reconstructed_layer(m, fn, name, update or self.update, counts[name]) for name in self.dense}
 
-    def reconstructed_layer(self, m: Metric, fn, name: str, update: Update) -> torch.Tensor:
+    def reconstructed_layer(self, m: Metric, fn, name: str, update: Update, count: int | None = None) -> torch.Tensor:
         s, W = self.setup, self.dense[name]
         score = scorer(name, fn, layer_primitives(name, m.terminals, self.prims, s.nsamples))
-        return reconstruct(W, None, update, score, s.sparsity, s.structure, m.group,
+        return reconstruct(W, None, update, score, s.sparsity, s.structure, m.group, count,
                            factor=self.factor(name, update)).to(W.dtype)
 
-    def reconstructed_in_host(self, text: str, update: Update) -> tuple[str, dict[str, torch.Tensor]]:
+    def reconstructed_in_host(self, text: str, update: Update, allocation: dict | None = None) -> tuple[str, dict]:
         """(fingerprint, every layer's reconstructed weights in host memory), made one layer at a
         time: the per-block path's recipe, whose device holds one extra layer at most. The
         fingerprint is weights_fingerprint's (the layers are hashed in the same order)."""
         m, h, out = Metric.parse(text), weights_digest(update), {}
-        fn = m.compile()
+        fn, counts = m.compile(), self.counts(allocation)
         for name in sorted(self.dense):
-            W = self.reconstructed_layer(m, fn, name, update)
+            W = self.reconstructed_layer(m, fn, name, update, counts[name])
             add_layer(h, name, W)
             out[name] = W.cpu()
         return h.hexdigest(), out
 
-    def sequential_weights(self, text: str, update: Update | None = None) -> dict[str, torch.Tensor]:
+    def sequential_weights(self, text: str, update: Update | None = None,
+                           allocation: dict | None = None) -> dict[str, torch.Tensor]:
         """Every layer's weights pruned as `apply` prunes them (prune.apply_metric, sequential,
         with the recipe's update) on the setup's calibration windows, into fresh tensors: the
         model's own dense weights are pointed back at after, untouched."""
@@ -301,7 +310,8 @@ class Evaluator:
         try:
             # G is the dense model's gradient either way: the cached one serves
             apply_metric(self.model, text, s.sparsity, s.structure, calibration=s.calibration, sequential=True,
-                         grads=self.prims.get("G"), update=update or self.update, allocation="uniform",
+                         grads=self.prims.get("G"), update=update or self.update,
+                         allocation=LayerSparsity(allocation, {"kind": "searched"}) if allocation else "uniform",
                          progress=False)
             return {name: matrix(lin) for name, lin in self.layers.items()}
         finally:
@@ -329,29 +339,29 @@ class Evaluator:
         """(fingerprint, new weights of every layer) of a task's candidate."""
         if task.text == DENSE:
             return self.dense_fingerprint(), self.dense
-        update = self.update_for(task)
+        update, alloc = self.update_for(task), task.allocation
         if task.sequential:
-            weights = self.sequential_weights(task.text, update)
+            weights = self.sequential_weights(task.text, update, alloc)
             return weights_fingerprint(weights, update, sequential=True), weights
         if task.reconstruct:
-            weights = self.reconstructed(task.text, update)
+            weights = self.reconstructed(task.text, update, alloc)
             return weights_fingerprint(weights, update), weights
-        masks = self.masks(task.text)
+        masks = self.masks(task.text, alloc)
         return fingerprint(masks), {n: self.dense[n].masked_fill(masks[n], 0) for n in masks}
 
     def dense_fingerprint(self) -> str:
         return packed_fingerprint({n: np.zeros((w.numel() + 7) // 8, np.uint8) for n, w in self.dense.items()})
 
-    def packed_masks(self, text: str) -> tuple[str, dict[str, np.ndarray]]:
+    def packed_masks(self, text: str, allocation: dict | None = None) -> tuple[str, dict[str, np.ndarray]]:
         """(fingerprint, every layer's mask as bits), scored one layer at a time."""
         if text == DENSE:
             return self.dense_fingerprint(), {}
         m = Metric.parse(text)
-        fn, s = m.compile(), self.setup
+        fn, s, counts = m.compile(), self.setup, self.counts(allocation)
         # scored where the blocks run: one layer's weights visit the device of an onloaded model
         bits = {name: packed(metric_mask(name, W.to(self.device), fn,
                                          layer_primitives(name, m.terminals, self.prims, s.nsamples),
-                                         s.sparsity, s.structure, m.group))
+                                         s.sparsity, s.structure, m.group, counts[name]))
                 for name, W in self.dense.items()}
         return packed_fingerprint(bits), bits
 
@@ -378,16 +388,16 @@ class Evaluator:
         r = Result(task.text)
         try:
             if self.per_block:
-                update = self.update_for(task)
+                update, alloc = self.update_for(task), task.allocation
                 if task.sequential and task.text != DENSE:
-                    weights = {n: w.cpu() for n, w in self.sequential_weights(task.text, update).items()}
+                    weights = {n: w.cpu() for n, w in self.sequential_weights(task.text, update, alloc).items()}
                     r.fingerprint = weights_fingerprint(weights, update, sequential=True)
                     around = functools.partial(self.replaced_block, weights)
                 elif task.reconstruct and task.text != DENSE:
-                    r.fingerprint, weights = self.reconstructed_in_host(task.text, update)
+                    r.fingerprint, weights = self.reconstructed_in_host(task.text, update, alloc)
                     around = functools.partial(self.replaced_block, weights)
                 else:
-                    r.fingerprint, bits = self.packed_masks(task.text)
+                    r.fingerprint, bits = self.packed_masks(task.text, alloc)
                     around = functools.partial(self.pruned_block, bits)
                 measure = lambda chunks: nll_blockwise(self.model, chunks, around, progress=False)  # noqa: E731
             else:

@@ -13,7 +13,7 @@ from deap import tools
 from .. import progress
 
 from .cache import Cache, Measured
-from ..runs.checkpoint import rng_state, set_rng_state
+from ..runs.checkpoint import CheckpointError, rng_state, set_rng_state
 from .gp import individual_from, individual_record
 from .config import SearchConfig
 from ..engine.reconstruct import Update
@@ -80,6 +80,7 @@ class Search:
     quiet: bool = False
     cache: Cache = field(default_factory=Cache)
     counters: Counters = field(default_factory=Counters)
+    sizes: dict | None = None      # weights of each prunable layer: what an allocation genome spreads
 
     def __post_init__(self):
         c = self.config
@@ -92,15 +93,24 @@ class Search:
         self.stats = tools.Statistics(key=lambda ind: ind.first)
         self.stats.register("median", np.nanmedian)
         self.stats.register("min", np.nanmin)
+        self.alloc = None
+        if c.searches("allocation"):
+            if not self.sizes:
+                raise ValueError("a search over allocations needs the layer sizes (Search.sizes)")
+            self.alloc = recipe.AllocationGenes(self.sizes, c.sparsity)
 
     # ------------------------------------------------------------------ candidates
     def key(self, ind) -> str | None:
         """A candidate's cache key: its metric's canonical key and, when the update is searched,
         its update spec (a metric text stands for itself with --update's settings)."""
         mkey = self.cache.describe(str(ind))[1]
-        if mkey is None or not self.config.searches("update"):
-            return mkey
-        return f"{mkey} | {self.update_of(ind)}"
+        if mkey is None:
+            return None
+        if self.config.searches("update"):
+            mkey += f" | {self.update_of(ind)}"
+        if self.alloc is not None:
+            mkey += f" | {self.alloc_of(ind)}"
+        return mkey
 
     key_of = key   # for metric texts as well as trees
 
@@ -108,12 +118,25 @@ class Search:
         """The update spec a candidate is reconstructed with: its own, else --update's."""
         return getattr(ind, "update", None) or self.config.update
 
+    def alloc_of(self, ind) -> str | None:
+        """A candidate's allocation genome as text (uniform: all '0'), when allocations are searched."""
+        if self.alloc is None:
+            return None
+        return getattr(ind, "alloc", None) or self.alloc.text(self.alloc.start)
+
+    def layer_sparsity(self, ind) -> dict | None:
+        """The sparsity of each layer under a candidate's allocation; None: uniform."""
+        text = self.alloc_of(ind)
+        return None if text is None or set(text) == {"0"} else self.alloc.sparsity_of(text)
+
     def _new(self):
         """A fresh candidate: a random tree (the first seed metric when the metric is frozen) with
         random update settings when those are searched."""
         c = self.config
         ind = self.tb.individual() if c.searches("metric") else from_text(c.seed_metrics[0], self.pset)
         ind.update = recipe.fresh(c.update) if c.searches("update") else c.update
+        if self.alloc is not None:
+            ind.alloc = self.alloc.fresh()
         return ind
 
     def _valid_fresh(self, taken: set):
@@ -130,6 +153,8 @@ class Search:
         for text in self.config.seed_metrics:
             ind = from_text(text, self.pset)
             ind.update = self.config.update
+            if self.alloc is not None:
+                ind.alloc = self.alloc.text(self.alloc.start)
             if self.key(ind) not in taken:
                 pop.append(ind)
                 taken.add(self.key(ind))
@@ -151,9 +176,14 @@ class Search:
             parents = self.tb.select(self.population, n)
             kids = vary(parents, self.tb, c.cxpb, c.mutpb) if c.searches("metric") else \
                 [self.tb.clone(p) for p in parents]
+            # with the metric frozen, only the other parts can change: every child mutates them
+            mutpb = c.mutpb if c.searches("metric") else 1.0
             if c.searches("update"):
-                # with the metric frozen the update is all that can change: every child mutates
-                self._vary_updates(kids, c.cxpb, c.mutpb if c.searches("metric") else 1.0)
+                self._vary_updates(kids, c.cxpb, mutpb)
+            if self.alloc is not None:
+                for kid in kids:   # no crossover: swapping levels would break the exact total
+                    if random.random() < mutpb:
+                        kid.alloc = self.alloc.mutate(self.alloc_of(kid))
         out = []
         for kid in kids:
             key = self.key(kid)
@@ -225,8 +255,8 @@ class Search:
         where = []
         for ind in inds:
             simplified, mkey, _ = self.cache.describe(str(ind))
-            spec = self.update_of(ind)
-            entry = self.entry(mkey, recon, seq, spec)
+            spec, alloc = self.update_of(ind), self.alloc_of(ind)
+            entry = self.entry(mkey, recon, seq, spec) + (f" @{alloc}" if alloc and set(alloc) != {"0"} else "")
             where.append((self.key(ind), entry))
             if entry in value or entry in entries:
                 self.counters.key_hits += 1
@@ -240,7 +270,8 @@ class Search:
             else:
                 entries.append(entry)
                 tasks.append(Task(simplified, m.done if m else 0, k, "search", known, reconstruct=recon,
-                                  sequential=seq, update=spec if recon or seq else None))
+                                  sequential=seq, update=spec if recon or seq else None,
+                                  allocation=self.layer_sparsity(ind)))
         bar = progress.bar(total=len(tasks), desc=desc.strip(), enabled=not self.quiet and bool(tasks), done_line=False)
         results = self.pool.map(tasks, on_result=lambda r: bar.update())
         bar.close()
@@ -318,6 +349,7 @@ class Search:
         record = dict(gen=self.gen, best=_finite(best.fitness.values[1]) if best else None,
                       best_metric=self.cache.describe(str(best))[0] if best else None,
                       best_update=self.update_of(best) if best else None,
+                      best_allocation=self.alloc_of(best) if best else None,
                       median_first_stage=_finite(float(stats["median"])), min_first_stage=_finite(float(stats["min"])),
                       distinct_candidates=len(self.cache.by_key), distinct_masks=len(self.cache.by_fp),
                       candidates=cn.candidates, evaluations=cn.evaluations, chunk_evals=cn.chunk_evals,
@@ -346,8 +378,8 @@ class Search:
 
     def restore(self, state: dict):
         self.gen = state["gen"]
-        self.population = [individual_from(r, self.pset) for r in state["population"]]
-        items = [individual_from(r, self.pset) for r in state["hof"]]
+        self.population = [self._checked(individual_from(r, self.pset)) for r in state["population"]]
+        items = [self._checked(individual_from(r, self.pset)) for r in state["hof"]]
         # DEAP's HallOfFame keeps its items best first and their fitnesses in ascending order
         self.hof.items, self.hof.keys = items, [i.fitness for i in reversed(items)]
         self.logbook = tools.Logbook()
@@ -359,6 +391,17 @@ class Search:
         self.counters = Counters(**state["counters"])
         self.reference = dict(state["reference"])
         set_rng_state(state["rng"])
+
+    def _checked(self, ind):
+        """A restored candidate whose allocation (if any) fits this model and keeps the total."""
+        if getattr(ind, "alloc", None) is not None:
+            if self.alloc is None:
+                raise CheckpointError("the checkpoint holds allocations, but this search does not search them")
+            try:
+                self.alloc.parse(ind.alloc)
+            except ValueError as e:
+                raise CheckpointError(f"the checkpoint's allocation does not fit this model: {e}") from None
+        return ind
 
     def checkpoint(self):
         self.run.save_checkpoint(self.state())

@@ -93,7 +93,8 @@ def _names(node):
 
 def individual_record(ind) -> dict:
     return dict(text=str(ind), fitness=list(ind.fitness.values) if ind.fitness.valid else None,
-                key=getattr(ind, "key", None), first=getattr(ind, "first", None), update=getattr(ind, "update", None))
+                key=getattr(ind, "key", None), first=getattr(ind, "first", None), update=getattr(ind, "update", None),
+                alloc=getattr(ind, "alloc", None))
 
 
 def individual_from(record: dict, pset):
@@ -106,4 +107,6 @@ def individual_from(record: dict, pset):
     if record.get("update") is not None:
         from ..engine.reconstruct import Update
         ind.update = Update.parse(record["update"]).spec()   # checked like any typed spec
+    if record.get("alloc") is not None:
+        ind.alloc = str(record["alloc"])   # checked against the model by the search (Search._checked)
     return ind

@@ -104,3 +104,64 @@ def fresh(text: str, rng=random) -> str:
     for name, values in sorted(ladders(update).items()):
         update = _set(update, name, rng.choice(values))
     return spec(update)
+
+
+# ---- the allocation part: a sparsity level per (block, layer kind) --------------------------
+
+def group_of(name: str) -> tuple[int, str]:
+    """(decoder block, "attn" or "mlp") of a prunable layer name ("layers.3.self_attn.q_proj")."""
+    parts = name.split(".")
+    block = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1
+    return block, "attn" if any("attn" in p or "attention" in p for p in parts) else "mlp"
+
+
+class AllocationGenes:
+    """Per-layer sparsity as a genome: the layers of each decoder block's attention and of its
+    MLP form a group, each group sits at a level of the allocation search's ladder (target +-
+    levels * step), and a genome keeps exactly the uniform genome's count of kept weights. The
+    mutation is the level switch of structured/genome.py (each switch compensated elsewhere to the
+    weight), as the allocation search uses it; engine.allocation.layer_counts then makes each
+    layer's count exact."""
+
+    def __init__(self, sizes: dict[str, int], sparsity: float, step: float = 0.025, levels: int = 4,
+                 max_sparsity: float = 0.95):
+        from ..structured.genome import LevelSpace
+        from .allocation import AllocationSearchConfig, ladder
+        self.sparsity = sparsity
+        self.levels = ladder(sparsity, AllocationSearchConfig(step=step, levels=levels, max_sparsity=max_sparsity))
+        self.groups = sorted({group_of(n) for n in sizes})
+        self.members = {g: [n for n in sizes if group_of(n) == g] for g in self.groups}
+        mid = self.levels.index(sparsity)
+        # kept weights per level, in whole steps of each layer (round(size * step)): groups of one
+        # shape then gain and lose exactly the same count a level up or down, so switches can
+        # compensate each other to the weight
+        cost = [[sum(sizes[n] - int(sizes[n] * sparsity) - (lv - mid) * round(sizes[n] * step)
+                     for n in self.members[g]) for lv in range(len(self.levels))] for g in self.groups]
+        self.space = LevelSpace(cost, ladder=self.levels)
+        self.start = (mid,) * len(self.groups)
+
+    def text(self, genome) -> str:
+        """A genome as text: one character per group, the level's offset from the target ('0' is
+        the target, 'a'... above it (more pruned), 'A'... below)."""
+        mid = self.start[0]
+        return "".join("0" if g == mid else chr(ord("a") + g - mid - 1) if g > mid else chr(ord("A") + mid - g - 1)
+                       for g in genome)
+
+    def parse(self, text: str) -> tuple[int, ...]:
+        mid = self.start[0]
+        out = tuple(mid if ch == "0" else mid + ord(ch) - ord("a") + 1 if ch.islower() else mid - (ord(ch) - ord("A") + 1)
+                    for ch in text)
+        if len(out) != len(self.groups) or any(not 0 <= g < len(self.levels) for g in out) or \
+                self.space.params(out) != self.space.params(self.start):
+            raise ValueError(f"not an allocation of this model's {len(self.groups)} groups: {text!r}")
+        return out
+
+    def mutate(self, text: str, rng=random, switches: int = 1) -> str:
+        return self.text(self.space.mutate(self.parse(text), rng, switches=switches, reach=2))
+
+    def fresh(self, rng=random) -> str:
+        return self.mutate(self.text(self.start), rng, switches=max(1, len(self.groups) // 4))
+
+    def sparsity_of(self, text: str) -> dict[str, float]:
+        """Each layer's sparsity under the genome (layer_counts scales them to the exact total)."""
+        return {n: self.levels[lv] for g, lv in zip(self.groups, self.parse(text)) for n in self.members[g]}

@@ -13,6 +13,7 @@ from ..data import DataError, sequences_for
 from ..language.metric import Metric
 from ..engine.masks import check_widths
 from ..engine.blocks import onloading
+from ..engine.layers import matrix
 from ..engine.models import (all_prunable, check_calibration_memory, check_seqlen, concrete_dtype, copy_fits,
                              hand_back_memory, placement,
                              require_prunable)
@@ -154,12 +155,13 @@ def _evolve(config: SearchConfig, run: RunDir, resume, state, data, log, quiet, 
         elif not copy_fits(all_prunable(model).values()):
             log("candidates are evaluated one decoder block at a time, pruned in place: a copy of every "
                 "masked weight would not fit in free memory")
+        sizes = {name: matrix(lin).numel() for name, lin in all_prunable(model).items()}
         if config.workers > 1 or config.ray:
             model = None  # the workers load their own: the driver's copy goes before they start
             hand_back_memory()
         pool = make_pool(setup_for(config, data, files, hessians), config.workers, config.ray, config.ray_address,
                          config.gpus_per_worker, model=model, worker=Evaluator)
-        search = Search(config, run, pool, log, quiet)
+        search = Search(config, run, pool, log, quiet, sizes=sizes)
         if not (resume and run.resume(search, log, state)):
             search.seed_rngs()
             search.reference = reference_fitness(search, config)
@@ -295,11 +297,11 @@ def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir, log) 
     """Re-evaluate the hall of fame and the baselines on the held-out chunks (and the whole
     split if asked), and write hall_of_fame.json."""
     hof = [search.cache.describe(str(ind)) for ind in search.hof]
-    entries = [(s, str(ind), key, ind.fitness.values[1], search.update_of(ind))
-               for (s, key, _), ind in zip(hof, search.hof)]
-    baselines = [(search.cache.describe(b)[0], b, search.cache.describe(b)[1], search.reference.get(b), c.update)
-                 for b in c.baselines]
-    rows = [(DENSE, DENSE, DENSE, None, c.update)] + baselines + entries
+    entries = [(s, str(ind), key, ind.fitness.values[1], search.update_of(ind), search.alloc_of(ind),
+                search.layer_sparsity(ind)) for (s, key, _), ind in zip(hof, search.hof)]
+    baselines = [(search.cache.describe(b)[0], b, search.cache.describe(b)[1], search.reference.get(b), c.update,
+                  None, None) for b in c.baselines]
+    rows = [(DENSE, DENSE, DENSE, None, c.update, None, None)] + baselines + entries
     sets = ["heldout"] + (["full"] if data.full is not None else [])
     measured = {}
     for name in sets:
@@ -307,15 +309,19 @@ def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir, log) 
         with progress.bar(total=len(rows), desc=f"final scoring ({name}, {n} chunks each)",
                           enabled=not search.quiet) as b:
             results = search.pool.map([Task(r[0], 0, n, name, reconstruct=c.reconstructs(-1),
-                                            sequential=c.sequential(-1), update=r[4]) for r in rows],
+                                            sequential=c.sequential(-1), update=r[4], allocation=r[6])
+                                       for r in rows],
                                       on_result=lambda r: b.update())
         measured[name] = [r.perplexity for r in results]
 
     def row(i, r):
-        simplified, expr, key, fit, update = r
+        simplified, expr, key, fit, update, alloc, layer_sparsity = r
         d = dict(expression=expr, simplified=simplified, canonical=key, search_perplexity=_finite(fit))
         if c.update != "none":
             d["update"] = update
+        if alloc is not None:
+            d["allocation"] = alloc
+            d["allocation_file"] = allocation_file(run, i - len(baselines), alloc, layer_sparsity, search)
         for name in sets:
             d[f"{name}_perplexity"] = _finite(measured[name][i])
         return d
@@ -332,6 +338,17 @@ def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir, log) 
     _print_summary(out, log)
     _print_next_steps(out, c, run, log)
     return out
+
+
+def allocation_file(run: RunDir, rank: int, alloc: str, layer_sparsity: dict | None, search: Search) -> str:
+    """RUN/allocation_RANK.json: a hall-of-fame entry's per-layer sparsity in the form
+    `apply --allocation FILE` reads (that of the allocation search's allocation.json)."""
+    name = f"allocation_{rank}.json"
+    levels = layer_sparsity or dict.fromkeys(search.sizes, search.config.sparsity)
+    run.write_json(name, dict(sparsity=levels, report=dict(kind="searched", genome=alloc, run=str(run.path),
+                                                           sparsity=search.config.sparsity,
+                                                           groups=[f"{b}.{k}" for b, k in search.alloc.groups])))
+    return str(run.path / name)
 
 
 def carry_over(out, reference: str = "wanda") -> dict | None:
@@ -382,6 +399,8 @@ def _print_next_steps(out: dict, c: SearchConfig, run: RunDir, log):
             + ("; keep using the baseline, or search longer (--resume with more --generations)" if change >= 0 else ""))
     update = best.get("update", c.update)
     recipe = (f' --update "{update}"' if " " in update else f" --update {update}") if update != "none" else ""
+    if best.get("allocation_file"):
+        recipe += f" --allocation {best['allocation_file']}"
     shape = f"--structure {c.structure}" if c.structure != "unstructured" else f"--sparsity {c.sparsity}"
     log(f'apply it: prunerzero apply --metric "{best["expression"]}"{recipe} {shape} --output pruned')
 
