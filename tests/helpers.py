@@ -127,3 +127,18 @@ if sys.argv[1] == "resume":
 else:
     run_evolve(SearchConfig(**{settings!r}), sys.argv[2], data=search_data())
 """
+
+
+def recipe_config(tiny_dir, **kw):
+    """SearchConfig of a small recipe search (ADMM) on the tiny model saved at `tiny_dir`."""
+    from prunerzero.search.config import SearchConfig
+    base = dict(model=str(tiny_dir), population=8, generations=2, elite=1, stages=(1, 2, 4), promote=0.5,
+                heldout_chunks=4, hof_size=3, threads=1, update="admm")
+    return SearchConfig(**{**base, **kw})
+
+
+def evaluations(run):
+    """The rows of RUN/evaluations.jsonl."""
+    import json
+    from pathlib import Path
+    return [json.loads(line) for line in (Path(run) / "evaluations.jsonl").read_text().splitlines()]

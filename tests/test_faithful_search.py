@@ -17,19 +17,13 @@ from prunerzero.search.evaluator import Evaluator, Task
 from prunerzero.search.fidelity import ranks, spearman
 from prunerzero.search.run import run_evolve
 
+from helpers import evaluations, recipe_config
 from tiny import search_data, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("own_cache")
 
 
-def config(tiny_dir, **kw):
-    base = dict(model=str(tiny_dir), population=8, generations=2, elite=1, stages=(1, 2, 4), promote=0.5,
-                heldout_chunks=4, hof_size=3, threads=1, update="admm")
-    return SearchConfig(**{**base, **kw})
-
-
-def evaluations(run):
-    return [json.loads(line) for line in (Path(run) / "evaluations.jsonl").read_text().splitlines()]
+config = recipe_config
 
 
 def test_ranks_and_spearman():

@@ -20,7 +20,7 @@ from prunerzero.search.config import SearchConfig
 from prunerzero.search.evaluator import Evaluator, Task
 from prunerzero.search.run import run_evolve
 
-from helpers import kill_and_resume, search_script
+from helpers import evaluations, recipe_config, kill_and_resume, search_script
 from tiny import search_data, tiny_llama
 
 
@@ -31,14 +31,7 @@ def data():
     return search_data()
 
 
-def config(tiny_dir, **kw):
-    base = dict(model=str(tiny_dir), population=8, generations=2, elite=1, stages=(1, 2, 4), promote=0.5,
-                heldout_chunks=4, hof_size=3, threads=1, update="admm")
-    return SearchConfig(**{**base, **kw})
-
-
-def evaluations(run):
-    return [json.loads(line) for line in (Path(run) / "evaluations.jsonl").read_text().splitlines()]
+config = recipe_config
 
 
 def test_a_recipe_search_ranks_by_the_mask_first_and_by_the_reconstructed_model_after(tiny_dir, tmp_path):
