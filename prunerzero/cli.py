@@ -338,10 +338,11 @@ def _tuple(text, cast=str, option=""):
 @click.option("--proxy-stages", default=1, show_default=True,
               help="With --update: leading stages ranked by the mask alone, a cheap proxy.")
 @click.option("--search", "search_parts", default="metric", show_default=True,
-              help="The parts of a candidate that evolve: metric (the tree), update (the reconstruction's "
-                   "settings, starting from --update's: rho, iterations, mask schedule, damping, refinement, "
-                   "error correction), or both (metric,update); a part left out stays as given (the metric: "
-                   "the first --seed-metrics).")
+              help="The parts of a candidate that evolve, comma-separated: metric (the tree), update (the "
+                   "reconstruction's settings, starting from --update's: rho, iterations, mask schedule, damping, "
+                   "refinement, error correction), allocation (a sparsity per block and layer kind, the total "
+                   "exact; unstructured only). A part left out stays as given (the metric: the first "
+                   "--seed-metrics).")
 @click.option("--fitness", type=click.Choice(["one-shot", "sequential"]), default=None,
               help="How the last stage prunes its candidates: sequential, as apply prunes them (block by block "
                    "through the pruned earlier blocks; the faithful fitness, a whole prune per candidate) or "
