@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from .. import checks
 from ..engine.masks import resolve_sparsity
 from ..engine.reconstruct import Update
+from . import recipe
 from ..settings import Settings
 
 
@@ -119,7 +120,8 @@ class SearchConfig(Settings):
         if not self.stages or any(b <= a for a, b in zip(self.stages, self.stages[1:])) or self.stages[0] < 1:
             raise SearchConfigError(f"--stages must be increasing chunk counts >= 1, got {self.stages}")
         checks.number("promote", self.promote, 0, 1, low_open=True)
-        self.update = Update.parse(self.update).spec()
+        # spelled as the searched updates spell theirs (a default left out), so equal settings share a key
+        self.update = recipe.spec(Update.parse(self.update))
         if self.fitness is None:
             self.fitness = "sequential" if self.update != "none" else "one-shot"
         checks.choice("fitness", self.fitness, ("one-shot", "sequential"))
