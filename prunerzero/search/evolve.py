@@ -112,8 +112,6 @@ class Search:
             mkey += f" | {self.alloc_of(ind)}"
         return mkey
 
-    key_of = key   # for metric texts as well as trees
-
     def update_of(self, ind) -> str:
         """The update spec a candidate is reconstructed with: its own, else --update's."""
         return getattr(ind, "update", None) or self.config.update

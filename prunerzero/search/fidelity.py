@@ -10,7 +10,7 @@ import random
 
 import numpy as np
 
-from .gp import from_text
+from .evolve import _finite
 
 
 def ranks(values) -> np.ndarray:
@@ -74,7 +74,7 @@ def stage_check(search, n: int) -> dict:
     for s, k in enumerate(search.stages):
         ppl = search._measure(texts, k, f"stage check: stage {s + 1}/{len(search.stages)} ({search.stage_what(s)})",
                               tag="stage-check", **search.how(s))
-        per_stage.append([ppl[search.key_of(t)] for t in texts])
+        per_stage.append([ppl[search.key(t)] for t in texts])
     last = per_stage[-1]
     stages = []
     for s, figures in enumerate(per_stage):
@@ -83,10 +83,6 @@ def stage_check(search, n: int) -> dict:
                            spearman=spearman(*zip(*pairs)) if len(pairs) >= 3 else None, candidates=len(pairs)))
     return dict(stages=stages, update=c.update, fitness=c.fitness, fitness_samples=c.fitness_samples,
                 candidates=[dict(metric=t, perplexity=[_finite(p[i]) for p in per_stage]) for i, t in enumerate(texts)])
-
-
-def _finite(x):
-    return x if math.isfinite(x) else None
 
 
 def describe(check: dict) -> list[str]:

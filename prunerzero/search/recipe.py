@@ -1,4 +1,6 @@
-"""The update part of a recipe genome (`evolve --search metric,update`): a candidate carries, next
+"""The update and allocation parts of a recipe genome (`evolve --search metric,update,allocation`).
+
+The update part: a candidate carries, next
 to its metric tree, the settings of the reconstruction that follows the mask, as an update spec
 ("admm rho=0.5 iters=30"; reconstruct.Update.parse reads it). Each setting moves on a ladder of
 values worth trying; a mutation moves one setting one or two rungs, a crossover swaps settings
@@ -35,12 +37,11 @@ def ladders(update: Update) -> dict:
 
 def settled(update: Update) -> Update:
     """The update with equal settings spelled one way: a parameter at its kind's default left
-    out, no more mask-changing iterations than iterations, admm-pcg with no refinement steps
-    as admm: equal settings give one spec, and so one cache entry."""
+    out, admm-pcg with no refinement steps as admm: equal settings give one spec, and so one
+    cache entry."""
     default = Update(update.kind)
     fields = dict(percdamp=None if update.damping == default.damping else update.damping)
     if update.is_admm:
-        fields["gradual"] = min(update.gradual, update.iters)
         steps = update.refine_steps
         if update.kind == "admm-pcg" and not steps:
             fields["kind"] = "admm"
