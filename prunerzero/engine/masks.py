@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 
 from ..errors import PrunerZeroError
@@ -53,14 +54,27 @@ def check_widths(layers: dict, structure: str) -> None:
                             f"are not, e.g. {name} with {width}")
 
 
+def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest score of each row (k >= 1), shape (..., 1). On the CPU numpy's
+    introselect finds it: 3x faster than torch's kthvalue per row and 10x on one long row
+    (torch's runs one thread there), measured in experiments/bench_selection.py; the value
+    is the same element either way."""
+    if scores.device.type == "cpu" and scores.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        a = scores.detach()
+        a = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a   # exact: every value fits
+        kth = np.partition(a.numpy(), k - 1, axis=-1)[..., k - 1:k]
+        return torch.from_numpy(kth).to(scores.dtype)
+    return scores.kthvalue(k, dim=-1, keepdim=True).values
+
+
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """True at the k lowest scores of each row; among equal scores the lower column index is
     taken first, exactly as a stable sort would, so ties break the same way everywhere.
-    A selection (kthvalue) costs about a third of a sort; the cumulative count that breaks ties
-    runs only for rows with more weights at the k-th score than the count needs."""
+    A selection (kth_smallest) costs a fraction of a sort; the cumulative count that breaks
+    ties runs only for rows with more weights at the k-th score than the count needs."""
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    kth = scores.kthvalue(k, dim=-1, keepdim=True).values
+    kth = kth_smallest(scores, k)
     at_most = scores <= kth
     if bool((at_most.sum(-1) == k).all()):  # no row has surplus ties at its k-th score (the usual case)
         return at_most
@@ -70,11 +84,23 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def lowest_per_row(scores: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
-    """True at the ks[r] lowest scores of each row r (stable ties, as lowest_k)."""
-    order = torch.sort(scores, dim=-1, stable=True).indices
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device)
-                                              .expand_as(order).contiguous())
-    return ranks < ks.reshape(-1, 1).to(ranks.device)
+    """True at the ks[r] lowest scores of each row r (stable ties, as lowest_k). Rows that
+    prune the same count are selected together (an exact allocation has at most two counts
+    per layer); many distinct counts fall back to ranking by a stable sort."""
+    ks = ks.reshape(-1).to(scores.device)
+    counts = ks.unique()
+    if len(counts) > 4:
+        order = torch.sort(scores, dim=-1, stable=True).indices
+        ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device)
+                                                  .expand_as(order).contiguous())
+        return ranks < ks.reshape(-1, 1)
+    if len(counts) == 1:
+        return lowest_k(scores, int(counts[0]))
+    mask = torch.empty_like(scores, dtype=torch.bool)
+    for k in counts.tolist():
+        rows = (ks == k).nonzero().reshape(-1)
+        mask[rows] = lowest_k(scores[rows], k)
+    return mask
 
 
 def row_counts(rows: int, count: int) -> torch.Tensor:
@@ -103,9 +129,27 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if cols % m:
         raise SparsityError(f"{n}:{m} needs in_features divisible by {m}, got {cols}")
     groups = scores.reshape(rows, cols // m, m)
+    if m <= 8 and not bool(scores.isnan().any()):
+        return _nm_by_rank(groups, n, m).reshape(rows, cols)
     order = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
     return mask.reshape(rows, cols)
+
+
+def _nm_by_rank(groups: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """nm_mask for small M without a sort: a weight's place in its group's stable order is the
+    number of its group's scores below it plus the equal ones to its left, so m(m-1)
+    elementwise comparisons rank every group at once (4-5x faster than the sort at 2:4 and
+    2x at 4:8). Scores without NaN (a sort puts NaN last; comparisons never see it)."""
+    cols = [groups[..., j] for j in range(m)]
+    mask = torch.empty(groups.shape, dtype=torch.bool, device=groups.device)
+    for i in range(m):
+        rank = torch.zeros(groups.shape[:-1], dtype=torch.uint8, device=groups.device)
+        for j in range(m):
+            if j != i:
+                rank += (cols[j] <= cols[i]) if j < i else (cols[j] < cols[i])
+        mask[..., i] = rank < n
+    return mask
 
 
 GROUPS = ("row", "layer")

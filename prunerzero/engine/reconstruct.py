@@ -338,9 +338,10 @@ def admm_weights(W: torch.Tensor, factor: AdmmFactor, score, sparsity: float, st
         if fraction >= 1:
             return full
         # N:M on the way: of the weights the pattern prunes, the lowest-scoring fraction so far
-        # (ranked in row-major order among those weights only: half the selection work)
-        chosen = lowest_k(s[full].reshape(1, -1), int(full.sum() * fraction)).reshape(-1)
-        return torch.zeros_like(full).masked_scatter_(full, chosen)
+        # (ties in row-major order among those weights; the others score +inf, so they are
+        # never chosen and the ranking is theirs: cheaper than gathering and scattering them)
+        among = torch.where(full, s, torch.inf).reshape(1, -1)
+        return lowest_k(among, int(full.sum() * fraction)).reshape(full.shape)
 
     # the mask as 1.0 (pruned) / 0.0: products are several times faster than boolean selects
     pruned = mask_of(Wn).float() if update.gradual == 0 else None

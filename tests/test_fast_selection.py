@@ -1,0 +1,134 @@
+"""The fast mask selections (numpy's introselect for the k-th score, N:M by elementwise ranks,
+rows grouped by count, the N:M fraction chosen among +inf-padded scores) choose exactly what a
+stable sort chooses, and ADMM built on them gives the iterates of the textbook loop whose masks
+come from a stable sort."""
+import pytest
+import torch
+
+from prunerzero.engine.masks import kth_smallest, lowest_k, lowest_per_row, make_mask, nm_mask, row_counts
+from prunerzero.engine.reconstruct import Update, admm_factor, admm_weights
+from prunerzero.language.compile import DegenerateMetricError, NonFiniteScoreError, check_scores
+
+
+def by_sort(scores, ks):
+    """The reference: the ks[r] first of each row's stable ascending order."""
+    order = torch.sort(scores, dim=-1, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order).contiguous())
+    return ranks < torch.as_tensor(ks).reshape(-1, 1)
+
+
+def nm_by_sort(scores, n, m):
+    rows, cols = scores.shape
+    return by_sort(scores.reshape(-1, m), torch.full((rows * cols // m,), n)).reshape(rows, cols)
+
+
+def scores_of(kind, rows=37, cols=64, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    if kind == "coarse":      # ties everywhere, as 4-bit weights give
+        s = (s * 2).round()
+        s[1, ::2] = -0.0
+    elif kind == "tied rows":
+        s[3] = 1.0
+        s[5, :40] = s[5, 0]
+    elif kind == "infinite":
+        s[0, 3], s[2, 7] = float("inf"), float("-inf")
+    return s.to(dtype)
+
+
+KINDS = ["continuous", "coarse", "tied rows", "infinite"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_kth_smallest_and_lowest_k_equal_a_stable_sort(kind, dtype):
+    s = scores_of(kind, dtype=dtype)
+    for k in (1, 5, 32, 63, 64):
+        assert torch.equal(kth_smallest(s, k), torch.sort(s, dim=-1).values[:, k - 1:k])
+        assert torch.equal(lowest_k(s, k), by_sort(s, torch.full((len(s),), k)))
+        flat = s.reshape(1, -1)
+        assert torch.equal(lowest_k(flat, 7 * k), by_sort(flat, [7 * k]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_with_different_counts_equal_a_stable_sort(kind):
+    s = scores_of(kind)
+    for ks in (row_counts(37, 37 * 30 + 11), torch.full((37,), 9), torch.arange(37) % 7 + 20):
+        assert torch.equal(lowest_per_row(s, ks), by_sort(s, ks))
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (3, 4), (4, 8), (5, 8), (2, 16), (8, 16)])
+@pytest.mark.parametrize("kind", KINDS + ["nan"])
+def test_nm_masks_equal_a_stable_sort(kind, n, m):
+    s = scores_of("continuous" if kind == "nan" else kind)
+    if kind == "nan":   # the sort puts NaN last; the ranked path must not see it
+        s[4, 1] = float("nan")
+    assert torch.equal(nm_mask(s, n, m), nm_by_sort(s, n, m))
+
+
+def textbook_admm(W, H, score, sparsity, structure, update, count=None):
+    """ADMM as written in the paper (Boza 2024), with masks from a stable sort: Z the projection
+    of W + U on the mask, U += W - Z, W solves the penalised least squares. Unit-diagonal
+    coordinates and damping as admm_factor."""
+    Hd = H.double()
+    norm = Hd.diagonal().sqrt()
+    Hn = Hd / norm / norm[:, None]
+    Hn.diagonal().add_(update.damping * Hn.diagonal().mean())
+    A = torch.linalg.inv(Hn + update.rho * torch.eye(len(H), dtype=torch.float64))
+    W0 = W.double() * norm
+    cols = W.shape[1]
+
+    def mask_of(current, fraction):
+        s = score((current / norm).float()).double()
+        if structure == "unstructured":
+            k = int(count * fraction) if count is not None else None
+            if count is None:
+                return by_sort(s, torch.full((len(s),), int(cols * sparsity * fraction)))
+            return by_sort(s, row_counts(len(s), k))
+        full = nm_by_sort(s, 2, 4)
+        if fraction >= 1:
+            return full
+        k = int(full.sum() * fraction)
+        flat = torch.where(full, s, torch.inf).reshape(1, -1)
+        return by_sort(flat, [k]).reshape(full.shape)
+
+    Wc, U = W0.clone(), torch.zeros_like(W0)
+    for t in range(update.iters):
+        if t < update.gradual:
+            mask = mask_of(Wc + U, 1 - (1 - (t + 1) / update.gradual) ** 3)
+        Z = (Wc + U).masked_fill(mask, 0)
+        U = U + Wc - Z
+        Wc = (W0 @ Hn + update.rho * (Z - U)) @ A
+    return ((Wc + U).masked_fill(mask, 0) / norm).float(), mask
+
+
+@pytest.mark.parametrize("structure, count", [("unstructured", None), ("unstructured", 24 * 64 // 2 + 13),
+                                              ("2:4", None)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_admm_with_the_fast_selections_is_the_textbook_admm(structure, count, seed):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(64, 64, generator=g) / 8 + torch.eye(64)
+    X = torch.randn(512, 64, generator=g) @ mix
+    H, W = X.T @ X, torch.randn(24, 64, generator=g)
+    x = H.diagonal().sqrt()
+    score = lambda w: w.abs() * x   # noqa: E731  (Wanda's metric)
+    update = Update("admm")
+    ours = admm_weights(W, admm_factor(H, update), score, 0.5, structure, "row", update, count)
+    ref, mask = textbook_admm(W, H, score, 0.5, structure, update, count)
+    assert torch.equal(ours == 0, mask)
+    assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_one_pass_score_check_refuses_what_it_refused():
+    check_scores(torch.rand(4, 6))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        s = torch.rand(4, 6)
+        s[2, 3] = bad
+        with pytest.raises(NonFiniteScoreError, match="1 NaN or infinite"):
+            check_scores(s)
+    with pytest.raises(DegenerateMetricError, match="every weight"):
+        check_scores(torch.ones(4, 6))
+    rows = torch.arange(4.0).reshape(4, 1).expand(4, 6)
+    with pytest.raises(DegenerateMetricError, match="of a row"):
+        check_scores(rows)
+    check_scores(torch.rand(5, 1))         # one column: rows cannot tie within themselves
