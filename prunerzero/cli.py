@@ -319,6 +319,9 @@ def _tuple(text, cast=str, option=""):
 @click.option("--stages", default="1,4,16", show_default=True,
               help="Search chunks seen at each evaluation stage (the last is the whole search set).")
 @click.option("--promote", default=0.25, show_default=True, help="Fraction of a stage promoted to the next.")
+@click.option("--screen-tokens", type=int, default=None,
+              help="The first stage scores only the first N tokens of each of its chunks: a cheaper screen "
+                   "(256 halves its forward pass); check how it ranks with --stage-check.")
 @click.option("--heldout-chunks", default=64, show_default=True,
               help="WikiText-2 chunks, never searched on, that re-score the hall of fame at the end.")
 @click.option("--heldout-full", is_flag=True, help="Also re-evaluate on the whole test split at the end.")
@@ -366,7 +369,7 @@ def _tuple(text, cast=str, option=""):
 @click.option("--device", default="auto", show_default=True, help="auto picks CUDA when present.")
 @click.option("--quiet", is_flag=True, help="No live lines or progress bars; the run folder has the logs.")
 def evolve(model, output, resume, sparsity, structure, strategy, population, generations, elite, tournament, stages,
-           promote, heldout_chunks, heldout_full, baselines, seed_metrics, terminals, nsamples, seqlen, calibration, search_data,
+           promote, screen_tokens, heldout_chunks, heldout_full, baselines, seed_metrics, terminals, nsamples, seqlen, calibration, search_data,
            update, proxy_stages, search_parts, fitness, fitness_samples, stage_check, data_dir, bos, seed, time_limit, workers, threads,
            use_ray, ray_address, gpus_per_worker, dtype, device, quiet):
     """Search for a pruning metric by genetic programming (Pruner-Zero)."""
@@ -378,7 +381,8 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
         return
     cfg = SearchConfig(model=model, sparsity=sparsity, structure=structure, strategy=strategy, population=population,
                        generations=generations, elite=elite, tournament=tournament, stages=_tuple(stages, int, "--stages"),
-                       promote=promote, heldout_chunks=heldout_chunks, heldout_full=heldout_full,
+                       promote=promote, screen_tokens=screen_tokens, heldout_chunks=heldout_chunks,
+                       heldout_full=heldout_full,
                        baselines=() if baselines.strip() == "none" else _tuple(baselines),
                        seed_metrics=_tuple(seed_metrics), terminals=_tuple(terminals) or None, nsamples=nsamples,
                        seqlen=seqlen, calibration=calibration, search_data=search_data, update=update,

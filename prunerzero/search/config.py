@@ -41,6 +41,8 @@ class SearchConfig(Settings):
     data_dir: str | None = None
     bos: str = "auto"                        # BOS per sequence: auto (as the tokenizer does), always, never
     stages: tuple[int, ...] = (1, 4, 16)     # search chunks seen by candidates reaching each stage
+    screen_tokens: int | None = None         # the first stage scores the first this many tokens of each of its
+                                             # chunks: a cheaper screen, to be checked with --stage-check
     promote: float = 0.25                    # fraction of a stage's candidates that go on to the next
     heldout_chunks: int = 64                 # final re-evaluation, disjoint from the search chunks
     heldout_full: bool = False               # also the whole test split at the end (slow on a CPU)
@@ -95,6 +97,10 @@ class SearchConfig(Settings):
         fitness "sequential"."""
         return self.fitness == "sequential" and stage % len(self.stages) == len(self.stages) - 1
 
+    def screens(self, stage: int) -> bool:
+        """Whether `stage` scores shortened chunks (--screen-tokens: the first stage only)."""
+        return self.screen_tokens is not None and stage % len(self.stages) == 0
+
     def stage_mode(self, stage: int) -> str:
         """How a stage prunes its candidates, for logs and the stage check: "mask" (the metric's
         masks alone, one-shot), "one-shot" (with the update, from the dense statistics) or
@@ -120,6 +126,13 @@ class SearchConfig(Settings):
         if not self.stages or any(b <= a for a, b in zip(self.stages, self.stages[1:])) or self.stages[0] < 1:
             raise SearchConfigError(f"--stages must be increasing chunk counts >= 1, got {self.stages}")
         checks.number("promote", self.promote, 0, 1, low_open=True)
+        checks.integer("screen_tokens", self.screen_tokens, optional=True, minimum=2)
+        if self.screen_tokens is not None and self.screen_tokens >= self.seqlen:
+            raise SearchConfigError(f"--screen-tokens {self.screen_tokens} must be shorter than the chunks "
+                                    f"(--seqlen {self.seqlen}); leave it out to score whole chunks")
+        if self.screen_tokens is not None and len(self.stages) < 2:
+            raise SearchConfigError("--screen-tokens shortens the first of several stages: give --stages with "
+                                    "two or more, the later ones scoring whole chunks")
         # spelled as the searched updates spell theirs (a default left out), so equal settings share a key
         self.update = recipe.spec(Update.parse(self.update))
         if self.fitness is None:

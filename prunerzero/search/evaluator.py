@@ -26,6 +26,7 @@ from ..engine.blocks import execution_device, onloading
 from ..engine.evaluate import nll_blockwise, nll_sum
 from ..language.metric import Metric
 from ..engine.layers import matrix, set_matrix
+from ..engine.masks import zeroed
 from ..engine.models import all_prunable, copy_fits, prunable_linears
 from ..loading import load_model
 from ..language.compile import layer_primitives, scorer
@@ -219,10 +220,9 @@ def _replace(W: torch.Tensor, new: torch.Tensor):
 
 
 def _prune(W: torch.Tensor, bits: np.ndarray):
-    mask = unpacked(bits, W)
-    values = W[mask]
-    W.masked_fill_(mask, 0)
-    return lambda: W.__setitem__(mask, values)
+    old = W.clone()   # a copy and a product: several times faster than gathering the pruned values
+    W.mul_(unpacked(bits, W).logical_not())
+    return lambda: W.copy_(old)
 
 
 class Evaluator:
@@ -347,7 +347,7 @@ class Evaluator:
             weights = self.reconstructed(task.text, update, alloc)
             return weights_fingerprint(weights, update), weights
         masks = self.masks(task.text, alloc)
-        return fingerprint(masks), {n: self.dense[n].masked_fill(masks[n], 0) for n in masks}
+        return fingerprint(masks), {n: zeroed(self.dense[n], masks[n]) for n in masks}
 
     def dense_fingerprint(self) -> str:
         return packed_fingerprint({n: np.zeros((w.numel() + 7) // 8, np.uint8) for n, w in self.dense.items()})
@@ -404,6 +404,10 @@ class Evaluator:
                 r.fingerprint, weights = self.pruned(task)
                 measure = functools.partial(self.nll, weights)
             r.prune_s = time.perf_counter() - t0
+            if task.chunks != "search":
+                # the search's cache adds up NLL per fingerprint over the search chunks: the same
+                # pruned model on another set (the shortened screen chunks) is another entry
+                r.fingerprint = f"{r.fingerprint} on {task.chunks}"
             lo = max(task.lo, task.known.get(r.fingerprint, 0))
             if lo >= task.hi:
                 r.cached, r.lo, r.hi = True, task.hi, task.hi

@@ -235,19 +235,24 @@ class Search:
 
     def how(self, stage: int) -> dict:
         """_measure's arguments for how `stage` prunes its candidates."""
-        return dict(recon=self.config.reconstructs(stage), seq=self.config.sequential(stage))
+        return dict(recon=self.config.reconstructs(stage), seq=self.config.sequential(stage),
+                    screen=self.config.screens(stage))
 
     def stage_what(self, stage: int) -> str:
         c = self.config
         mode = c.stage_mode(stage)
         what = f"{self.stages[stage]} chunks"
+        if c.screens(stage):
+            what += f" of {c.screen_tokens} tokens"
         if mode == "sequential":
             return what + ", sequential" + (f" with {c.update}" if c.update != "none" else "")
         return what + (f", {c.update}" if mode == "one-shot" else "")
 
-    def _measure(self, inds, k: int, desc: str, tag=None, recon: bool = False, seq: bool = False) -> dict:
+    def _measure(self, inds, k: int, desc: str, tag=None, recon: bool = False, seq: bool = False,
+                 screen: bool = False) -> dict:
         """Perplexity on the first k search chunks of every distinct key among `inds`, of the
-        masks alone, (recon) of the recipe with its update, or (seq) pruned as apply prunes."""
+        masks alone, (recon) of the recipe with its update, or (seq) pruned as apply prunes;
+        (screen) on the first --screen-tokens of each chunk, measured and cached apart."""
         value, tasks, entries = {}, [], []   # per cache entry: several candidates may share one
         known = self.cache.known()  # fingerprints measured before this batch, shared by its tasks
         where = []
@@ -255,6 +260,7 @@ class Search:
             simplified, mkey, _ = self.cache.describe(str(ind))
             spec, alloc = self.update_of(ind), self.alloc_of(ind)
             entry = self.entry(mkey, recon, seq, spec) + (f" @{alloc}" if alloc and set(alloc) != {"0"} else "")
+            entry += f" screen{self.config.screen_tokens}" if screen else ""
             where.append((self.key(ind), entry))
             if entry in value or entry in entries:
                 self.counters.key_hits += 1
@@ -267,7 +273,8 @@ class Search:
                 value[entry] = m.perplexity(k)
             else:
                 entries.append(entry)
-                tasks.append(Task(simplified, m.done if m else 0, k, "search", known, reconstruct=recon,
+                tasks.append(Task(simplified, m.done if m else 0, k, "screen" if screen else "search", known,
+                                  reconstruct=recon,
                                   sequential=seq, update=spec if recon or seq else None,
                                   allocation=self.layer_sparsity(ind)))
         bar = progress.bar(total=len(tasks), desc=desc.strip(), enabled=not self.quiet and bool(tasks), done_line=False)
@@ -413,6 +420,8 @@ class Search:
 
 def setup_for(config: SearchConfig, data: SearchData, primitive_files: dict, hessians: str | None = None) -> Setup:
     chunks = {"search": data.search, "heldout": data.heldout}
+    if config.screen_tokens:
+        chunks["screen"] = data.search[:, :config.screen_tokens].contiguous()
     if data.full is not None:
         chunks["full"] = data.full
     sequential = config.fitness == "sequential"

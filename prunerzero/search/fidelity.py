@@ -11,6 +11,7 @@ import random
 import numpy as np
 
 from .evolve import _finite
+from .gp import from_text
 
 
 def ranks(values) -> np.ndarray:
@@ -40,26 +41,36 @@ def spearman(a, b) -> float | None:
 
 
 def check_candidates(search, n: int) -> list:
-    """n varied candidates with distinct keys: the baselines, the seed metrics, then fresh random
-    trees of the search space. The global RNG is put back after, so the search that follows is
-    the one a run without the check makes."""
+    """n varied candidates with distinct keys: the baselines, the seed metrics, then mutants of
+    the seeds (one to three mutations each; up to two thirds of n), then fresh random trees. The
+    mutants are what the stages must rank well, near-misses of good metrics; random trees
+    are mostly degenerate and only show that broken metrics are told from usable ones. The
+    global RNG is put back after, so the search that follows is the one a run without the
+    check makes."""
     c, out, taken = search.config, [], set()
-    for text in (*c.baselines, *c.seed_metrics):
-        key = search.key(text)
+
+    def take(candidate) -> None:
+        key = search.key(candidate)
         if key is not None and key not in taken and len(out) < n:
-            out.append(text)
+            out.append(str(candidate))
             taken.add(key)
+    for text in (*c.baselines, *c.seed_metrics):
+        take(text)
     state = random.getstate()
     try:
         random.seed(f"stage-check {c.seed}")
+        seeds = [from_text(t, search.pset) for t in c.seed_metrics] if c.searches("metric") else []
+        for _ in range(50 * n if seeds else 0):
+            if len(out) >= (2 * n) // 3:
+                break
+            mutant = search.tb.clone(random.choice(seeds))
+            for _ in range(random.randint(1, 3)):
+                mutant, = search.tb.mutate(mutant)
+            take(mutant)
         for _ in range(50 * n):
             if len(out) >= n:
                 break
-            ind = search._valid_fresh(taken)
-            key = search.key(ind)
-            if key is not None and key not in taken:
-                out.append(str(ind))
-                taken.add(key)
+            take(search._valid_fresh(taken))
     finally:
         random.setstate(state)
     return out
