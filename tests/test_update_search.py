@@ -37,9 +37,9 @@ def test_update_specs_read_back_to_the_same_update_and_equal_settings_spell_one_
     for text in ("admm", "admm-pcg rho=0.5 iters=30 refine=20", "obs percdamp=0.03 blocksize=64", "admm correct=0.2"):
         u = Update.parse(text)
         assert Update.parse(u.spec()) == u
-    assert recipe.spec(Update.parse("admm percdamp=0.1")) == "admm"           # ADMM's default damping
-    assert recipe.spec(Update.parse("admm-pcg refine=0")) == "admm"           # no refinement: plain ADMM
-    assert recipe.spec(Update.parse("admm-pcg refine=10")) == "admm-pcg"
+    assert Update.parse("admm percdamp=0.1").spec() == "admm"           # ADMM's default damping
+    assert Update.parse("admm-pcg refine=0").spec() == "admm"           # no refinement: plain ADMM
+    assert Update.parse("admm-pcg refine=10").spec() == "admm-pcg"
     for bad, word in (("admm rho", "rho"), ("admm speed=2", "speed"), ("admm rho=fast", "number"), ("sgd", "one of")):
         with pytest.raises(Exception, match=word):
             Update.parse(bad)

@@ -106,12 +106,27 @@ class Update:
             args[name] = _number(value, f"--update {spec!r}: {name}")
         return cls(kind, **args)
 
+    def settled(self) -> "Update":
+        """This update with equal settings spelled one way: a damping or refinement at its kind's
+        default left out, admm-pcg with no refinement steps as admm. Two updates that prune alike
+        settle to one, so a search caches them as one and apply reports them alike."""
+        default = Update(self.kind)
+        fields = dict(percdamp=None if self.damping == default.damping else self.damping)
+        if self.is_admm:
+            steps = self.refine_steps
+            if self.kind == "admm-pcg" and not steps:
+                fields["kind"] = "admm"
+            fields["refine"] = None if not steps or steps == default.refine_steps else steps
+        return dataclasses.replace(self, **fields)
+
     def spec(self) -> str:
-        """The kind and every parameter that differs from the kind's defaults, as parse() reads it."""
-        base = Update(self.kind)
-        extra = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                 if f.name != "kind" and getattr(self, f.name) != getattr(base, f.name)]
-        return " ".join([self.kind, *extra])
+        """The settled kind and every parameter that differs from its defaults, as parse() reads
+        it: equal settings give one spec everywhere (apply's report, the catalog, a search)."""
+        settled = self.settled()
+        base = Update(settled.kind)
+        extra = [f"{f.name}={getattr(settled, f.name)}" for f in dataclasses.fields(settled)
+                 if f.name != "kind" and getattr(settled, f.name) != getattr(base, f.name)]
+        return " ".join([settled.kind, *extra])
 
     @property
     def is_admm(self) -> bool:

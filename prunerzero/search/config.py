@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from .. import checks
 from ..engine.masks import resolve_sparsity
 from ..engine.reconstruct import Update
-from . import recipe
 from ..settings import Settings
 
 
@@ -134,7 +133,7 @@ class SearchConfig(Settings):
             raise SearchConfigError("--screen-tokens shortens the first of several stages: give --stages with "
                                     "two or more, the later ones scoring whole chunks")
         # spelled as the searched updates spell theirs (a default left out), so equal settings share a key
-        self.update = recipe.spec(Update.parse(self.update))
+        self.update = Update.parse(self.update).spec()
         if self.fitness is None:
             self.fitness = "sequential" if self.update != "none" else "one-shot"
         checks.choice("fitness", self.fitness, ("one-shot", "sequential"))

@@ -35,24 +35,6 @@ def ladders(update: Update) -> dict:
     return ADMM_LADDERS if update.is_admm else OBS_LADDERS if update.kind.startswith("obs") else {}
 
 
-def settled(update: Update) -> Update:
-    """The update with equal settings spelled one way: a parameter at its kind's default left
-    out, admm-pcg with no refinement steps as admm: equal settings give one spec, and so one
-    cache entry."""
-    default = Update(update.kind)
-    fields = dict(percdamp=None if update.damping == default.damping else update.damping)
-    if update.is_admm:
-        steps = update.refine_steps
-        if update.kind == "admm-pcg" and not steps:
-            fields["kind"] = "admm"
-        fields["refine"] = None if not steps or steps == default.refine_steps else steps
-    return dataclasses.replace(update, **fields)
-
-
-def spec(update: Update) -> str:
-    return settled(update).spec()
-
-
 def _value(update: Update, name: str):
     return update.damping if name == "percdamp" else update.refine_steps if name == "refine" else getattr(update, name)
 
@@ -65,7 +47,7 @@ def _set(update: Update, name: str, value) -> Update:
         fields["gradual"] = min(update.gradual, value)
     if name == "gradual":
         fields["gradual"] = min(value, update.iters)
-    return settled(dataclasses.replace(update, **fields))
+    return dataclasses.replace(update, **fields).settled()
 
 
 def mutate(text: str, rng=random) -> str:
@@ -83,7 +65,7 @@ def mutate(text: str, rng=random) -> str:
     j = min(max(i + step, 0), len(values) - 1)
     if j == i:
         j = i - 1 if i else i + 1
-    return spec(_set(update, name, values[j]))
+    return _set(update, name, values[j]).spec()
 
 
 def cross(a: str, b: str, rng=random) -> tuple[str, str]:
@@ -96,7 +78,7 @@ def cross(a: str, b: str, rng=random) -> tuple[str, str]:
         if rng.random() < 0.5:
             va, vb = _value(ua, name), _value(ub, name)
             ua, ub = _set(ua, name, vb), _set(ub, name, va)
-    return spec(ua), spec(ub)
+    return ua.spec(), ub.spec()
 
 
 def fresh(text: str, rng=random) -> str:
@@ -104,7 +86,7 @@ def fresh(text: str, rng=random) -> str:
     update = Update.parse(text)
     for name, values in sorted(ladders(update).items()):
         update = _set(update, name, rng.choice(values))
-    return spec(update)
+    return update.spec()
 
 
 # ---- the allocation part: a sparsity level per (block, layer kind) --------------------------
