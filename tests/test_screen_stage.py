@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from prunerzero.cli import main
+from prunerzero.engine.layers import matrix
 from prunerzero.search import run as run_mod
 from prunerzero.search.config import SearchConfig, SearchConfigError
 from prunerzero.search.evaluator import Evaluator, Task
@@ -28,7 +29,11 @@ def test_the_screen_scores_the_first_tokens_of_its_chunks_and_keeps_them_apart(t
     setup = run_mod.setup_for(cfg, d, files)
     assert torch.equal(setup.chunks["screen"], d.search[:, :16])
     ev = Evaluator(setup, model=tiny_llama())
+    dense = {n: w.clone() for n, w in ev.dense.items()}
     short, whole = ev(Task("abs(W)*X", 0, 1, "screen")), ev(Task("abs(W)*X", 0, 1))
+    # the masked weights go through buffers the evaluator keeps; the model is dense again after
+    assert all(torch.equal(matrix(lin), dense[n]) for n, lin in ev.layers.items())
+    assert all(torch.equal(w, dense[n]) for n, w in ev.dense.items())
     assert short.error is None and whole.error is None
     assert short.tokens == 15 and whole.tokens == d.search.shape[1] - 1
     assert short.fingerprint == f"{whole.fingerprint} on screen"   # the same masks, another cache entry

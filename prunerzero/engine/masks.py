@@ -152,14 +152,6 @@ def _nm_by_rank(groups: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return torch.stack(ranks, -1) < n
 
 
-def zeroed(W: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A copy of W with the masked (True) weights zero: a product with the kept ones, 3x faster
-    than masked_fill on this CPU, which a mask-only candidate pays for every layer. Pruned
-    negative weights become -0.0, which every product and every count of zeros treats as 0;
-    W must be finite (a product turns a pruned inf into NaN)."""
-    return W * mask.logical_not()
-
-
 GROUPS = ("row", "layer")
 
 
