@@ -5,8 +5,8 @@ what each stage costs: candidates per hour.
     python experiments/bench_stage_check.py --from-run RUN     # the figures of a run made already
 
 Runs `prunerzero evolve --stage-check N` on the default model (one short generation after the
-check; the check is the point): N varied candidates (the baselines, Wanda, then random trees)
-scored on every stage, the last one pruning each candidate sequentially as `apply` does. From
+check; the check is the point): N varied candidates (the baselines, Wanda, mutants of Wanda,
+then random trees) scored on every stage, the last one pruning each candidate sequentially as `apply` does. From
 RUN/stage_check.json and RUN/evaluations.jsonl it writes, per stage, the Spearman correlation
 with the last stage and the measured candidates per hour (one process, the machine's threads),
 to results/bench_stage_check.{json,md} and a scatter plot of each stage against the last.
@@ -33,18 +33,24 @@ def evolve_command(args, run: Path) -> list[str]:
             "--heldout-chunks", "8", "--seed", str(args.seed), "--quiet"]
 
 
-def stage_rates(run: Path, check: dict) -> list[dict]:
+def stage_rates(run: Path, check: dict, screen_tokens: int | None = None) -> list[dict]:
     """Seconds per candidate of each stage in the check: the evaluations that prune as the stage
-    does, up to its chunk count (a stage that extends an earlier measurement of the same kind
-    pays for both pieces), over the candidates it measured; cached answers are not counted."""
+    does, on the same chunks (the first stage's shortened ones under --screen-tokens), up to its
+    chunk count (a stage that extends an earlier measurement of the same kind pays for both
+    pieces), over the candidates it measured; cached answers are not counted."""
     rows = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["gen"] in ("stage-check", "baselines") and not r["cached"]]
 
     def mode(r):
         return "sequential" if r.get("sequential") else "mask" if r["update"] == "none" else "one-shot"
+
+    def screened(r):
+        return r["fingerprint"].endswith(" on screen")
     out = []
     for s in check["stages"]:
-        mine = [r for r in rows if mode(r) == s["pruning"] and r["chunks"][1] <= s["chunks"]]
+        screen = bool(screen_tokens) and s["stage"] == 1
+        mine = [r for r in rows if mode(r) == s["pruning"] and r["chunks"][1] <= s["chunks"]
+                and screened(r) == screen]
         n = sum(r["chunks"][1] == s["chunks"] for r in mine)
         seconds = sum(r["seconds"] for r in mine)
         out.append(dict(stage=s["stage"], measured=n, seconds_per_candidate=seconds / n if n else None,
@@ -57,8 +63,11 @@ def report(data: dict, out: Path) -> None:
     lines = [f"# Stage check: how each stage ranks like the last ({s['threads']} threads, {s['machine']}, "
              f"torch {s['torch']})", "",
              f"`{s['command']}`", "",
-             f"{len(data['check']['candidates'])} candidates (the baselines, Wanda, then random trees of the search "
-             f"space), each scored on every stage; Spearman's rank correlation of each stage's perplexities with "
+             f"{len(data['check']['candidates'])} varied candidates (listed below: the baselines and Wanda first), "
+             f"each scored on every stage"
+             + (f" (the first on the first {s['config']['screen_tokens']} tokens of each chunk)"
+                if s["config"].get("screen_tokens") else "") + ";"
+             f" Spearman's rank correlation of each stage's perplexities with "
              f"the last stage's, over the candidates finite on both. Candidates per hour: measured in the check, "
              f"one process.", "",
              "| stage | chunks | pruning | Spearman with the last | finite | s / candidate | candidates / hour |",
@@ -67,7 +76,9 @@ def report(data: dict, out: Path) -> None:
         rho = "" if st["spearman"] is None else f"{st['spearman']:+.3f}"
         sec = "" if rate["seconds_per_candidate"] is None else f"{rate['seconds_per_candidate']:.1f}"
         per_h = "" if rate["candidates_per_hour"] is None else f"{rate['candidates_per_hour']:.0f}"
-        lines.append(f"| {st['stage']} | {st['chunks']} | {st['pruning']} | {rho} | {st['candidates']} | {sec} | "
+        tokens = s["config"].get("screen_tokens") if st["stage"] == 1 else None
+        pruning = st["pruning"] + (f", first {tokens} tokens" if tokens else "")
+        lines.append(f"| {st['stage']} | {st['chunks']} | {pruning} | {rho} | {st['candidates']} | {sec} | "
                      f"{per_h} |")
     lines += ["", "| candidate | " + " | ".join(f"stage {st['stage']}" for st in data["check"]["stages"]) + " |",
               "|---|" + "---:|" * len(data["check"]["stages"])]
@@ -112,10 +123,12 @@ def main():
     if not args.from_run:
         subprocess.run(command, check=True)
     check = json.loads((run / "stage_check.json").read_text())
-    shown = " ".join(["prunerzero", *command[3:]])
+    config = json.loads((run / "config.json").read_text())
+    shown = (" ".join(["prunerzero", *command[3:]]) if not args.from_run else
+             f"prunerzero evolve ... (run folder {run}; every setting in settings.config)")
     data = dict(settings=dict(command=shown, threads=torch.get_num_threads(), machine=platform.machine(),
-                              torch=torch.__version__, config=json.loads((run / "config.json").read_text())),
-                check=check, rates=stage_rates(run, check))
+                              torch=torch.__version__, config=config),
+                check=check, rates=stage_rates(run, check, config.get("screen_tokens")))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=2))
     report(data, out)
