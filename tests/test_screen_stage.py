@@ -83,3 +83,17 @@ def test_the_stage_check_draws_mutants_of_the_seeds_before_random_trees(tiny_dir
     monkeypatch.setattr(search.tb, "individual", lambda: pytest.fail("a fresh tree drawn"))
     monkeypatch.setattr(search, "_valid_fresh", lambda taken: "abs(W)")
     assert check_candidates(search, 12) == picked[:8]
+
+
+def test_the_time_estimates_price_a_screen_chunk_at_its_share_and_the_next_stage_from_its_first_chunk():
+    from types import SimpleNamespace
+    from prunerzero.search.evolve import Counters
+    from prunerzero.search.run import generation_estimate
+    c = SearchConfig(stages=(2, 8), screen_tokens=128, population=4, promote=0.5)
+    search = SimpleNamespace(counters=Counters(chunk_evals=10, eval_s=10.0), hof=[])
+    # every candidate: 2 chunks of a quarter; half of them: all 8 whole chunks
+    assert generation_estimate(search, c) == pytest.approx(4 * (2 * 0.25 + 0.5 * 8))
+    plain = SearchConfig(stages=(2, 8), population=4, promote=0.5)
+    assert generation_estimate(search, plain) == pytest.approx(4 * (2 + 0.5 * 6))
+    s = Search(c, run=None, pool=None)
+    assert s.chunk_share(Task("W", 0, 1, "screen")) == 0.25 and s.chunk_share(Task("W", 0, 1)) == 1.0

@@ -46,7 +46,7 @@ class SearchData:
 class Counters:
     candidates: int = 0        # offspring (and initial trees) that needed a fitness
     evaluations: int = 0       # model evaluations run (one candidate on one chunk range)
-    chunk_evals: int = 0       # chunks evaluated in total
+    chunk_evals: float = 0     # chunks evaluated in total (a --screen-tokens chunk counts as its share)
     full_equivalent: int = 0   # chunks a search without staging would have evaluated
     key_hits: int = 0          # fitness found by canonical key
     mask_hits: int = 0         # fitness found by mask fingerprint (different key, same masks)
@@ -284,6 +284,12 @@ class Search:
             value[entry] = self._record(entry, task, r, k, self.gen if tag is None else tag)
         return {key: value[entry] for key, entry in where}
 
+    def chunk_share(self, task) -> float:
+        """What one chunk of a task weighs against a whole search chunk: its share of the tokens
+        (the time estimates price chunks at the measured seconds per whole chunk)."""
+        c = self.config
+        return c.screen_tokens / c.seqlen if task.chunks == "screen" else 1.0
+
     def entry(self, key: str, recon: bool, seq: bool = False, update: str | None = None) -> str:
         """The cache entry of a metric key: the mask alone, the recipe reconstructed one-shot and
         the candidate pruned sequentially are measured apart, each recipe with its own update."""
@@ -304,7 +310,7 @@ class Search:
             self.counters.mask_hits += 1
         elif m.add(r.lo, r.hi, r.nll, r.tokens):
             self.counters.evaluations += 1
-            self.counters.chunk_evals += r.hi - r.lo
+            self.counters.chunk_evals += (r.hi - r.lo) * self.chunk_share(task)
             self.counters.eval_s += r.seconds - r.prune_s
             if task.sequential:
                 self.counters.sequential_s += r.prune_s

@@ -244,6 +244,11 @@ def generation_estimate(search: Search, c: SearchConfig) -> float:
     per_chunk = n.eval_s / n.chunk_evals
     chunks, recon, seq, reach, prev = 0.0, 0.0, 0.0, 1.0, 0
     for i, k in enumerate(c.stages):
+        if c.screens(i):      # shortened chunks, which the next stage does not continue
+            chunks += reach * k * c.screen_tokens / c.seqlen
+            recon += reach if c.reconstructs(i) else 0
+            reach *= c.promote
+            continue
         if c.sequential(i):   # a fresh model: every chunk of the stage is evaluated again
             chunks += reach * k
             seq += reach
