@@ -1,6 +1,6 @@
 """Memory and time of pruning models far larger than the bundled one.
 
-    python experiments/bench_scale.py --shape 7b [--phases wanda,sparsegpt,search] [--device cpu]
+    python experiments/bench_scale.py --shape 7b [--phases wanda,sparsegpt,admm,search] [--device cpu]
 
 Builds a random-weight LLaMA-architecture model of the given shape once (seeded, saved in
 --dtype as safetensors under --runs, with the bundled SmolLM2 tokenizer, so its vocabulary is
@@ -11,6 +11,7 @@ each phase in a fresh process and records its wall time and peak resident memory
   wanda      load, `apply_metric(wanda)` sequential at 50% with --nsamples x 512 Wikipedia
              calibration tokens, perplexity on --chunks WikiText-2 chunks of 512;
   sparsegpt  the same with `apply_sparsegpt`;
+  admm       the same with Wanda's mask and the ADMM update (`wanda-admm`, the recommended recipe);
   search     one search evaluation: X of the dense model cached to disk, then one candidate
              (Wanda's metric) evaluated by the search's Evaluator, as a worker would.
 
@@ -38,7 +39,7 @@ SHAPES = {  # LLaMA-family shapes: TinyLlama-1.1B and LLaMA-2-7B (vocabulary: th
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32),
 }
-PHASES = ("wanda", "sparsegpt", "search")
+PHASES = ("wanda", "sparsegpt", "admm", "search")
 
 
 def build(folder: Path, shape: str, dtype: str, seed: int) -> Path:
@@ -79,6 +80,8 @@ def phase(name: str, folder: str, dtype: str, device: str, nsamples: int, chunks
         apply_metric(model, "wanda", 0.5, calibration=samples, progress=False)
     elif name == "sparsegpt":
         apply_sparsegpt(model, 0.5, calibration=samples, progress=False)
+    elif name == "admm":
+        apply_metric(model, "wanda", 0.5, calibration=samples, update="admm", progress=False)
     else:
         out.update(_search_evaluation(model, folder, samples, ev.chunks, dtype, device))
     out["work_s"] = time.perf_counter() - t1
