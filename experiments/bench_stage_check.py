@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from common import common_options, figure_row, save_figure
+from prunerzero.search.fidelity import USABLE, spearman
 
 
 def evolve_command(args, run: Path) -> list[str]:
@@ -58,6 +59,18 @@ def stage_rates(run: Path, check: dict, screen_tokens: int | None = None) -> lis
     return out
 
 
+def usable_spearman(check: dict, stage: int) -> tuple[float | None, int]:
+    """Spearman of `stage` with the last over the usable candidates (as fidelity.stage_check
+    computes it; recomputed here for checks written before it did)."""
+    pairs = [(c["perplexity"][stage - 1], c["perplexity"][-1]) for c in check["candidates"]
+             if c["perplexity"][stage - 1] is not None and c["perplexity"][-1] is not None]
+    if not pairs:
+        return None, 0
+    best = min(b for _, b in pairs)
+    usable = [(a, b) for a, b in pairs if b <= USABLE * best]
+    return (spearman(*zip(*usable)) if len(usable) >= 3 else None), len(usable)
+
+
 def report(data: dict, out: Path) -> None:
     s = data["settings"]
     lines = [f"# Stage check: how each stage ranks like the last ({s['threads']} threads, {s['machine']}, "
@@ -70,15 +83,21 @@ def report(data: dict, out: Path) -> None:
              f" Spearman's rank correlation of each stage's perplexities with "
              f"the last stage's, over the candidates finite on both. Candidates per hour: measured in the check, "
              f"one process.", "",
-             "| stage | chunks | pruning | Spearman with the last | finite | s / candidate | candidates / hour |",
-             "|---:|---:|---|---:|---:|---:|---:|"]
+             f"'Usable': candidates whose last-stage perplexity is within {USABLE:g}x the best's, the near-misses "
+             f"promotion has to order (degenerate metrics are easy to rank).", "",
+             "| stage | chunks | pruning | Spearman with the last | finite | Spearman, usable | usable | "
+             "s / candidate | candidates / hour |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for st, rate in zip(data["check"]["stages"], data["rates"]):
         rho = "" if st["spearman"] is None else f"{st['spearman']:+.3f}"
         sec = "" if rate["seconds_per_candidate"] is None else f"{rate['seconds_per_candidate']:.1f}"
         per_h = "" if rate["candidates_per_hour"] is None else f"{rate['candidates_per_hour']:.0f}"
         tokens = s["config"].get("screen_tokens") if st["stage"] == 1 else None
         pruning = st["pruning"] + (f", first {tokens} tokens" if tokens else "")
-        lines.append(f"| {st['stage']} | {st['chunks']} | {pruning} | {rho} | {st['candidates']} | {sec} | "
+        good, n_good = usable_spearman(data["check"], st["stage"])
+        good = "" if good is None else f"{good:+.3f}"
+        lines.append(f"| {st['stage']} | {st['chunks']} | {pruning} | {rho} | {st['candidates']} | {good} | {n_good} | "
+                     f"{sec} | "
                      f"{per_h} |")
     lines += ["", "| candidate | " + " | ".join(f"stage {st['stage']}" for st in data["check"]["stages"]) + " |",
               "|---|" + "---:|" * len(data["check"]["stages"])]

@@ -83,6 +83,10 @@ def test_the_stage_check_correlates_every_stage_with_the_last_and_leaves_the_sea
         figures = [(c["perplexity"][s["stage"] - 1], c["perplexity"][-1]) for c in check["candidates"]
                    if c["perplexity"][s["stage"] - 1] is not None and c["perplexity"][-1] is not None]
         assert s["candidates"] == len(figures) and s["spearman"] == pytest.approx(spearman(*zip(*figures)))
+        best = min(b for _, b in figures)
+        usable = [(a, b) for a, b in figures if b <= 10 * best]
+        assert s["usable"] == len(usable)
+        assert s["spearman_usable"] == (pytest.approx(spearman(*zip(*usable))) if len(usable) >= 3 else None)
     assert check["stages"][-1]["spearman"] == pytest.approx(1.0)
     assert any("stage check over 6 candidates" in line for line in logged)
     # the check draws its candidates from an RNG of its own: the search is the one run without it

@@ -76,9 +76,15 @@ def check_candidates(search, n: int) -> list:
     return out
 
 
+USABLE = 10.0   # a candidate whose last-stage perplexity is within this factor of the best's
+
+
 def stage_check(search, n: int) -> dict:
     """Score n varied candidates on every stage (no promotion) and correlate each stage's
-    perplexities with the last stage's over the candidates finite on both."""
+    perplexities with the last stage's over the candidates finite on both, and over the usable
+    ones among them (last stage within USABLE times the best): degenerate metrics (perplexity
+    1e7 and more) are easy to rank, so the correlation over all can look better than the
+    ordering of good candidates, which is what promotion has to get right."""
     c = search.config
     texts = check_candidates(search, n)
     per_stage = []
@@ -87,11 +93,16 @@ def stage_check(search, n: int) -> dict:
                               tag="stage-check", **search.how(s))
         per_stage.append([ppl[search.key(t)] for t in texts])
     last = per_stage[-1]
+    best = min((b for b in last if math.isfinite(b)), default=math.inf)
     stages = []
     for s, figures in enumerate(per_stage):
         pairs = [(a, b) for a, b in zip(figures, last) if math.isfinite(a) and math.isfinite(b)]
+        usable = [(a, b) for a, b in pairs if b <= USABLE * best]
         stages.append(dict(stage=s + 1, chunks=search.stages[s], pruning=c.stage_mode(s),
-                           spearman=spearman(*zip(*pairs)) if len(pairs) >= 3 else None, candidates=len(pairs)))
+                           tokens=c.screen_tokens if c.screens(s) else c.seqlen,
+                           spearman=spearman(*zip(*pairs)) if len(pairs) >= 3 else None, candidates=len(pairs),
+                           spearman_usable=spearman(*zip(*usable)) if len(usable) >= 3 else None,
+                           usable=len(usable)))
     return dict(stages=stages, update=c.update, fitness=c.fitness, fitness_samples=c.fitness_samples,
                 candidates=[dict(metric=t, perplexity=[_finite(p[i]) for p in per_stage]) for i, t in enumerate(texts)])
 
@@ -101,6 +112,7 @@ def describe(check: dict) -> list[str]:
     lines = [f"stage check over {len(check['candidates'])} candidates (Spearman with the last stage):"]
     for s in check["stages"]:
         rho = "n/a" if s["spearman"] is None else f"{s['spearman']:+.3f}"
+        good = "n/a" if s.get("spearman_usable") is None else f"{s['spearman_usable']:+.3f}"
         lines.append(f"  stage {s['stage']}: {s['chunks']:3d} chunks, {s['pruning']:10}  {rho}  "
-                     f"({s['candidates']} finite)")
+                     f"({s['candidates']} finite); {good} over the {s.get('usable', 0)} usable")
     return lines
