@@ -1,0 +1,76 @@
+"""A metric found on the search chunks, checked on text the search never saw: each metric is
+applied sequentially with an update, as `prunerzero apply` does, to a fresh copy of the default
+model (calibration --nsamples x 512 Wikipedia tokens, --seed), then measured on WikiText-2
+512x64 (the first 64 chunks of the test split; a search scores the last ones) and on held-out
+Wikipedia (chunks disjoint from the calibration windows), with its prune time. Metrics are
+alternated in one process, so the times compare.
+
+    python experiments/heldout_check.py "sqr(W)*X" wanda --update admm [--structure 2:4] [--seed 0]
+
+Appends one row per metric, with the settings, to results/heldout_check.jsonl and rewrites
+results/heldout_check.md from every row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from common import RESULTS
+from prunerzero import apply_metric, perplexity
+from prunerzero.data import NO_BOS
+from prunerzero.loading import load_model
+from prunerzero.pipeline import WIKIPEDIA_HELDOUT, calibration_for, eval_data_for
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("metrics", nargs="+")
+    ap.add_argument("--update", default="admm")
+    ap.add_argument("--sparsity", type=float, default=None)
+    ap.add_argument("--structure", default="unstructured")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--chunks", type=int, default=64, help="WikiText-2 chunks (and held-out Wikipedia chunks)")
+    ap.add_argument("--wiki-chunks", type=int, default=32, help="held-out Wikipedia chunks")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default=str(RESULTS / "heldout_check"))
+    a = ap.parse_args()
+    model, tok = load_model(None)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    samples, ids, starts = calibration_for(tok, "wikipedia", a.nsamples, 512, a.seed, a.data_dir)
+    wt2 = eval_data_for(tok, None, 512, a.chunks, a.data_dir).chunks
+    wiki = eval_data_for(tok, WIKIPEDIA_HELDOUT, 512, a.wiki_chunks, a.data_dir, "wikipedia", ids, starts,
+                         NO_BOS).chunks
+    settings = dict(update=a.update, sparsity=a.sparsity, structure=a.structure, nsamples=a.nsamples, seqlen=512,
+                    seed=a.seed, wt2_chunks=len(wt2), wiki_chunks=len(wiki), threads=torch.get_num_threads(),
+                    processor=platform.processor(), machine=platform.machine(), torch=torch.__version__)
+    out = RESULTS / "heldout_check.jsonl" if a.out == str(RESULTS / "heldout_check") else None
+    path = out or (a.out + ".jsonl")
+    for metric in a.metrics:
+        model.load_state_dict(dense)
+        t0 = time.perf_counter()
+        report = apply_metric(model, metric, a.sparsity if a.sparsity is not None else 0.5, a.structure,
+                              calibration=samples, update=a.update, progress=False)
+        row = dict(metric=metric, canonical=report.canonical, update=report.update, settings=settings,
+                   prune_s=time.perf_counter() - t0, wt2=perplexity(model, wt2, progress=False),
+                   wikipedia=perplexity(model, wiki, progress=False))
+        print(row, flush=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in open(path)]
+    lines = ["# Searched metrics on held-out text (sequential, as apply prunes)", "",
+             "| metric | update | structure | calibration seed | WT2 512x64 | held-out Wikipedia | prune s |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    lines += [f"| `{r['metric']}` | {r['update'].get('kind')} | {r['settings']['structure']} | {r['settings']['seed']} | "
+              f"{r['wt2']:.3f} | {r['wikipedia']:.3f} | {r['prune_s']:.0f} |" for r in rows]
+    with open(str(path).replace(".jsonl", ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
