@@ -9,7 +9,8 @@ trees; the check draws them from its own seeded RNG, so both runs score the same
 
 For the first stage of each (1 chunk of 256 tokens against 1 chunk of 512) it writes the
 Spearman correlation with the shared last stage (8 whole chunks), over every finite candidate
-and over the usable ones (last stage below 10x Wanda's: the near-misses a search must order).
+and over the usable ones (fidelity.usable_spearman: last stage within 10x the best, the
+near-misses a search must order).
 The seconds per candidate are measured here, the two first stages alternated candidate by
 candidate in one process (the runs' own times may have shared the machine); then the screen's
 throughput through the search's worker pools (--pools WORKERSxTHREADS, e.g. one worker of two
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from common import RESULTS
-from prunerzero.search.fidelity import spearman
+from prunerzero.search.fidelity import spearman, usable_spearman
 
 
 def load(run: Path) -> dict:
@@ -36,10 +37,9 @@ def load(run: Path) -> dict:
 def first_stage(check: dict, label: str, seconds: list) -> dict:
     figures = [(c["perplexity"][0], c["perplexity"][-1]) for c in check["candidates"]
                if c["perplexity"][0] is not None and c["perplexity"][-1] is not None]
-    wanda = next(c["perplexity"][-1] for c in check["candidates"] if c["metric"] == "wanda")
-    usable = [(a, b) for a, b in figures if b < 10 * wanda]
+    good, n_good = usable_spearman(figures)
     return dict(stage=label, candidates=len(figures), spearman=spearman(*zip(*figures)),
-                usable=len(usable), spearman_usable=spearman(*zip(*usable)) if len(usable) >= 3 else None,
+                usable=n_good, spearman_usable=good,
                 median_s=statistics.median(seconds), per_hour=3600 / statistics.median(seconds))
 
 

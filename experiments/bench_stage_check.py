@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from common import common_options, figure_row, save_figure
-from prunerzero.search.fidelity import USABLE, spearman
+from prunerzero.search.fidelity import USABLE
+from prunerzero.search.fidelity import usable_spearman as fidelity_usable
 
 
 def evolve_command(args, run: Path) -> list[str]:
@@ -60,15 +61,10 @@ def stage_rates(run: Path, check: dict, screen_tokens: int | None = None) -> lis
 
 
 def usable_spearman(check: dict, stage: int) -> tuple[float | None, int]:
-    """Spearman of `stage` with the last over the usable candidates (as fidelity.stage_check
-    computes it; recomputed here for checks written before it did)."""
-    pairs = [(c["perplexity"][stage - 1], c["perplexity"][-1]) for c in check["candidates"]
-             if c["perplexity"][stage - 1] is not None and c["perplexity"][-1] is not None]
-    if not pairs:
-        return None, 0
-    best = min(b for _, b in pairs)
-    usable = [(a, b) for a, b in pairs if b <= USABLE * best]
-    return (spearman(*zip(*usable)) if len(usable) >= 3 else None), len(usable)
+    """fidelity.usable_spearman of `stage` against the last (recomputed here for checks written
+    before stage_check reported it)."""
+    return fidelity_usable([(c["perplexity"][stage - 1], c["perplexity"][-1]) for c in check["candidates"]
+                            if c["perplexity"][stage - 1] is not None and c["perplexity"][-1] is not None])
 
 
 def report(data: dict, out: Path) -> None:

@@ -79,6 +79,15 @@ def check_candidates(search, n: int) -> list:
 USABLE = 10.0   # a candidate whose last-stage perplexity is within this factor of the best's
 
 
+def usable_spearman(pairs) -> tuple[float | None, int]:
+    """(Spearman, count) over the (stage, last stage) pairs whose last-stage figure is within
+    USABLE times the best one's; None when fewer than 3."""
+    pairs = list(pairs)
+    best = min((b for _, b in pairs), default=math.inf)
+    usable = [(a, b) for a, b in pairs if b <= USABLE * best]
+    return (spearman(*zip(*usable)) if len(usable) >= 3 else None), len(usable)
+
+
 def stage_check(search, n: int) -> dict:
     """Score n varied candidates on every stage (no promotion) and correlate each stage's
     perplexities with the last stage's over the candidates finite on both, and over the usable
@@ -93,16 +102,14 @@ def stage_check(search, n: int) -> dict:
                               tag="stage-check", **search.how(s))
         per_stage.append([ppl[search.key(t)] for t in texts])
     last = per_stage[-1]
-    best = min((b for b in last if math.isfinite(b)), default=math.inf)
     stages = []
     for s, figures in enumerate(per_stage):
         pairs = [(a, b) for a, b in zip(figures, last) if math.isfinite(a) and math.isfinite(b)]
-        usable = [(a, b) for a, b in pairs if b <= USABLE * best]
+        good, n_good = usable_spearman(pairs)
         stages.append(dict(stage=s + 1, chunks=search.stages[s], pruning=c.stage_mode(s),
                            tokens=c.screen_tokens if c.screens(s) else c.seqlen,
                            spearman=spearman(*zip(*pairs)) if len(pairs) >= 3 else None, candidates=len(pairs),
-                           spearman_usable=spearman(*zip(*usable)) if len(usable) >= 3 else None,
-                           usable=len(usable)))
+                           spearman_usable=good, usable=n_good))
     return dict(stages=stages, update=c.update, fitness=c.fitness, fitness_samples=c.fitness_samples,
                 candidates=[dict(metric=t, perplexity=[_finite(p[i]) for p in per_stage]) for i, t in enumerate(texts)])
 
