@@ -6,6 +6,9 @@ Wikipedia (chunks disjoint from the calibration windows), with its prune time. M
 alternated in one process, so the times compare.
 
     python experiments/heldout_check.py "sqr(W)*X" wanda --update admm [--structure 2:4] [--seed 0]
+    python experiments/heldout_check.py sparsegpt "sqr(W)*X@admm correct=0.2 staged=1" "wanda@admm"
+
+A metric may carry its own update after "@" (else --update's); `sparsegpt` is SparseGPT itself.
 
 Appends one row per metric, with the settings, to results/heldout_check.jsonl and rewrites
 results/heldout_check.md from every row.
@@ -20,7 +23,8 @@ import time
 import torch
 
 from common import RESULTS
-from prunerzero import apply_metric, perplexity
+from prunerzero import apply_metric, apply_sparsegpt, perplexity
+from prunerzero.engine.reconstruct import UPDATES, Update
 from prunerzero.data import NO_BOS
 from prunerzero.loading import load_model
 from prunerzero.pipeline import WIKIPEDIA_HELDOUT, calibration_for, eval_data_for
@@ -50,11 +54,16 @@ def main():
                     processor=platform.processor(), machine=platform.machine(), torch=torch.__version__)
     out = RESULTS / "heldout_check.jsonl" if a.out == str(RESULTS / "heldout_check") else None
     path = out or (a.out + ".jsonl")
-    for metric in a.metrics:
+    sparsity = a.sparsity if a.sparsity is not None else 0.5
+    for given in a.metrics:
+        metric, _, update = given.partition("@")
         model.load_state_dict(dense)
         t0 = time.perf_counter()
-        report = apply_metric(model, metric, a.sparsity if a.sparsity is not None else 0.5, a.structure,
-                              calibration=samples, update=a.update, progress=False)
+        if metric == "sparsegpt":
+            report = apply_sparsegpt(model, sparsity, a.structure, calibration=samples, progress=False)
+        else:
+            report = apply_metric(model, metric, sparsity, a.structure, calibration=samples,
+                                  update=update or a.update, progress=False)
         row = dict(metric=metric, canonical=report.canonical, update=report.update, settings=settings,
                    prune_s=time.perf_counter() - t0, wt2=perplexity(model, wt2, progress=False),
                    wikipedia=perplexity(model, wiki, progress=False))
@@ -65,11 +74,18 @@ def main():
     lines = ["# Searched metrics on held-out text (sequential, as apply prunes)", "",
              "| metric | update | structure | calibration seed | WT2 512x64 | held-out Wikipedia | prune s |",
              "|---|---|---|---:|---:|---:|---:|"]
-    lines += [f"| `{r['metric']}` | {r['update'].get('kind')} | {r['settings']['structure']} | {r['settings']['seed']} | "
+    lines += [f"| `{r['metric']}` | {spec(r['update'])} | {r['settings']['structure']} | {r['settings']['seed']} | "
               f"{r['wt2']:.3f} | {r['wikipedia']:.3f} | {r['prune_s']:.0f} |" for r in rows]
     with open(str(path).replace(".jsonl", ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def spec(update: dict) -> str:
+    """A row's update as --update spells it (SparseGPT's own sweep: its name)."""
+    if update.get("kind") not in UPDATES:
+        return update.get("kind", "")
+    return Update(**{k: v for k, v in update.items() if k in Update.__dataclass_fields__}).spec()
 
 
 if __name__ == "__main__":

@@ -113,11 +113,11 @@ def test_cli_refuses_bad_recipe_settings(tmp_path, args, message):
 
 def test_a_catalogued_recipe_prunes_with_its_update_unless_told_otherwise():
     from prunerzero.apply_config import ApplyConfig
-    from prunerzero.engine.reconstruct import UPDATES
+    from prunerzero.engine.reconstruct import UPDATES, Update
     from prunerzero.engine.allocation import ALLOCATIONS
     from prunerzero.language.space import load_space
     for name, entry in load_space().catalog.items():
-        assert entry.update in UPDATES and entry.allocation in ALLOCATIONS, name
+        assert Update.parse(entry.update).kind in UPDATES and entry.allocation in ALLOCATIONS, name
     from prunerzero.cli import UPDATES as CLI_UPDATES
     assert CLI_UPDATES == UPDATES   # the command line's copy, kept so --help does not import torch
     samples = data().calibration
@@ -134,6 +134,10 @@ def test_a_catalogued_recipe_prunes_with_its_update_unless_told_otherwise():
     assert ApplyConfig(metric="wanda-admm", update="obs").update == "obs"
     assert ApplyConfig(metric="wanda").update == "none" and ApplyConfig(metric="wanda").allocation == "uniform"
     assert ApplyConfig(metric="wanda-admm", method="sparsegpt").update == "none"
+    # a recipe's update parameters reach the pruning and its report
+    report = apply_metric(tiny_llama(), "sqrtx-admm", 0.5, "2:4", calibration=samples, progress=False)
+    assert report.update["kind"] == "admm" and report.update["correct"] == 0.2
+    assert ApplyConfig(metric="sqrtx-admm").update == "admm correct=0.2"
 
 
 def test_search_data_wikipedia_heldout_searches_on_other_text_than_it_reports(monkeypatch):

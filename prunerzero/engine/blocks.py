@@ -3,11 +3,13 @@ sequential pruning and block-by-block statistics share. Only one block's statist
 held at a time, so a 7B model's Hessians need not all fit in memory."""
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 
 import torch
 from ..progress import bar
 
+from .layers import matrix
 from .models import ONLOAD_ATTR, decoder_layers, prunable_linears
 
 
@@ -213,7 +215,7 @@ def run_block(block, inputs, call, batch: int | None = None):
 
 
 def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning blocks", dense: bool = False,
-              batch: int | None = None, paired: bool = False):
+              batch: int | None = None, paired: bool = False, staged: bool = False):
     """Sequential pruning: record each block's inputs statistics with `recorder`, prune it with
     `prune_block(index, linears, recorder)`, and pass the calibration activations through the
     pruned block to the next one. dense: pass on the block's outputs from before it was pruned
@@ -223,7 +225,10 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
     half-precision units), so statistics come from fp32 activations there. batch: samples per
     block call (None: block_batch, one on a CPU). paired (sequential only): the dense model's
     activations are carried along too, one more pass per block, and each batch runs on both
-    streams in turn for a paired recorder (calibration.PairedHessians)."""
+    streams in turn for a paired recorder (calibration.PairedHessians). staged (sequential
+    only): the block's layers are pruned in the order the forward reaches them, one stage at
+    a time (see layer_stages), each stage's statistics recorded on the inputs the block's
+    already-pruned stages give it, as SparseGPT's "true sequential" option does."""
     inputs, calls = block_inputs(model, calibration)
     originals = list(inputs) if paired and not dense else None
     blocks = decoder_layers(model)
@@ -232,6 +237,11 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
         inputs, call = as_dtype(inputs, calls[i], dtype, device)
         with running_in(block, dtype, device):
             linears = prunable_linears(block)
+            if staged and not dense:
+                dense_in = None if originals is None else as_dtype(originals, call, dtype, device)[0]
+                inputs, originals = staged_block(i, block, linears, inputs, dense_in, call, batch, recorder,
+                                                 prune_block)
+                continue
             with torch.no_grad(), recorder(linears) as rec:
                 if originals is None:
                     outputs = run_block(block, inputs, call, batch)
@@ -258,3 +268,127 @@ def run_paired(block, originals, inputs, call, batch, rec):
         rec.capturing = False
         run_block(block, inputs[i:i + batch], call, batch)
     return outs
+
+
+def layer_stages(block, linears: dict, sample, call) -> tuple[list[list[str]], list[str]]:
+    """The block's prunable layers in stages, in the order its forward reaches them (found on one
+    sample): layers that read one input (q/k/v, gate/up) share a stage, and so do the experts'
+    like projections of an MoE layer (their names differ only in the expert's index), so a
+    Llama block has four stages: q/k/v, o, gate/up, down. A layer that sample never reached (an
+    expert no token of it was routed to) joins the stage of its like layers, or the last.
+    Also returns the order the layers ran in on that sample."""
+    order, last = [], [None]
+
+    def seen(name):
+        def hook(module, inputs, output):
+            shared = inputs[0] is last[0]
+            last[0] = inputs[0]
+            order.append((name, shared))
+        return hook
+    handles = [m.register_forward_hook(seen(n)) for n, m in linears.items()]
+    try:
+        with torch.no_grad():
+            run_block(block, [sample], call, 1)
+    finally:
+        for h in handles:
+            h.remove()
+    key_of, stages = {}, {}
+    for j, (name, shared) in enumerate(order):
+        if name not in key_of:
+            key_of[name] = key_of[order[j - 1][0]] if shared else _like(name)
+            stages.setdefault(key_of[name], []).append(name)
+    groups = list(stages.values()) or [[]]
+    for name in linears:
+        if name not in key_of:
+            like = stages.get(_like(name))
+            (like if like is not None else groups[-1]).append(name)
+    return groups, [name for name, _ in order]
+
+
+def _stops(stages, k, order) -> list[str]:
+    """The layers where stage k's recording pass may stop: those of later stages that ran after
+    every layer of stage k on the discovery sample, experts excepted (the layers of an MoE
+    layer's experts run interleaved, gate and down of one expert before the next expert's, and
+    which experts run depends on the tokens)."""
+    ran = {name: j for j, name in enumerate(order)}
+    end = max((ran[n] for n in stages[k] if n in ran), default=len(order))
+    return [n for s in stages[k + 1:] for n in s if ran.get(n, -1) > end and _like(n) == n]
+
+
+def _like(name: str) -> str:
+    """A layer's name with any expert index made a wildcard: an MoE layer's experts are alike."""
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+@torch.no_grad()
+def staged_block(i, block, linears, inputs, originals, call, batch, recorder, prune_block):
+    """blockwise's step for a staged walk: the block pruned in stages, and the inputs of the next
+    block from it (with the dense stream's, when `originals` is given, from it before pruning)."""
+    passed_on = None if originals is None else run_block(block, originals, call, batch)
+    prune_in_stages(i, block, linears, inputs, call, batch, recorder, prune_block, originals)
+    return run_block(block, inputs, call, batch), passed_on
+
+
+def prune_in_stages(i, block, linears, inputs, call, batch, recorder, prune_block, originals=None):
+    """blockwise's staged step: for each stage of layer_stages, record its layers' statistics on
+    the inputs the block gives them now (its earlier stages pruned), each pass stopped where a
+    later stage begins, and prune them. With `originals` (the dense stream, paired recorders)
+    each batch runs first on the dense weights of the pruned stages, swapped in for it, then on
+    the pruned ones; the dense weights of one block are held meanwhile."""
+    stages, order = layer_stages(block, linears, inputs[0], call)
+    dense = {n: matrix(m).clone() for n, m in linears.items()} if originals is not None else None
+    done: list[str] = []
+    for k, names in enumerate(stages):
+        part = {n: linears[n] for n in names}
+        with torch.no_grad(), recorder(part) as rec, stopping_at([linears[n] for n in _stops(stages, k, order)]):
+            if originals is None:
+                feed(block, inputs, call, batch)
+            else:
+                step = batch or block_batch(inputs)
+                for j in range(0, len(inputs), step):
+                    rec.capturing = True
+                    with swapped_in({n: linears[n] for n in done}, dense):
+                        feed(block, originals[j:j + step], call, step)
+                    rec.capturing = False
+                    feed(block, inputs[j:j + step], call, step)
+        prune_block(i, part, rec)
+        done += names
+
+
+@contextmanager
+def stopping_at(layers):
+    """Inside, a forward pass that reaches any of `layers` stops there (feed catches it): a stage's
+    statistics need the block only up to its own layers."""
+    def stop(module, args):
+        raise _Stop
+    handles = [m.register_forward_pre_hook(stop) for m in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def feed(block, inputs, call, batch: int | None = None) -> None:
+    """run_block for its hooks only: outputs dropped, a pass stopped by stopping_at ends there."""
+    args, kwargs = call
+    batch = batch or block_batch(inputs)
+    for j in range(0, len(inputs), batch):
+        try:
+            block(inputs[j] if batch == 1 else torch.cat(inputs[j:j + batch]), *args, **kwargs)
+        except _Stop:
+            pass
+
+
+@contextmanager
+def swapped_in(layers: dict, weights: dict):
+    """Inside, each of `layers` holds weights[name] (copied into its own storage, so expert views
+    of fused tensors work too); its own values again on exit."""
+    kept = {n: matrix(m).clone() for n, m in layers.items()}
+    try:
+        for n, m in layers.items():
+            matrix(m).copy_(weights[n])
+        yield
+    finally:
+        for n, m in layers.items():
+            matrix(m).copy_(kept[n])

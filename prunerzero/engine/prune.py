@@ -149,7 +149,8 @@ def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, 
         _prune_block_layers(f"layers.{i}.", linears, rec, fn, uses, grads, len(calibration), sparsity, structure,
                             group, update, counts)
     recorder = PairedHessians if paired else Hessians if needs_h else InputNorms
-    blockwise(model, calibration, recorder, prune_block, progress, dense=dense, paired=paired)
+    blockwise(model, calibration, recorder, prune_block, progress, dense=dense, paired=paired,
+              staged=bool(update.staged))
 
 
 def _prune_block_layers(prefix, linears, rec, fn, uses, grads, n, sparsity, structure, group, update, counts=None):

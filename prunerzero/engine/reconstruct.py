@@ -71,6 +71,10 @@ class Update:
                                     # left that each layer's reconstruction makes up for (0: fit the layer's
                                     # own output on the inputs it now receives, as published; 1: fit the
                                     # dense model's output, which overfits the calibration text)
+    staged: int = 0                 # sequential pruning: 1 prunes each block's layers in stages, in forward
+                                    # order (q/k/v, o, gate/up, down), each stage's statistics taken with the
+                                    # earlier stages pruned (SparseGPT's "true sequential"); 0: all from the
+                                    # block's inputs at once, as Wanda does
 
     def __post_init__(self):
         from .. import checks
@@ -79,6 +83,7 @@ class Update:
         if self.correct and self.kind == "none":
             raise checks.SettingsError("correct= changes how kept weights are reconstructed: give an --update kind")
         checks.integer("refine", self.refine, minimum=0, optional=True)
+        checks.integer("staged", self.staged, minimum=0, maximum=1)
         checks.number("percdamp", self.percdamp, low=0, low_open=True, optional=True)
         checks.integer("blocksize", self.blocksize)
         checks.number("rho", self.rho, low=0, low_open=True)
@@ -146,13 +151,15 @@ class Update:
     def describe(self) -> dict:
         """The parameters that matter for this kind, for report.json."""
         if self.kind == "none":
-            return {"kind": "none"}
+            return {"kind": "none", **({"staged": self.staged} if self.staged else {})}
         keep = ("blocksize",) if self.kind.startswith("obs") else ("rho", "iters", "gradual")
         out = {"kind": self.kind, "percdamp": self.damping, **{k: v for k, v in asdict(self).items() if k in keep}}
         if self.kind == "admm-pcg":
             out["refine"] = self.refine_steps
         if self.correct:
             out["correct"] = self.correct
+        if self.staged:
+            out["staged"] = self.staged
         return out
 
 

@@ -22,12 +22,14 @@ ADMM_LADDERS = {
     "percdamp": (0.01, 0.03, 0.1, 0.3),
     "refine": (0, 5, 10, 20),
     "correct": (0.0, 0.1, 0.2, 0.3),
+    "staged": (0, 1),
 }
 OBS_LADDERS = {
     "kind": ("obs", "obs-adaptive"),
     "percdamp": (0.003, 0.01, 0.03, 0.1),
     "blocksize": (32, 64, 128),
     "correct": (0.0, 0.1, 0.2, 0.3),
+    "staged": (0, 1),
 }
 
 

@@ -1,0 +1,151 @@
+"""Staged pruning within a block (Update.staged=1, SparseGPT's "true sequential"): a block's
+layers are pruned in forward order, each stage's statistics recorded on the inputs that the
+block's already-pruned stages give it. Checked: the stages of every family, the recorded
+Hessians against a hand-made pass through a block pruned up to that stage, the paired (dense)
+stream against the dense block, and exact sparsity end to end on every family."""
+import copy
+
+import pytest
+import torch
+
+from prunerzero.engine.blocks import block_inputs, blockwise, layer_stages
+from prunerzero.engine.calibration import Hessians, PairedHessians
+from prunerzero.engine.layers import matrix
+from prunerzero.engine.models import decoder_layers, prunable_linears
+from prunerzero.engine.prune import apply_metric
+from prunerzero.engine.reconstruct import Update
+from prunerzero.errors import PrunerZeroError
+
+from families import FAMILIES, tiny
+from tiny import tiny_llama, token_samples
+
+LLAMA_STAGES = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_prunable_layer_is_in_exactly_one_stage_in_forward_order(family):
+    model = tiny(family)
+    inputs, calls = block_inputs(model, token_samples(n=2, seqlen=32))
+    block = decoder_layers(model)[0]
+    linears = prunable_linears(block)
+    stages, order = layer_stages(block, linears, inputs[0], calls[0])
+    assert set(order) <= set(linears)
+    names = [n for s in stages for n in s]
+    assert sorted(names) == sorted(linears) and len(names) == len(set(names))
+    assert len(stages) >= 4                      # attention in, attention out, MLP in, MLP out at least
+    first = stages[0]
+    assert all("attn" in n for n in first), stages
+    if family in ("llama", "mistral", "qwen2", "qwen3"):
+        assert stages == LLAMA_STAGES
+
+
+def halve_by_magnitude(linears):
+    for lin in linears.values():
+        W = matrix(lin)
+        keep = W.abs() >= W.abs().median(dim=1, keepdim=True).values
+        W.mul_(keep)
+
+
+def hessian_of(layer, block, x, call):
+    """X^T X of `layer`'s inputs when `block` runs on x."""
+    seen = []
+    h = layer.register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        block(x, *call[0], **call[1])
+    h.remove()
+    X = torch.cat(seen).float()
+    return X.T @ X
+
+
+def test_each_stage_records_its_inputs_with_the_earlier_stages_pruned():
+    model = tiny_llama(layers=2)
+    samples = token_samples(n=3, seqlen=32)
+    reference = copy.deepcopy(model)
+    inputs, calls = block_inputs(reference, samples)
+    block0 = decoder_layers(reference)[0]
+    ref_linears = prunable_linears(block0)
+    want = {}
+    for stage in LLAMA_STAGES:      # by hand: prune stage by stage, the Hessian of each before it is pruned
+        H = sum(hessian_of(ref_linears[stage[0]], block0, x, calls[0]) for x in inputs)
+        want[stage[0]] = H
+        halve_by_magnitude({n: ref_linears[n] for n in stage})
+    got, parts = {}, []
+
+    def prune_block(i, linears, rec):
+        if i == 0:
+            parts.append(sorted(linears))
+            got.update({n: rec.H[n] for n in rec.H})
+        halve_by_magnitude(linears)
+    blockwise(model, samples, Hessians, prune_block, progress=False, staged=True)
+    assert parts == [sorted(s) for s in LLAMA_STAGES]
+    for name, H in want.items():
+        torch.testing.assert_close(got[name], H, rtol=1e-4, atol=1e-3)
+    # o_proj's inputs did change once q/k/v were pruned: the staged walk is not the plain one
+    plain = {}
+    blockwise(copy.deepcopy(tiny_llama(layers=2)), samples, Hessians,
+              lambda i, lin, rec: plain.update(rec.H) if i == 0 else None, progress=False)
+    assert not torch.allclose(plain["self_attn.o_proj"], got["self_attn.o_proj"], rtol=1e-3)
+    # block 0 ends as the hand-pruned one
+    for (n, a), b in zip(prunable_linears(decoder_layers(model)[0]).items(), ref_linears.values()):
+        torch.testing.assert_close(matrix(a), matrix(b), msg=n)
+
+
+def test_the_dense_stream_runs_on_the_dense_weights_of_the_stages_already_pruned():
+    """Paired (error correction): each stage's K = X^T Xd meets its pruned inputs with the dense
+    block's, however many stages were pruned before it; the weights are the pruned ones after."""
+    model = tiny_llama(layers=2)
+    samples = token_samples(n=3, seqlen=32)
+    dense = copy.deepcopy(model)
+    inputs, calls = block_inputs(dense, samples)
+    dense_block = decoder_layers(dense)[0]
+    got, after = {}, {}
+
+    def prune_block(i, linears, rec):
+        if i == 0:
+            got.update({n: (rec.H[n].clone(), rec.cross(n).clone()) for n in rec.H})
+        halve_by_magnitude(linears)
+        if i == 0:
+            after.update({n: matrix(lin).clone() for n, lin in linears.items()})
+    blockwise(model, samples, PairedHessians, prune_block, progress=False, paired=True, staged=True)
+    pruned_block = decoder_layers(model)[0]
+    name = "mlp.down_proj"      # the last stage: every earlier one pruned
+    seen = {"d": [], "p": []}
+    hooks = [prunable_linears(dense_block)[name].register_forward_hook(
+                 lambda m, i, o: seen["d"].append(i[0].reshape(-1, i[0].shape[-1]))),
+             prunable_linears(pruned_block)[name].register_forward_hook(
+                 lambda m, i, o: seen["p"].append(i[0].reshape(-1, i[0].shape[-1])))]
+    with torch.no_grad():
+        # the pruned block's down_proj input does not depend on down_proj itself
+        for x in inputs:
+            dense_block(x, *calls[0][0], **calls[0][1])
+            pruned_block(x, *calls[0][0], **calls[0][1])
+    for h in hooks:
+        h.remove()
+    Xd, X = torch.cat(seen["d"]), torch.cat(seen["p"])
+    H, K = got[name]
+    torch.testing.assert_close(H, X.T @ X, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(K, X.T @ Xd, rtol=1e-4, atol=1e-3)
+    for n, lin in prunable_linears(pruned_block).items():   # the swaps left the pruned weights in place
+        assert torch.equal(matrix(lin), after[n]), n
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_prunes_exactly_in_stages(family):
+    model = tiny(family)
+    update = Update("admm", iters=4, gradual=2, staged=1, correct=0.2 if family in ("llama", "mixtral") else 0.0)
+    report = apply_metric(model, "wanda", 0.5, "2:4", calibration=token_samples(n=4, seqlen=32),
+                          update=update, progress=False)
+    assert 0.5 <= report.sparsity < 0.52 and report.update["staged"] == 1   # OPT: dead inputs too
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_staged_works_with_any_update_and_is_written_in_the_spec():
+    assert Update.parse("admm staged=1").spec() == "admm staged=1"
+    assert Update("none", staged=1).describe() == {"kind": "none", "staged": 1}
+    model = tiny_llama(layers=2)
+    report = apply_metric(model, "wanda", 0.5, calibration=token_samples(n=3, seqlen=32),
+                          update=Update("obs", staged=1), progress=False)
+    assert report.update["staged"] == 1 and report.sparsity == pytest.approx(0.5)
+    with pytest.raises(PrunerZeroError, match="staged"):
+        Update("admm", staged=2)
