@@ -8,7 +8,8 @@ alternated in one process, so the times compare.
     python experiments/heldout_check.py "sqr(W)*X" wanda --update admm [--structure 2:4] [--seed 0]
     python experiments/heldout_check.py sparsegpt "sqr(W)*X@admm correct=0.2 staged=1" "wanda@admm"
 
-A metric may carry its own update after "@" (else --update's); `sparsegpt` is SparseGPT itself.
+A metric may carry its own update after "@" (else --update's, else a catalogued recipe's, else
+admm); `sparsegpt` is SparseGPT itself.
 
 Appends one row per metric, with the settings, to results/heldout_check.jsonl and rewrites
 results/heldout_check.md from every row.
@@ -25,6 +26,7 @@ import torch
 from common import RESULTS
 from prunerzero import apply_metric, apply_sparsegpt, perplexity
 from prunerzero.engine.reconstruct import UPDATES, Update
+from prunerzero.language.space import load_space
 from prunerzero.data import NO_BOS
 from prunerzero.loading import load_model
 from prunerzero.pipeline import WIKIPEDIA_HELDOUT, calibration_for, eval_data_for
@@ -33,7 +35,7 @@ from prunerzero.pipeline import WIKIPEDIA_HELDOUT, calibration_for, eval_data_fo
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("metrics", nargs="+")
-    ap.add_argument("--update", default="admm")
+    ap.add_argument("--update", default=None)
     ap.add_argument("--sparsity", type=float, default=None)
     ap.add_argument("--structure", default="unstructured")
     ap.add_argument("--nsamples", type=int, default=32)
@@ -63,7 +65,7 @@ def main():
             report = apply_sparsegpt(model, sparsity, a.structure, calibration=samples, progress=False)
         else:
             report = apply_metric(model, metric, sparsity, a.structure, calibration=samples,
-                                  update=update or a.update, progress=False)
+                                  update=update or a.update or recipe_update(metric), progress=False)
         row = dict(metric=metric, canonical=report.canonical, update=report.update, settings=settings,
                    prune_s=time.perf_counter() - t0, wt2=perplexity(model, wt2, progress=False),
                    wikipedia=perplexity(model, wiki, progress=False))
@@ -79,6 +81,11 @@ def main():
     with open(str(path).replace(".jsonl", ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def recipe_update(metric: str) -> str:
+    entry = load_space().catalog.get(metric)
+    return entry.update if entry is not None and entry.update != "none" else "admm"
 
 
 def spec(update: dict) -> str:
