@@ -4,7 +4,7 @@ held at a time, so a 7B model's Hessians need not all fit in memory."""
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from ..progress import bar
@@ -204,14 +204,19 @@ def run_block(block, inputs, call, batch: int | None = None):
     The call arguments come from a one-sample pass; rotary tables and masks broadcast over the
     batch, so a batched call computes each sample's output as a call of its own would."""
     args, kwargs = call
-    batch = batch or block_batch(inputs)
     outs = []
-    for i in range(0, len(inputs), batch):
-        x = inputs[i] if batch == 1 else torch.cat(inputs[i:i + batch])
+    for x in _batched(inputs, batch):
         y = block(x, *args, **kwargs)
         y = y[0] if isinstance(y, tuple) else y
-        outs.extend([y] if batch == 1 else y.split(1))
+        outs.extend(y.split(1))
     return outs
+
+
+def _batched(inputs, batch: int | None):
+    """The inputs `batch` samples at a time (None: block_batch), each batch one tensor."""
+    batch = batch or block_batch(inputs)
+    for i in range(0, len(inputs), batch):
+        yield inputs[i] if batch == 1 else torch.cat(inputs[i:i + batch])
 
 
 def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning blocks", dense: bool = False,
@@ -256,17 +261,19 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
                     inputs = run_block(block, inputs, call, batch)
 
 
-def run_paired(block, originals, inputs, call, batch, rec):
+def run_paired(block, originals, inputs, call, batch, rec, run=run_block, dense_weights=nullcontext):
     """The block's outputs on the dense stream `originals`, each batch of which runs just before
     the same batch of `inputs` (the pruned stream, outputs dropped), so that `rec` sees a layer's
-    dense input and then its pruned input on the same tokens."""
+    dense input and then its pruned input on the same tokens. run: how a batch is run (feed:
+    for the hooks only, outputs not kept); dense_weights: a context the dense batches run in."""
     batch = batch or block_batch(inputs)
     outs = []
     for i in range(0, len(inputs), batch):
         rec.capturing = True
-        outs.extend(run_block(block, originals[i:i + batch], call, batch))
+        with dense_weights():
+            outs.extend(run(block, originals[i:i + batch], call, batch) or [])
         rec.capturing = False
-        run_block(block, inputs[i:i + batch], call, batch)
+        run(block, inputs[i:i + batch], call, batch)
     return outs
 
 
@@ -344,13 +351,8 @@ def prune_in_stages(i, block, linears, inputs, call, batch, recorder, prune_bloc
             if originals is None:
                 feed(block, inputs, call, batch)
             else:
-                step = batch or block_batch(inputs)
-                for j in range(0, len(inputs), step):
-                    rec.capturing = True
-                    with swapped_in({n: linears[n] for n in done}, dense):
-                        feed(block, originals[j:j + step], call, step)
-                    rec.capturing = False
-                    feed(block, inputs[j:j + step], call, step)
+                run_paired(block, originals, inputs, call, batch, rec, run=feed,
+                           dense_weights=lambda: swapped_in({n: linears[n] for n in done}, dense))
         prune_block(i, part, rec)
         done += names
 
@@ -372,10 +374,9 @@ def stopping_at(layers):
 def feed(block, inputs, call, batch: int | None = None) -> None:
     """run_block for its hooks only: outputs dropped, a pass stopped by stopping_at ends there."""
     args, kwargs = call
-    batch = batch or block_batch(inputs)
-    for j in range(0, len(inputs), batch):
+    for x in _batched(inputs, batch):
         try:
-            block(inputs[j] if batch == 1 else torch.cat(inputs[j:j + batch]), *args, **kwargs)
+            block(x, *args, **kwargs)
         except _Stop:
             pass
 
