@@ -129,3 +129,61 @@ def test_error_correction_needs_an_update_and_a_share_between_0_and_1():
         with pytest.raises(PrunerZeroError, match="correct"):
             Update("admm", correct=bad)
     assert Update.parse("admm correct=0.2").correct == 0.2
+
+
+def test_on_a_share_of_the_windows_the_cross_term_is_estimated_from_the_drift_there():
+    """Update.correct_on < 1: windows after the paired ones add to H alone, and K is estimated
+    as H + (rows / paired rows) (K_p - H_p); all paired, K is the exact sum."""
+    lin = torch.nn.Linear(16, 4)
+    _, X, Xd = streams(tokens=400)
+    X, Xd = X.float(), Xd.float()
+    with PairedHessians({"a": lin}) as rec:
+        for part in range(4):                 # the first of four windows carries the dense stream
+            x, xd = X[part * 100:(part + 1) * 100], Xd[part * 100:(part + 1) * 100]
+            rec.pairing = part == 0
+            if rec.pairing:
+                rec.capturing = True
+                lin(xd)
+                rec.capturing = False
+            lin(x)
+    p, q = X[:100], Xd[:100]
+    torch.testing.assert_close(rec.H["a"], X.T @ X, rtol=1e-4, atol=1e-3)
+    want = X.T @ X + 4 * (p.T @ q - p.T @ p)
+    torch.testing.assert_close(rec.cross("a"), want, rtol=1e-4, atol=1e-2)
+    # the control variate: nearer the exact X^T Xd than scaling the paired windows' K_p up
+    exact = X.T @ Xd
+    assert (rec.cross("a") - exact).norm() < 0.5 * (4 * p.T @ q - exact).norm()
+
+
+def test_the_dense_stream_runs_on_the_first_windows_only_and_the_first_block_is_fitted_as_before():
+    from prunerzero.engine.blocks import _spans
+    from prunerzero.engine.layers import matrix
+    from prunerzero.engine.models import all_prunable, decoder_layers
+    assert _spans(8, 3, 5) == [(0, 3), (3, 5), (5, 8)] and _spans(4, 1, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    samples = token_samples(n=8, seqlen=32)
+    models, runs = {}, {}
+    for share in (1.0, 0.25):
+        model = models[share] = tiny_llama(layers=3)
+        calls = []
+        decoder_layers(model)[1].register_forward_hook(lambda m, a, o: calls.append(len(a[0])))
+        report = apply_metric(model, "wanda", 0.5, calibration=samples, progress=False,
+                              update=Update("admm", iters=6, gradual=3, correct=0.5, correct_on=share))
+        assert report.update["correct_on"] == share
+        runs[share] = sum(calls)
+    # block 1 ran the dense stream on 2 windows instead of 8 (the pruned stream's passes are alike)
+    assert runs[1.0] - runs[0.25] == 8 - 2
+    first = {n: matrix(m) for n, m in all_prunable(models[1.0]).items() if n.startswith("layers.0.")}
+    for name, lin in all_prunable(models[0.25]).items():
+        if name in first:   # nothing pruned before block 0: no drift to estimate, the same fit
+            torch.testing.assert_close(matrix(lin), first[name], rtol=1e-3, atol=1e-4)
+        elif name.startswith("layers.2."):
+            assert not torch.allclose(matrix(lin), matrix(all_prunable(models[1.0])[name]))
+
+
+def test_a_share_of_windows_for_the_correction_needs_the_correction():
+    with pytest.raises(PrunerZeroError, match="correct="):
+        Update("admm", correct_on=0.5)
+    with pytest.raises(PrunerZeroError, match="correct.on"):
+        Update("admm", correct=0.2, correct_on=0)
+    assert Update.parse("admm correct=0.2 correct_on=0.25").spec() == "admm correct=0.2 correct_on=0.25"
+    assert Update.parse("admm correct=0.2 correct_on=1").spec() == "admm correct=0.2"

@@ -46,3 +46,17 @@ def test_the_cli_sends_step_lines_to_stderr_and_results_to_stdout(tiny_dir, tmp_
     r = CliRunner().invoke(main, ["eval", "--model", str(tiny_dir), "--seqlen", "32", "--eval-data", str(text)])
     assert r.exit_code == 0, r.output
     assert "perplexity: " in r.stdout and "steps in" in r.stderr and "steps in" not in r.stdout
+
+
+def test_quiet_mode_silences_transformers_loading_bar_and_leaves_its_setting_as_it_was(tiny_dir, capfd):
+    from transformers.utils import logging as hf_logging
+    from prunerzero.engine.models import load_pretrained
+    import torch
+    hf_logging.enable_progress_bar()
+    progress.set_quiet(True)
+    load_pretrained(str(tiny_dir), "fp32", torch.device("cpu"))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+    progress.set_quiet(False)
+    load_pretrained(str(tiny_dir), "fp32", torch.device("cpu"))
+    assert "Loading weights" in capfd.readouterr().err

@@ -220,7 +220,7 @@ def _batched(inputs, batch: int | None):
 
 
 def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning blocks", dense: bool = False,
-              batch: int | None = None, paired: bool = False, staged: bool = False):
+              batch: int | None = None, paired: bool = False, staged: bool = False, dense_samples: int | None = None):
     """Sequential pruning: record each block's inputs statistics with `recorder`, prune it with
     `prune_block(index, linears, recorder)`, and pass the calibration activations through the
     pruned block to the next one. dense: pass on the block's outputs from before it was pruned
@@ -230,14 +230,16 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
     half-precision units), so statistics come from fp32 activations there. batch: samples per
     block call (None: block_batch, one on a CPU). paired (sequential only): the dense model's
     activations are carried along too, one more pass per block, and each batch runs on both
-    streams in turn for a paired recorder (calibration.PairedHessians). staged (sequential
+    streams in turn for a paired recorder (calibration.PairedHessians); dense_samples: only the
+    first that many calibration windows carry the dense stream (None: all). staged (sequential
     only): the block's layers are pruned in the order the forward reaches them, one stage at
     a time (see layer_stages), each stage's statistics recorded on the inputs the block's
     already-pruned stages give it, as SparseGPT's "true sequential" option does."""
     inputs, calls = block_inputs(model, calibration)
-    originals = list(inputs) if paired and not dense else None
+    originals = list(inputs)[:dense_samples] if paired and not dense else None
     blocks = decoder_layers(model)
     dtype, device = compute_dtype(model), execution_device(model)
+    known: dict = {}
     for i, block in enumerate(bar(blocks, desc=desc, enabled=progress)):
         inputs, call = as_dtype(inputs, calls[i], dtype, device)
         with running_in(block, dtype, device):
@@ -247,12 +249,17 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
                 inputs, originals = staged_block(i, block, linears, inputs, dense_in, call, batch, recorder,
                                                  prune_block)
                 continue
+            # the recording pass's own outputs are dropped (sequential): it stops at the last layer
+            stop = [] if dense else last_layer(block, linears, inputs[0], call, known)
             with torch.no_grad(), recorder(linears) as rec:
-                if originals is None:
+                if dense:
                     outputs = run_block(block, inputs, call, batch)
+                elif originals is None:
+                    with stopping_at(stop):
+                        feed(block, inputs, call, batch)
                 else:
                     originals = run_paired(block, as_dtype(originals, call, dtype, device)[0], inputs, call, batch,
-                                           rec)
+                                           rec, stop=stop)
             prune_block(i, linears, rec)
             if dense:
                 inputs = outputs
@@ -261,20 +268,34 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
                     inputs = run_block(block, inputs, call, batch)
 
 
-def run_paired(block, originals, inputs, call, batch, rec, run=run_block, dense_weights=nullcontext):
+def run_paired(block, originals, inputs, call, batch, rec, run=run_block, dense_weights=nullcontext, stop=()):
     """The block's outputs on the dense stream `originals`, each batch of which runs just before
-    the same batch of `inputs` (the pruned stream, outputs dropped), so that `rec` sees a layer's
-    dense input and then its pruned input on the same tokens. run: how a batch is run (feed:
-    for the hooks only, outputs not kept); dense_weights: a context the dense batches run in."""
-    batch = batch or block_batch(inputs)
+    the same batch of `inputs` (the pruned stream, run by feed for its hooks only and stopped
+    at the layers `stop`), so that `rec` sees a layer's dense input and then its pruned input
+    on the same tokens. run: how a dense batch is run (feed: for the hooks only, outputs not
+    kept); dense_weights: a context the dense batches run in. `originals` may be shorter than
+    `inputs` (the dense stream on the first windows only): the batches past it run on the
+    pruned stream alone, with rec.pairing off."""
+    paired = len(originals)
     outs = []
-    for i in range(0, len(inputs), batch):
-        rec.capturing = True
-        with dense_weights():
-            outs.extend(run(block, originals[i:i + batch], call, batch) or [])
-        rec.capturing = False
-        run(block, inputs[i:i + batch], call, batch)
+    for a, b in _spans(len(inputs), batch or block_batch(inputs), paired):
+        rec.pairing = a < paired
+        if rec.pairing:
+            rec.capturing = True
+            with dense_weights():
+                outs.extend(run(block, originals[a:b], call, b - a) or [])
+            rec.capturing = False
+        with stopping_at(stop):
+            feed(block, inputs[a:b], call, b - a)
+    rec.pairing = True
     return outs
+
+
+def _spans(n: int, batch: int, cut: int) -> list[tuple[int, int]]:
+    """[a, b) runs of `batch` samples over n, the first over [0, cut) and the rest after it, so
+    no run straddles `cut`."""
+    cut = min(max(cut, 0), n)
+    return [(a, min(a + batch, end)) for start, end in ((0, cut), (cut, n)) for a in range(start, end, batch)]
 
 
 def layer_stages(block, linears: dict, sample, call) -> tuple[list[list[str]], list[str]]:
@@ -310,6 +331,21 @@ def layer_stages(block, linears: dict, sample, call) -> tuple[list[list[str]], l
             like = stages.get(_like(name))
             (like if like is not None else groups[-1]).append(name)
     return groups, [name for name, _ in order]
+
+
+def last_layer(block, linears: dict, sample, call, known: dict) -> list:
+    """[the layer the block's forward reaches last], where a recording pass may stop (its
+    recorder's pre-hook has run by then): found once for each set of layer names (`known`
+    keeps them), on one sample. Empty, so the pass runs whole, when that sample did not reach
+    every layer exactly once, or the last is an MoE expert (which experts run, and in which
+    order, depends on the tokens)."""
+    key = tuple(linears)
+    if key not in known:
+        _, order = layer_stages(block, linears, sample, call)
+        last = order[-1] if order else None
+        once = len(order) == len(set(order)) == len(linears)
+        known[key] = last if once and _like(last) == last else None
+    return [] if known[key] is None else [linears[known[key]]]
 
 
 def _stops(stages, k, order) -> list[str]:

@@ -12,6 +12,8 @@ import queue
 
 import torch
 
+from ..progress import set_quiet
+
 _worker = None  # this worker process's evaluator (see _init)
 
 
@@ -49,6 +51,7 @@ def _init(worker, setup, devices):
     """A worker process's evaluator, on the next device of the driver's list (`devices`: a
     queue holding one device per worker process)."""
     global _worker
+    set_quiet(True)   # a worker's bars would interleave with the driver's lines; its results say what it did
     try:
         setup = dataclasses.replace(setup, device=devices.get(timeout=5))
     except queue.Empty:  # a replacement for a worker that died: any device of the setup's kind

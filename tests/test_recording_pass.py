@@ -1,0 +1,62 @@
+"""The sequential walk's recording pass only feeds its hooks (its outputs are dropped), so it
+stops at the block's last layer before computing it: the same statistics, one matrix product
+fewer per block. Checked against the whole pass on every family, and by counting the last
+layer's calls."""
+import pytest
+import torch
+
+from prunerzero.engine import blocks
+from prunerzero.engine.layers import matrix
+from prunerzero.engine.models import all_prunable, decoder_layers
+from prunerzero.engine.prune import apply_metric
+from prunerzero.engine.reconstruct import Update
+
+from families import FAMILIES, tiny
+from tiny import tiny_llama, token_samples
+
+
+def pruned(model, update, monkeypatch=None, whole=False):
+    if whole:   # the pass run to the end, as before the stop
+        monkeypatch.setattr(blocks, "last_layer", lambda *a, **k: [])
+    apply_metric(model, "wanda", 0.5, calibration=token_samples(n=4, seqlen=32), update=update, progress=False)
+    return {n: matrix(m).clone() for n, m in all_prunable(model).items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stopping_the_recording_pass_at_the_last_layer_prunes_every_family_alike(family, monkeypatch):
+    update = Update("admm", iters=4, gradual=2, correct=0.5)
+    stopped = pruned(tiny(family), update)
+    whole = pruned(tiny(family), update, monkeypatch, whole=True)
+    for name in whole:
+        torch.testing.assert_close(stopped[name], whole[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("update", [Update(), Update("obs"), Update("admm", iters=4, gradual=2, correct=0.3)],
+                         ids=["mask", "obs", "paired"])
+def test_the_last_layer_runs_only_in_the_pass_that_feeds_the_next_block(update, monkeypatch):
+    counts = {}
+    for whole in (False, True):
+        model = tiny_llama(layers=3)
+        calls = []
+        decoder_layers(model)[1].mlp.down_proj.register_forward_hook(lambda m, a, o: calls.append(len(a[0])))
+        pruned(model, update, monkeypatch, whole)
+        counts[whole] = len(calls)
+    # four windows: the whole recording pass runs down_proj on each of them once more
+    assert counts[True] - counts[False] == 4
+
+
+def test_where_the_pass_stops_no_stop_after_an_expert_nor_where_a_layer_runs_twice():
+    from prunerzero.engine.models import prunable_linears
+    for family, want in (("llama", "mlp.down_proj"), ("opt", "fc2"), ("mixtral", None)):
+        model = tiny(family)
+        block = decoder_layers(model)[0]
+        linears = prunable_linears(block)
+        inputs, calls = blocks.block_inputs(model, token_samples(n=1, seqlen=16))
+        stop = blocks.last_layer(block, linears, inputs[0], calls[0], {})
+        assert stop == ([] if want is None else [linears[want]]), family
+    twice = {}
+    block = decoder_layers(tiny("llama"))[0]
+    linears = prunable_linears(block)
+    inputs, calls = blocks.block_inputs(tiny("llama"), token_samples(n=1, seqlen=16))
+    block.mlp.down_proj.register_forward_hook(lambda m, a, o: block.self_attn.o_proj(a[0][..., :64]))
+    assert blocks.last_layer(block, linears, inputs[0], calls[0], twice) == []
