@@ -6,9 +6,11 @@
 Each (pattern, strategy, search seed) is one `prunerzero evolve` run over the whole recipe
 (`--search metric,update`, and allocation at 70%), seeded with the catalog's best masks
 (`sqr(W)*X`, the mask of sqrtx-admm, and Wanda) and starting from --update. Stages: a mask-only
-screen on one 256-token chunk, the one-shot recipe on 2 chunks, then the faithful stage: the
+screen on one 256-token chunk, the mask alone on 2 whole chunks, then the faithful stage: the
 candidate pruned sequentially as `apply` prunes it (from --fitness-samples calibration windows)
-on 8 chunks. The search text is held-out Wikipedia; the hall of fame is re-scored at the end
+on 8 chunks. No one-shot reconstruction stage: it ranked like the faithful stage worse than
+the mask alone (Spearman 0.65 against 0.77 over 20 candidates, bench_stage_check) at 13x its
+cost. The search text is held-out Wikipedia; the hall of fame is re-scored at the end
 on WikiText-2 (64 x 512), pruned as the faithful stage prunes (from the same windows; the
 recipes applied from all 32 windows, at two calibration seeds, are experiments/heldout_check.py's
 rows). The search seed is also the seed of the calibration draw.
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from common import RESULTS, common_options, figure_row, save_figure
-from prunerzero.language.metric import Metric
+from prunerzero.language.metric import catalog
 from prunerzero.runs.rundir import RunDir
 from prunerzero.search.config import SearchConfig
 from prunerzero.search.run import run_evolve
@@ -45,7 +47,7 @@ def config(args, pattern: str, strategy: str, seed: int) -> SearchConfig:
     sparsity, structure = PATTERNS[pattern]
     search = ("metric", "update") + (("allocation",) if sparsity and sparsity >= 0.6 else ())
     return SearchConfig(sparsity=sparsity, structure=structure, strategy=strategy, update=args.update,
-                        seed_metrics=SEEDS, search=search, stages=(1, 2, 8), proxy_stages=1, promote=0.35,
+                        seed_metrics=SEEDS, search=search, stages=(1, 2, 8), proxy_stages=2, promote=0.35,
                         screen_tokens=256, fitness_samples=args.fitness_samples, search_data="wikipedia-heldout",
                         baselines=("wanda",), population=16, generations=100_000, time_limit=args.budget,
                         workers=args.workers, threads=1, hof_size=3, seed=seed, data_dir=args.data_dir)
@@ -73,7 +75,7 @@ def faithful(rows: list) -> list:
 
 def seed_fitness(rows: list, update: str) -> float | None:
     """The faithful perplexity of the first seed recipe (the first seed metric, --update's settings)."""
-    key = Metric(SEEDS[0]).canonical()
+    key = catalog()[SEEDS[0]].canonical()
     found = [r["perplexity"] for r in faithful(rows) if r["key"].startswith(key + " ") and r["update"] == update]
     return found[0] if found else None
 
@@ -105,9 +107,11 @@ def plot(data, out: Path):
                 if pts:
                     ax.step(*zip(*pts), where="post", marker=".", color="C0" if r["strategy"] == "evolution" else "C1",
                             ls="-" if r["seed"] == 0 else "--", label=f"{r['strategy']}, seed {r['seed']}")
-                if r["seed_search"]:
-                    ax.axhline(r["seed_search"], color="C2", ls=":", lw=1,
-                               label=f"seed recipe, seed {r['seed']}")
+                for value, color, what in ((r["seed_search"], "C2", "seed recipe"),
+                                           (r["wanda_search"], "C3", "Wanda + update")):
+                    if value and r["strategy"] == "evolution":
+                        ax.axhline(value, color=color, ls=":" if r["seed"] == 0 else "-.", lw=1,
+                                   label=f"{what}, seed {r['seed']}")
             ax.set(title=f"{pattern}: best faithful search perplexity", xlabel=label, ylabel="perplexity")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
@@ -118,8 +122,8 @@ def report(data, out: Path):
     s = data["settings"]
     lines = ["# Faithful recipe searches on SmolLM2-135M (bundled): budget curves", "",
              f"`evolve --update \"{s['update']}\" --seed-metrics {','.join(SEEDS)} --search metric,update` (+ "
-             "allocation at 60% and more), stages 1 / 2 / 8 chunks: a mask-only screen on 256 tokens, the one-shot "
-             f"recipe, then the recipe pruned sequentially as `apply` prunes it from {s['fitness_samples']} "
+             "allocation at 60% and more), stages 1 / 2 / 8 chunks: a mask-only screen on 256 tokens, the mask "
+             f"alone on whole chunks, then the recipe pruned sequentially as `apply` prunes it from {s['fitness_samples']} "
              f"calibration windows (the faithful stage); population 16, promote 0.35; search text held-out "
              f"Wikipedia; {s['workers']} workers of one thread; {s['cpu']}, "
              f"torch {s['torch']}. The search seed is also the calibration seed. Held-out: WikiText-2 64 x 512, "

@@ -232,8 +232,7 @@ def _task_options(flag: str):
                    "final mask (ALPS' refinement, a tenth more). A kind may carry parameters, as searched recipes "
                    "do: \"admm rho=0.5 iters=30\" (percdamp, rho, iters, gradual, refine). Any kind also takes "
                    "correct=c (fit a share c of the dense model's output, not only the layer's own: 0.2 is best "
-                   "measured; about 1.5x the time; correct_on=0.25 estimates it from a quarter of the calibration "
-                   "windows, for about a quarter of that extra time) and staged=1 (each block's layers pruned in forward order, "
+                   "measured; about 1.5x the time) and staged=1 (each block's layers pruned in forward order, "
                    "later ones on the inputs the pruned earlier ones give: about 1.5x more). Default: the "
                    "catalogued recipe's, else none.")
 @click.option("--allocation", default=None,

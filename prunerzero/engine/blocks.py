@@ -220,7 +220,7 @@ def _batched(inputs, batch: int | None):
 
 
 def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning blocks", dense: bool = False,
-              batch: int | None = None, paired: bool = False, staged: bool = False, dense_samples: int | None = None):
+              batch: int | None = None, paired: bool = False, staged: bool = False):
     """Sequential pruning: record each block's inputs statistics with `recorder`, prune it with
     `prune_block(index, linears, recorder)`, and pass the calibration activations through the
     pruned block to the next one. dense: pass on the block's outputs from before it was pruned
@@ -230,13 +230,12 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
     half-precision units), so statistics come from fp32 activations there. batch: samples per
     block call (None: block_batch, one on a CPU). paired (sequential only): the dense model's
     activations are carried along too, one more pass per block, and each batch runs on both
-    streams in turn for a paired recorder (calibration.PairedHessians); dense_samples: only the
-    first that many calibration windows carry the dense stream (None: all). staged (sequential
+    streams in turn for a paired recorder (calibration.PairedHessians). staged (sequential
     only): the block's layers are pruned in the order the forward reaches them, one stage at
     a time (see layer_stages), each stage's statistics recorded on the inputs the block's
     already-pruned stages give it, as SparseGPT's "true sequential" option does."""
     inputs, calls = block_inputs(model, calibration)
-    originals = list(inputs)[:dense_samples] if paired and not dense else None
+    originals = list(inputs) if paired and not dense else None
     blocks = decoder_layers(model)
     dtype, device = compute_dtype(model), execution_device(model)
     known: dict = {}
@@ -273,29 +272,17 @@ def run_paired(block, originals, inputs, call, batch, rec, run=run_block, dense_
     the same batch of `inputs` (the pruned stream, run by feed for its hooks only and stopped
     at the layers `stop`), so that `rec` sees a layer's dense input and then its pruned input
     on the same tokens. run: how a dense batch is run (feed: for the hooks only, outputs not
-    kept); dense_weights: a context the dense batches run in. `originals` may be shorter than
-    `inputs` (the dense stream on the first windows only): the batches past it run on the
-    pruned stream alone, with rec.pairing off."""
-    paired = len(originals)
+    kept); dense_weights: a context the dense batches run in."""
+    batch = batch or block_batch(inputs)
     outs = []
-    for a, b in _spans(len(inputs), batch or block_batch(inputs), paired):
-        rec.pairing = a < paired
-        if rec.pairing:
-            rec.capturing = True
-            with dense_weights():
-                outs.extend(run(block, originals[a:b], call, b - a) or [])
-            rec.capturing = False
+    for i in range(0, len(inputs), batch):
+        rec.capturing = True
+        with dense_weights():
+            outs.extend(run(block, originals[i:i + batch], call, batch) or [])
+        rec.capturing = False
         with stopping_at(stop):
-            feed(block, inputs[a:b], call, b - a)
-    rec.pairing = True
+            feed(block, inputs[i:i + batch], call, batch)
     return outs
-
-
-def _spans(n: int, batch: int, cut: int) -> list[tuple[int, int]]:
-    """[a, b) runs of `batch` samples over n, the first over [0, cut) and the rest after it, so
-    no run straddles `cut`."""
-    cut = min(max(cut, 0), n)
-    return [(a, min(a + batch, end)) for start, end in ((0, cut), (cut, n)) for a in range(start, end, batch)]
 
 
 def layer_stages(block, linears: dict, sample, call) -> tuple[list[list[str]], list[str]]:

@@ -116,23 +116,12 @@ class PairedHessians(Hessians):
     with `capturing` set (its inputs are kept, one batch at a time), then the pruned stream, whose
     inputs meet them here. A layer whose two inputs differ in shape (an MoE expert that the two
     streams route different tokens to) has no pairing: it is listed in `unpaired`, has no K, and
-    is fitted to its own output.
-
-    When only the first windows carry the dense stream (Update.correct_on < 1), the batches
-    after them run with `pairing` off and add to H alone; cross() then estimates K from the
-    paired windows as H + (rows / paired rows) (K_p - H_p), K_p and H_p summed over the paired
-    windows: X^T X is known exactly, so only the drift term X^T (Xd - X), what the earlier
-    blocks' pruning changed, is scaled up from a sample (a control variate: far less noisy
-    than scaling K_p itself)."""
+    is fitted to its own output."""
 
     def __init__(self, linears: dict):
         self.K: dict[str, torch.Tensor] = {}
         self.unpaired: set[str] = set()
         self.capturing = False
-        self.pairing = True
-        self.rows: dict[str, int] = {}
-        self.paired_rows: dict[str, int] = {}
-        self.H_paired: dict[str, torch.Tensor] = {}
         self._dense: dict[str, torch.Tensor] = {}
         super().__init__(linears)
 
@@ -140,12 +129,7 @@ class PairedHessians(Hessians):
         if self.capturing:
             self._dense[name] = x
             return
-        if not self.pairing and name in self.K and name not in self.H_paired:
-            self.H_paired[name] = self.H[name].clone()   # the paired windows come first
         super().add(name, x)
-        self.rows[name] = self.rows.get(name, 0) + len(x)
-        if not self.pairing:
-            return
         xd = self._dense.pop(name, None)
         if xd is None or xd.shape != x.shape:
             self.unpaired.add(name)
@@ -153,18 +137,10 @@ class PairedHessians(Hessians):
         if name not in self.K:
             self.K[name] = torch.zeros_like(self.H[name])
         self.K[name].addmm_(x.float().T, xd.float())
-        self.paired_rows[name] = self.paired_rows.get(name, 0) + len(x)
 
     def cross(self, owner: str) -> torch.Tensor | None:
-        """K of a shared input (estimated when only some windows were paired), or None when it
-        could not be paired."""
-        if owner in self.unpaired or owner not in self.K:
-            return None
-        base = self.H_paired.get(owner)
-        if base is None:
-            return self.K[owner]
-        scale = self.rows[owner] / self.paired_rows[owner]
-        return self.H[owner] + (self.K[owner] - base) * scale
+        """K of a shared input, or None when it could not be paired."""
+        return None if owner in self.unpaired else self.K.get(owner)
 
 
 def obs_curvature(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:

@@ -2,7 +2,6 @@
 (Wanda-style: each decoder block's X is recomputed through the already-pruned blocks)."""
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -151,7 +150,7 @@ def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, 
                             group, update, counts)
     recorder = PairedHessians if paired else Hessians if needs_h else InputNorms
     blockwise(model, calibration, recorder, prune_block, progress, dense=dense, paired=paired,
-              staged=bool(update.staged), dense_samples=math.ceil(update.correct_on * len(calibration)))
+              staged=bool(update.staged))
 
 
 def _prune_block_layers(prefix, linears, rec, fn, uses, grads, n, sparsity, structure, group, update, counts=None):

@@ -71,9 +71,6 @@ class Update:
                                     # left that each layer's reconstruction makes up for (0: fit the layer's
                                     # own output on the inputs it now receives, as published; 1: fit the
                                     # dense model's output, which overfits the calibration text)
-    correct_on: float = 1.0         # with correct: the share of the calibration windows that carry the dense
-                                    # stream; the correction's cross term is estimated from them (a quarter
-                                    # costs a quarter of the extra block pass and of its memory)
     staged: int = 0                 # sequential pruning: 1 prunes each block's layers in stages, in forward
                                     # order (q/k/v, o, gate/up, down), each stage's statistics taken with the
                                     # earlier stages pruned (SparseGPT's "true sequential"); 0: all from the
@@ -83,10 +80,6 @@ class Update:
         from .. import checks
         checks.choice("update", self.kind, UPDATES)
         checks.number("correct", self.correct, 0, 1)
-        checks.number("correct_on", self.correct_on, 0, 1, low_open=True)
-        if self.correct_on < 1 and not self.correct:
-            raise checks.SettingsError("correct_on= is the share of windows the error correction is estimated on: "
-                                       "give correct= too")
         if self.correct and self.kind == "none":
             raise checks.SettingsError("correct= changes how kept weights are reconstructed: give an --update kind")
         checks.integer("refine", self.refine, minimum=0, optional=True)
@@ -165,7 +158,6 @@ class Update:
             out["refine"] = self.refine_steps
         if self.correct:
             out["correct"] = self.correct
-            out["correct_on"] = self.correct_on
         if self.staged:
             out["staged"] = self.staged
         return out
