@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, common_options, figure_row, save_figure
+from common import RESULTS, common_options, curve_axes, figure_row, save_figure
 from prunerzero.language.metric import catalog
 from prunerzero.runs.rundir import RunDir
 from prunerzero.search.config import SearchConfig
@@ -112,9 +112,7 @@ def plot(data, out: Path):
                     if value and r["strategy"] == "evolution":
                         ax.axhline(value, color=color, ls=":" if r["seed"] == 0 else "-.", lw=1,
                                    label=f"{what}, seed {r['seed']}")
-            ax.set(title=f"{pattern}: best faithful search perplexity", xlabel=label, ylabel="perplexity")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            curve_axes(ax, f"{pattern}: best faithful search perplexity", "perplexity", label)
     save_figure(fig, out)
 
 

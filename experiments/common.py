@@ -35,9 +35,10 @@ def save_figure(fig, out) -> None:
     plt.close(fig)
 
 
-def curve_axes(ax, title: str, ylabel: str) -> None:
-    """Axes of a best-so-far curve against search time: plain numbers, a grid, a legend."""
-    ax.set(title=title, xlabel="search time (min)", ylabel=ylabel)
+def curve_axes(ax, title: str, ylabel: str, xlabel: str = "search time (min)") -> None:
+    """Axes of a best-so-far curve (against search time, unless xlabel says what else): plain
+    numbers, a grid, a legend."""
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.ticklabel_format(axis="y", style="plain", useOffset=False)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -18,9 +18,24 @@ _state = {"quiet": False}
 
 
 def set_quiet(quiet: bool = True) -> None:
-    """No bars, and only warnings and errors from the logger."""
+    """No bars (transformers' own, loading and saving weights, included), and only warnings
+    and errors from the logger."""
     _state["quiet"] = quiet
     logger.setLevel(logging.WARNING if quiet else logging.NOTSET)
+    _transformers_bars(not quiet)
+
+
+def _transformers_bars(shown: bool) -> None:
+    """transformers' progress bars off in quiet mode; leaving it gives back the setting they
+    had before (a user who turned them off keeps them off)."""
+    if shown and "transformers_bars" not in _state:
+        return   # never hidden here: nothing to give back (and no import on the way)
+    from transformers.utils import logging as hf_logging
+    if not shown:
+        _state.setdefault("transformers_bars", hf_logging.is_progress_bar_enabled())
+        hf_logging.disable_progress_bar()
+    elif _state.pop("transformers_bars"):
+        hf_logging.enable_progress_bar()
 
 
 @contextmanager
@@ -31,7 +46,7 @@ def silenced():
     try:
         yield
     finally:
-        _state["quiet"] = saved
+        set_quiet(saved)
         logger.setLevel(level)
 
 

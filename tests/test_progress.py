@@ -48,15 +48,22 @@ def test_the_cli_sends_step_lines_to_stderr_and_results_to_stdout(tiny_dir, tmp_
     assert "perplexity: " in r.stdout and "steps in" in r.stderr and "steps in" not in r.stdout
 
 
-def test_quiet_mode_silences_transformers_loading_bar_and_leaves_its_setting_as_it_was(tiny_dir, capfd):
+def test_quiet_mode_silences_transformers_bars_and_leaving_it_gives_back_their_setting(tiny_dir, tmp_path, capfd):
     from transformers.utils import logging as hf_logging
     from prunerzero.engine.models import load_pretrained
     import torch
+    for before in (True, False):
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+        progress.set_quiet(True)
+        model = load_pretrained(str(tiny_dir), "fp32", torch.device("cpu"))
+        model.save_pretrained(tmp_path / f"saved{before}")
+        err = capfd.readouterr().err
+        assert "Loading weights" not in err and "Writing model shards" not in err
+        progress.set_quiet(False)
+        assert hf_logging.is_progress_bar_enabled() == before
     hf_logging.enable_progress_bar()
-    progress.set_quiet(True)
-    load_pretrained(str(tiny_dir), "fp32", torch.device("cpu"))
-    assert "Loading weights" not in capfd.readouterr().err
-    assert hf_logging.is_progress_bar_enabled()
-    progress.set_quiet(False)
+    with progress.silenced():
+        load_pretrained(str(tiny_dir), "fp32", torch.device("cpu"))
+    assert "Loading weights" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
     load_pretrained(str(tiny_dir), "fp32", torch.device("cpu"))
     assert "Loading weights" in capfd.readouterr().err

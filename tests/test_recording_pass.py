@@ -45,6 +45,28 @@ def test_the_last_layer_runs_only_in_the_pass_that_feeds_the_next_block(update, 
     assert counts[True] - counts[False] == 4
 
 
+@pytest.mark.parametrize("correct", [0.0, 0.3])
+def test_a_staged_walk_skips_the_last_layer_in_its_last_stage_pass(correct, monkeypatch):
+    from prunerzero.engine.blocks import _final
+    update = Update("admm", iters=4, gradual=2, correct=correct, staged=1)
+    calls = []
+    model = tiny_llama(layers=3)
+    decoder_layers(model)[1].mlp.down_proj.register_forward_hook(lambda m, a, o: calls.append(len(a[0])))
+    stopped = pruned(model, update)
+    monkeypatch.setattr(blocks, "_final", lambda *a: None)   # every stage's pass run to its end
+    runs = len(calls)
+    calls.clear()
+    model = tiny_llama(layers=3)
+    decoder_layers(model)[1].mlp.down_proj.register_forward_hook(lambda m, a, o: calls.append(len(a[0])))
+    whole = pruned(model, update)
+    # the down stage's pass over four windows (and the dense stream's four with correction)
+    assert len(calls) - runs == (8 if correct else 4)
+    for name in whole:
+        torch.testing.assert_close(stopped[name], whole[name], rtol=0, atol=0, msg=name)
+    assert _final(["a", "b"], 2) == "b" and _final(["a", "b", "a"], 2) is None and _final(["x.0.w"], 1) is None
+    assert _final([], 0) is None   # a block with nothing to prune: no stop
+
+
 def test_where_the_pass_stops_no_stop_after_an_expert_nor_where_a_layer_runs_twice():
     from prunerzero.engine.models import prunable_linears
     for family, want in (("llama", "mlp.down_proj"), ("opt", "fc2"), ("mixtral", None)):

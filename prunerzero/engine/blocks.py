@@ -328,21 +328,28 @@ def last_layer(block, linears: dict, sample, call, known: dict) -> list:
     order, depends on the tokens)."""
     key = tuple(linears)
     if key not in known:
-        _, order = layer_stages(block, linears, sample, call)
-        last = order[-1] if order else None
-        once = len(order) == len(set(order)) == len(linears)
-        known[key] = last if once and _like(last) == last else None
+        known[key] = _final(layer_stages(block, linears, sample, call)[1], len(linears))
     return [] if known[key] is None else [linears[known[key]]]
+
+
+def _final(order: list[str], layers: int) -> str | None:
+    """The last layer of `order` (the discovery sample's), or None when that sample did not run
+    each of the block's `layers` exactly once or the last is an MoE expert."""
+    once = len(order) == len(set(order)) == layers > 0
+    return order[-1] if once and _like(order[-1]) == order[-1] else None
 
 
 def _stops(stages, k, order) -> list[str]:
     """The layers where stage k's recording pass may stop: those of later stages that ran after
     every layer of stage k on the discovery sample, experts excepted (the layers of an MoE
     layer's experts run interleaved, gate and down of one expert before the next expert's, and
-    which experts run depends on the tokens)."""
+    which experts run depends on the tokens); for the last stage, its own last layer (see
+    last_layer)."""
     ran = {name: j for j, name in enumerate(order)}
     end = max((ran[n] for n in stages[k] if n in ran), default=len(order))
-    return [n for s in stages[k + 1:] for n in s if ran.get(n, -1) > end and _like(n) == n]
+    later = [n for s in stages[k + 1:] for n in s if ran.get(n, -1) > end and _like(n) == n]
+    final = _final(order, sum(map(len, stages))) if k == len(stages) - 1 else None
+    return later + ([final] if final in stages[k] else [])
 
 
 def _like(name: str) -> str:

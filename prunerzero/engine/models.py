@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import checks, progress
+from .. import checks
 from ..errors import PrunerZeroError
 from .layers import block_layers, skipped_outside_blocks
 
@@ -241,30 +241,15 @@ def check_seqlen(model, seqlen: int) -> None:
 
 def _from_pretrained(auto, path, dtype):
     """SDPA attention where the family has it (the published protocol's), else its default
-    (Gemma-2, say, whose soft-capping SDPA cannot do); loaded strictly (check_loading); no
-    loading bar in quiet mode (transformers draws its own)."""
-    with _loading_bars(not progress.quiet()):
-        try:
-            model, info = auto.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
-                                               output_loading_info=True)
-        except ValueError as e:
-            if "attention implementation" not in str(e):
-                raise
-            model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    (Gemma-2, say, whose soft-capping SDPA cannot do); loaded strictly (check_loading)."""
+    try:
+        model, info = auto.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", output_loading_info=True)
+    except ValueError as e:
+        if "attention implementation" not in str(e):
+            raise
+        model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True)
     check_loading(path, model, info)
     return model
-
-
-@contextmanager
-def _loading_bars(shown: bool):
-    """transformers' own progress bars on or off for a block, as they were after it."""
-    from transformers.utils import logging as hf_logging
-    was = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
-    try:
-        yield
-    finally:
-        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def check_loading(path, model, info: dict) -> None:
