@@ -86,7 +86,8 @@ def summary(args, pattern, strategy, seed, hof: dict) -> dict:
     best = hof["hall_of_fame"][0]
     wanda = hof["baselines"].get("wanda", {})
     settings = json.loads((run.path / "config.json").read_text())
-    return dict(pattern=pattern, strategy=strategy, seed=seed, time_limit=settings["time_limit"], generations=len(log),
+    return dict(pattern=pattern, strategy=strategy, seed=seed, update=settings["update"],
+                time_limit=settings["time_limit"], generations=len(log),
                 search_s=log[-1]["elapsed_s"] if log else None, candidates=log[-1]["candidates"] if log else 0,
                 faithful_evaluations=len(faithful(evals)),
                 curve=[(r["elapsed_s"], r["candidates"], r["best"]) for r in log],
@@ -119,20 +120,20 @@ def plot(data, out: Path):
 def report(data, out: Path):
     s = data["settings"]
     lines = ["# Faithful recipe searches on SmolLM2-135M (bundled): budget curves", "",
-             f"`evolve --update \"{s['update']}\" --seed-metrics {','.join(SEEDS)} --search metric,update` (+ "
+             f"`evolve --update UPDATE --seed-metrics {','.join(SEEDS)} --search metric,update` (+ "
              "allocation at 60% and more), stages 1 / 2 / 8 chunks: a mask-only screen on 256 tokens, the mask "
              f"alone on whole chunks, then the recipe pruned sequentially as `apply` prunes it from {s['fitness_samples']} "
              f"calibration windows (the faithful stage); population 16, promote 0.35; search text held-out "
              f"Wikipedia; {s['workers']} workers of one thread; {s['cpu']}, "
              f"torch {s['torch']}. The search seed is also the calibration seed. Held-out: WikiText-2 64 x 512, "
              "pruned as the faithful stage prunes.", "",
-             "| pattern | strategy | seed | time limit s | generations | candidates | faithful evals | search s | seed recipe (search) | "
+             "| pattern | start update | strategy | seed | time limit s | generations | candidates | faithful evals | search s | seed recipe (search) | "
              "Wanda + update (search) | best (search) | best (held-out) | Wanda + update (held-out) | best recipe |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in data["runs"]:
         b = r["best"]
         recipe = f"`{b['metric']}` + `{b['update']}`" + (f", allocation `{b['allocation']}`" if b.get("allocation") else "")
-        lines.append(f"| {r['pattern']} | {r['strategy']} | {r['seed']} | {_f(r['time_limit'], 0)} | {r['generations']} | {r['candidates']} | "
+        lines.append(f"| {r['pattern']} | `{r.get('update', s['update'])}` | {r['strategy']} | {r['seed']} | {_f(r['time_limit'], 0)} | {r['generations']} | {r['candidates']} | "
                      f"{r['faithful_evaluations']} | {_f(r['search_s'], 0)} | {_f(r['seed_search'])} | "
                      f"{_f(r['wanda_search'])} | {_f(b['search'])} | {_f(b['heldout'])} | {_f(r['wanda_heldout'])} | "
                      f"{recipe} |")

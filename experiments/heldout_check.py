@@ -38,6 +38,8 @@ def main():
     ap.add_argument("--update", default=None)
     ap.add_argument("--sparsity", type=float, default=None)
     ap.add_argument("--structure", default="unstructured")
+    ap.add_argument("--allocation", default=None,
+                    help="per-layer sparsity for every metric (not sparsegpt): owl, search or a saved FILE.json")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--chunks", type=int, default=64, help="WikiText-2 chunks (and held-out Wikipedia chunks)")
     ap.add_argument("--wiki-chunks", type=int, default=32, help="held-out Wikipedia chunks")
@@ -51,7 +53,7 @@ def main():
     wt2 = eval_data_for(tok, None, 512, a.chunks, a.data_dir).chunks
     wiki = eval_data_for(tok, WIKIPEDIA_HELDOUT, 512, a.wiki_chunks, a.data_dir, "wikipedia", ids, starts,
                          NO_BOS).chunks
-    settings = dict(update=a.update, sparsity=a.sparsity, structure=a.structure, nsamples=a.nsamples, seqlen=512,
+    settings = dict(update=a.update, allocation=a.allocation, sparsity=a.sparsity, structure=a.structure, nsamples=a.nsamples, seqlen=512,
                     seed=a.seed, wt2_chunks=len(wt2), wiki_chunks=len(wiki), threads=torch.get_num_threads(),
                     processor=platform.processor(), machine=platform.machine(), torch=torch.__version__)
     out = RESULTS / "heldout_check.jsonl" if a.out == str(RESULTS / "heldout_check") else None
@@ -65,7 +67,8 @@ def main():
             report = apply_sparsegpt(model, sparsity, a.structure, calibration=samples, progress=False)
         else:
             report = apply_metric(model, metric, sparsity, a.structure, calibration=samples,
-                                  update=update or a.update or recipe_update(metric), progress=False)
+                                  update=update or a.update or recipe_update(metric), allocation=a.allocation,
+                                  progress=False)
         row = dict(metric=metric, canonical=report.canonical, update=report.update, settings=settings,
                    prune_s=time.perf_counter() - t0, wt2=perplexity(model, wt2, progress=False),
                    wikipedia=perplexity(model, wiki, progress=False))
@@ -74,13 +77,21 @@ def main():
             f.write(json.dumps(row) + "\n")
     rows = [json.loads(line) for line in open(path)]
     lines = ["# Searched metrics on held-out text (sequential, as apply prunes)", "",
-             "| metric | update | structure | calibration seed | WT2 512x64 | held-out Wikipedia | prune s |",
-             "|---|---|---|---:|---:|---:|---:|"]
-    lines += [f"| `{r['metric']}` | {spec(r['update'])} | {r['settings']['structure']} | {r['settings']['seed']} | "
+             "| metric | update | pattern | allocation | calibration seed | WT2 512x64 | held-out Wikipedia | prune s |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    lines += [f"| `{r['metric']}` | {spec(r['update'])} | {_shape(r['settings'])} | "
+              f"{r['settings'].get('allocation') or 'uniform'} | {r['settings']['seed']} | "
               f"{r['wt2']:.3f} | {r['wikipedia']:.3f} | {r['prune_s']:.0f} |" for r in rows]
     with open(str(path).replace(".jsonl", ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _shape(settings: dict) -> str:
+    """The structure, with the sparsity when unstructured (0.5 unless given)."""
+    if settings["structure"] != "unstructured":
+        return settings["structure"]
+    return f"{settings.get('sparsity') or 0.5:.0%}"
 
 
 def recipe_update(metric: str) -> str:

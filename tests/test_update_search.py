@@ -104,6 +104,8 @@ def test_a_killed_joint_search_resumes_to_the_same_hall_of_fame(tiny_dir, tmp_pa
     (["--search", "update"], "--update"),
     (["--search", "update", "--update", "admm"], "--seed-metrics"),
     (["--update", "admm rho=fast"], "--update"),
+    (["--search", "metric,update", "--update", "admm", "--fixed-settings", "percdamp,speed"], "--fixed-settings"),
+    (["--update", "admm", "--fixed-settings", "percdamp"], "add update to --search"),
 ])
 def test_cli_refuses_bad_search_parts(tmp_path, args, message):
     r = CliRunner().invoke(main, ["evolve", "--output", str(tmp_path / "run"), *args])
@@ -170,3 +172,31 @@ def test_apply_refuses_an_allocation_file_of_another_model(tmp_path):
         apply_metric(tiny_llama(), "wanda", 0.5, calibration=token_samples(), allocation=str(bad), progress=False)
     r = CliRunner().invoke(main, ["apply", "--allocation", str(tmp_path / "none.json"), "--output", str(tmp_path / "o")])
     assert r.exit_code == 2 and "no such file" in r.output
+
+
+def test_fixed_settings_never_move_in_mutation_crossover_or_fresh_draws():
+    rng = random.Random(1)
+    fixed = ("percdamp", "rho")
+    text, other = "admm percdamp=0.3 rho=2.0", "admm percdamp=0.01 rho=0.25 iters=40"
+    moved = set()
+    for _ in range(200):
+        text = recipe.mutate(text, rng, fixed=fixed)
+        drawn = recipe.fresh(text, rng, fixed=fixed)
+        x, y = recipe.cross(text, other, rng, fixed=fixed)
+        for t in (text, drawn, x):
+            u = Update.parse(t)
+            assert (u.damping, u.rho) == (0.3, 2.0), t
+            moved.add((u.iters, u.gradual, u.correct, u.refine_steps))
+        assert (Update.parse(y).damping, Update.parse(y).rho) == (0.01, 0.25)
+    assert len(moved) > 20   # the others still move
+    # every setting fixed: nothing left to vary
+    assert recipe.mutate("admm", rng, fixed=recipe.SETTINGS) == "admm"
+
+
+def test_a_search_with_fixed_settings_keeps_them_in_every_candidate(tiny_dir, tmp_path):
+    cfg = config(tiny_dir, search=("update",), seed_metrics=("wanda",), update="admm iters=6 gradual=4 rho=0.5",
+                 fixed_settings=("rho", "percdamp"))
+    run_evolve(cfg, tmp_path / "run", data=search_data(), log=lambda *a: None, quiet=True)
+    updates = {e["update"] for e in evaluations(tmp_path / "run") if e["gen"] != "baselines" and e["update"] != "none"}
+    assert len(updates) > 2
+    assert {(Update.parse(u).rho, Update.parse(u).damping) for u in updates} == {(0.5, 0.1)}

@@ -7,6 +7,7 @@ from .. import checks
 from ..engine.masks import resolve_sparsity
 from ..engine.reconstruct import Update
 from ..settings import Settings
+from .recipe import SETTINGS
 
 
 class SearchConfigError(checks.SettingsError):
@@ -35,6 +36,8 @@ class SearchConfig(Settings):
     search: tuple[str, ...] = ("metric",)    # the parts of a candidate that evolve: metric, update (the
                                              # reconstruction's settings, from --update's), allocation (a
                                              # sparsity per block and layer kind, exact total); the rest frozen
+    fixed_settings: tuple[str, ...] = ()     # update settings kept as --update gives them while the rest of the
+                                             # update evolves (e.g. percdamp, iters)
     stage_check: int = 0                     # before generation 0, score this many varied candidates on every
                                              # stage and write how each stage ranks like the last (Spearman)
     data_dir: str | None = None
@@ -80,6 +83,7 @@ class SearchConfig(Settings):
                 setattr(self, name, tuple(getattr(self, name)))
         self.seed_metrics, self.baselines = tuple(self.seed_metrics), tuple(self.baselines)
         self.search = tuple(self.search)
+        self.fixed_settings = tuple(self.fixed_settings)
         self.validate()
 
     def reconstructs(self, stage: int) -> bool:
@@ -142,6 +146,13 @@ class SearchConfig(Settings):
             raise SearchConfigError(f"--fitness-samples {self.fitness_samples} is more than the {self.nsamples} "
                                     f"calibration windows (--nsamples)")
         checks.integer("stage_check", self.stage_check, minimum=0)
+        unknown = [n for n in self.fixed_settings if n not in SETTINGS]
+        if unknown:
+            raise SearchConfigError(f"--fixed-settings: no update setting {', '.join(unknown)}; the searched ones "
+                                    f"are {', '.join(SETTINGS)}")
+        if self.fixed_settings and "update" not in self.search:
+            raise SearchConfigError("--fixed-settings keeps some update settings while the others evolve: add "
+                                    "update to --search (without it every setting stays as --update gives it)")
         parts = ("metric", "update", "allocation")
         if not self.search or any(p not in parts for p in self.search) or len(set(self.search)) < len(self.search):
             raise SearchConfigError(f"--search must name some of {', '.join(parts)} once each, got "

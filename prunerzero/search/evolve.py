@@ -132,7 +132,7 @@ class Search:
         random update settings when those are searched."""
         c = self.config
         ind = self.tb.individual() if c.searches("metric") else from_text(c.seed_metrics[0], self.pset)
-        ind.update = recipe.fresh(c.update) if c.searches("update") else c.update
+        ind.update = recipe.fresh(c.update, fixed=c.fixed_settings) if c.searches("update") else c.update
         if self.alloc is not None:
             ind.alloc = self.alloc.fresh()
         return ind
@@ -196,12 +196,13 @@ class Search:
 
     def _vary_updates(self, kids: list, cxpb: float, mutpb: float):
         """The update part of variation: neighbours cross their settings, then each may mutate."""
+        fixed = self.config.fixed_settings
         for a, b in zip(kids[::2], kids[1::2]):
             if random.random() < cxpb:
-                a.update, b.update = recipe.cross(self.update_of(a), self.update_of(b))
+                a.update, b.update = recipe.cross(self.update_of(a), self.update_of(b), fixed=fixed)
         for kid in kids:
             if random.random() < mutpb:
-                kid.update = recipe.mutate(self.update_of(kid))
+                kid.update = recipe.mutate(self.update_of(kid), fixed=fixed)
 
     # ------------------------------------------------------------------ fitness
     def evaluate(self, inds: list, desc: str = ""):

@@ -33,8 +33,13 @@ OBS_LADDERS = {
 }
 
 
-def ladders(update: Update) -> dict:
-    return ADMM_LADDERS if update.is_admm else OBS_LADDERS if update.kind.startswith("obs") else {}
+SETTINGS = tuple(sorted(set(ADMM_LADDERS) | set(OBS_LADDERS)))
+
+
+def ladders(update: Update, fixed=()) -> dict:
+    """The ladders of the settings searched for this update's family, less the `fixed` ones."""
+    family = ADMM_LADDERS if update.is_admm else OBS_LADDERS if update.kind.startswith("obs") else {}
+    return {name: values for name, values in family.items() if name not in fixed}
 
 
 def _value(update: Update, name: str):
@@ -52,10 +57,11 @@ def _set(update: Update, name: str, value) -> Update:
     return dataclasses.replace(update, **fields).settled()
 
 
-def mutate(text: str, rng=random) -> str:
-    """One setting moved one or two rungs along its ladder (or, for the kind, swapped)."""
+def mutate(text: str, rng=random, fixed=()) -> str:
+    """One setting (not a `fixed` one) moved one or two rungs along its ladder (or, for the kind,
+    swapped)."""
     update = Update.parse(text)
-    ladder = ladders(update)
+    ladder = ladders(update, fixed)
     if not ladder:
         return text
     name = rng.choice(sorted(ladder))
@@ -70,11 +76,12 @@ def mutate(text: str, rng=random) -> str:
     return _set(update, name, values[j]).spec()
 
 
-def cross(a: str, b: str, rng=random) -> tuple[str, str]:
-    """Uniform crossover: each setting of the family swapped between the two with even odds."""
+def cross(a: str, b: str, rng=random, fixed=()) -> tuple[str, str]:
+    """Uniform crossover: each setting of the family (but the `fixed` ones) swapped between the
+    two with even odds."""
     ua, ub = Update.parse(a), Update.parse(b)
-    ladder = ladders(ua)
-    if not ladder or ladders(ub) is not ladder:
+    ladder = ladders(ua, fixed)
+    if not ladder or ladders(ub, fixed) != ladder:
         return a, b
     for name in sorted(ladder):
         if rng.random() < 0.5:
@@ -83,10 +90,10 @@ def cross(a: str, b: str, rng=random) -> tuple[str, str]:
     return ua.spec(), ub.spec()
 
 
-def fresh(text: str, rng=random) -> str:
-    """Settings drawn at random from every ladder of the update's family."""
+def fresh(text: str, rng=random, fixed=()) -> str:
+    """Settings drawn at random from every ladder of the update's family; the `fixed` ones kept."""
     update = Update.parse(text)
-    for name, values in sorted(ladders(update).items()):
+    for name, values in sorted(ladders(update, fixed).items()):
         update = _set(update, name, rng.choice(values))
     return update.spec()
 

@@ -136,6 +136,8 @@ def _evolve(config: SearchConfig, run: RunDir, resume, state, data, log, quiet, 
     say_note(note, log)
     if data.sequences:
         log(f"sequences: {data.sequences}")
+    if config.searches("update") and config.fixed_settings:
+        log(f"update settings kept as --update gives them: {', '.join(config.fixed_settings)}")
     search = None
     pool = None
     try:
