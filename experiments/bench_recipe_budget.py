@@ -40,6 +40,7 @@ from prunerzero.search.config import SearchConfig
 from prunerzero.search.run import run_evolve
 
 PATTERNS = {"0.5": (0.5, "unstructured"), "2:4": (None, "2:4"), "4:8": (None, "4:8"), "0.7": (0.7, "unstructured")}
+COLORS = {"evolution": "C0", "random": "C1", "evolution+fast-track": "C4"}
 SEEDS = ("evolved-smollm2-2of4", "wanda")   # sqr(W)*X (sqrtx-admm's mask) first, then Wanda
 
 
@@ -50,11 +51,12 @@ def config(args, pattern: str, strategy: str, seed: int) -> SearchConfig:
                         seed_metrics=SEEDS, search=search, stages=(1, 2, 8), proxy_stages=2, promote=0.35,
                         screen_tokens=256, fitness_samples=args.fitness_samples, search_data="wikipedia-heldout",
                         baselines=("wanda",), population=16, generations=100_000, time_limit=args.budget,
-                        workers=args.workers, threads=1, hof_size=3, seed=seed, data_dir=args.data_dir)
+                        workers=args.workers, threads=1, hof_size=3, seed=seed, data_dir=args.data_dir,
+                        fast_track=args.fast_track)
 
 
 def run_dir(args, pattern, strategy, seed) -> Path:
-    return Path(args.runs) / f"{pattern.replace(':', 'of')}-{strategy}-s{seed}"
+    return Path(args.runs) / f"{pattern.replace(':', 'of')}-{strategy}{'-fast' * args.fast_track}-s{seed}"
 
 
 def search(args, pattern, strategy, seed) -> dict:
@@ -86,7 +88,8 @@ def summary(args, pattern, strategy, seed, hof: dict) -> dict:
     best = hof["hall_of_fame"][0]
     wanda = hof["baselines"].get("wanda", {})
     settings = json.loads((run.path / "config.json").read_text())
-    return dict(pattern=pattern, strategy=strategy, seed=seed, update=settings["update"],
+    return dict(pattern=pattern, strategy=strategy + ("+fast-track" if settings.get("fast_track") else ""), seed=seed,
+                update=settings["update"],
                 time_limit=settings["time_limit"], generations=len(log),
                 search_s=log[-1]["elapsed_s"] if log else None, candidates=log[-1]["candidates"] if log else 0,
                 faithful_evaluations=len(faithful(evals)),
@@ -106,7 +109,7 @@ def plot(data, out: Path):
             for r in runs:
                 pts = [(p[x] / (60 if x == 0 else 1), p[2]) for p in r["curve"] if p[2] is not None]
                 if pts:
-                    ax.step(*zip(*pts), where="post", marker=".", color="C0" if r["strategy"] == "evolution" else "C1",
+                    ax.step(*zip(*pts), where="post", marker=".", color=COLORS.get(r["strategy"], "C5"),
                             ls="-" if r["seed"] == 0 else "--", label=f"{r['strategy']}, seed {r['seed']}")
                 for value, color, what in ((r["seed_search"], "C2", "seed recipe"),
                                            (r["wanda_search"], "C3", "Wanda + update")):
@@ -153,17 +156,20 @@ def main():
     ap.add_argument("--update", default="admm correct=0.2")
     ap.add_argument("--fitness-samples", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--fast-track", action="store_true",
+                    help="evolve --fast-track: new updates of hall-of-fame masks skip the mask-only ranking")
     common_options(ap, "bench_recipe_budget")
     args = ap.parse_args()
     out = Path(args.out)
     data = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else None
     if not args.report_only:
         runs = {(r["pattern"], r["strategy"], r["seed"]): r for r in (data or {}).get("runs", [])}
+        tag = "+fast-track" if args.fast_track else ""
         for pattern in args.patterns.split(","):
             for seed in map(int, args.search_seeds.split(",")):
                 for strategy in args.strategies.split(","):
                     hof = search(args, pattern, strategy, seed)
-                    runs[pattern, strategy, seed] = summary(args, pattern, strategy, seed, hof)
+                    runs[pattern, strategy + tag, seed] = summary(args, pattern, strategy, seed, hof)
                     data = dict(settings=dict(update=args.update, fitness_samples=args.fitness_samples,
                                               budget=args.budget, workers=args.workers,
                                               cpu=platform.processor() or platform.machine(),

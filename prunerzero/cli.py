@@ -352,6 +352,10 @@ def _tuple(text, cast=str, option=""):
 @click.option("--fixed-settings", default="",
               help="With --search update: update settings kept as --update gives them while the others evolve, "
                    "comma-separated (e.g. percdamp,iters).")
+@click.option("--fast-track", is_flag=True,
+              help="With --search update: candidates that keep the mask of a hall-of-fame recipe and change only "
+                   "its update skip the mask-only stages' ranking (it can only repeat that mask's verdict) and go "
+                   "on to be judged with their update, as many as the ranking promotes.")
 @click.option("--fitness", type=click.Choice(["one-shot", "sequential"]), default=None,
               help="How the last stage prunes its candidates: sequential, as apply prunes them (block by block "
                    "through the pruned earlier blocks; the faithful fitness, a whole prune per candidate) or "
@@ -376,7 +380,7 @@ def _tuple(text, cast=str, option=""):
 @click.option("--quiet", is_flag=True, help="No live lines or progress bars; the run folder has the logs.")
 def evolve(model, output, resume, sparsity, structure, strategy, population, generations, elite, tournament, stages,
            promote, screen_tokens, heldout_chunks, heldout_full, baselines, seed_metrics, terminals, nsamples, seqlen, calibration, search_data,
-           update, proxy_stages, search_parts, fixed_settings, fitness, fitness_samples, stage_check, data_dir, bos, seed, time_limit, workers, threads,
+           update, proxy_stages, search_parts, fixed_settings, fast_track, fitness, fitness_samples, stage_check, data_dir, bos, seed, time_limit, workers, threads,
            use_ray, ray_address, gpus_per_worker, dtype, device, quiet):
     """Search for a pruning metric by genetic programming (Pruner-Zero)."""
     from .search.config import SearchConfig
@@ -393,7 +397,7 @@ def evolve(model, output, resume, sparsity, structure, strategy, population, gen
                        seed_metrics=_tuple(seed_metrics), terminals=_tuple(terminals) or None, nsamples=nsamples,
                        seqlen=seqlen, calibration=calibration, search_data=search_data, update=update,
                        proxy_stages=proxy_stages, search=_tuple(search_parts), fitness=fitness, fitness_samples=fitness_samples,
-                       fixed_settings=_tuple(fixed_settings),
+                       fixed_settings=_tuple(fixed_settings), fast_track=fast_track,
                        stage_check=stage_check, data_dir=data_dir, bos=bos, seed=seed, time_limit=time_limit,
                        workers=workers, threads=threads, ray=use_ray, ray_address=ray_address,
                        gpus_per_worker=gpus_per_worker, dtype=dtype, device=device)

@@ -200,3 +200,28 @@ def test_a_search_with_fixed_settings_keeps_them_in_every_candidate(tiny_dir, tm
     updates = {e["update"] for e in evaluations(tmp_path / "run") if e["gen"] != "baselines" and e["update"] != "none"}
     assert len(updates) > 2
     assert {(Update.parse(u).rho, Update.parse(u).damping) for u in updates} == {(0.5, 0.1)}
+
+
+def _reached_last_stage(run, stages=2) -> list[bool]:
+    """For each candidate new in the last generation: whether it was judged at the last stage."""
+    state = json.loads((Path(run) / "checkpoint.json").read_text())["state"]
+    population = state["population"]
+    return [r["fitness"][0] == stages - 1 for r in population[1:]]   # the first is the elite
+
+
+def test_fast_track_sends_new_updates_of_a_proven_mask_past_the_mask_only_ranking(tiny_dir, tmp_path):
+    # the metric frozen: every candidate keeps the seed's mask, which the hall of fame holds after
+    # generation 0, so the mask-only stage cannot tell them apart and only its ranking stops them
+    kw = dict(search=("update",), seed_metrics=("wanda",), generations=2)
+    run_evolve(config(tiny_dir, **kw), tmp_path / "plain", data=search_data(), log=lambda *a: None, quiet=True)
+    run_evolve(config(tiny_dir, fast_track=True, **kw), tmp_path / "fast", data=search_data(),
+               log=lambda *a: None, quiet=True)
+    plain, fast = _reached_last_stage(tmp_path / "plain"), _reached_last_stage(tmp_path / "fast")
+    assert sum(plain) == 3 and all(fast) and len(fast) == 5   # 5 offspring, promote 0.5: 3 by rank, 2 more
+    counters = json.loads((tmp_path / "fast" / "checkpoint.json").read_text())["state"]["counters"]
+    assert counters["fast_tracked"] == 2
+
+
+def test_fast_track_needs_the_update_searched(tiny_dir):
+    with pytest.raises(Exception, match="--fast-track"):
+        SearchConfig(model=str(tiny_dir), update="admm", fast_track=True)

@@ -38,6 +38,9 @@ class SearchConfig(Settings):
                                              # sparsity per block and layer kind, exact total); the rest frozen
     fixed_settings: tuple[str, ...] = ()     # update settings kept as --update gives them while the rest of the
                                              # update evolves (e.g. percdamp, iters)
+    fast_track: bool = False                 # candidates that keep a hall-of-fame recipe's mask and change only
+                                             # its update skip the mask-only stages' ranking (which can only
+                                             # repeat that mask's verdict), as many as the ranking promotes
     stage_check: int = 0                     # before generation 0, score this many varied candidates on every
                                              # stage and write how each stage ranks like the last (Spearman)
     data_dir: str | None = None
@@ -153,6 +156,9 @@ class SearchConfig(Settings):
         if self.fixed_settings and "update" not in self.search:
             raise SearchConfigError("--fixed-settings keeps some update settings while the others evolve: add "
                                     "update to --search (without it every setting stays as --update gives it)")
+        if self.fast_track and ("update" not in self.search or self.update == "none"):
+            raise SearchConfigError("--fast-track sends new update settings of proven masks to the last stage: "
+                                    "it needs --search with update (and an --update to start from)")
         parts = ("metric", "update", "allocation")
         if not self.search or any(p not in parts for p in self.search) or len(set(self.search)) < len(self.search):
             raise SearchConfigError(f"--search must name some of {', '.join(parts)} once each, got "

@@ -60,6 +60,7 @@ class Counters:
     recons: int = 0            # recipe candidates reconstructed
     sequential_s: float = 0.0  # seconds spent pruning candidates sequentially (the faithful stage)
     sequentials: int = 0       # candidates pruned sequentially
+    fast_tracked: int = 0      # candidates sent past a mask-only stage's ranking by --fast-track
 
 
 def same_key(a, b) -> bool:
@@ -212,7 +213,7 @@ class Search:
         self.counters.full_equivalent += len(inds) * self.stages[-1]
         alive = []
         for ind in inds:
-            ind.first = math.nan
+            ind.first, ind.fast_tracked = math.nan, False
             simplified, _, error = self.cache.describe(str(ind))
             ind.key = self.key(ind)
             if error:
@@ -232,7 +233,31 @@ class Search:
                 if math.isfinite(p):
                     ok.append(ind)
             keep = max(1, math.ceil(len(ok) * self.config.promote)) if s + 1 < len(self.stages) else 0
-            alive = sorted(ok, key=lambda i: i.fitness.values[1])[:keep]
+            ranked = sorted(ok, key=lambda i: i.fitness.values[1])
+            alive = ranked[:keep] + self._fast_track(ranked[keep:], keep, s)
+        self.counters.fast_tracked += sum(bool(getattr(i, "fast_tracked", False)) for i in inds)
+
+    def mask_of(self, ind) -> tuple:
+        """What decides a candidate's mask: its metric's canonical key and its allocation."""
+        return self.cache.describe(str(ind))[1], self.alloc_of(ind)
+
+    def _fast_track(self, passed_over: list, limit: int, stage: int) -> list:
+        """With --fast-track, the candidates the ranking of a mask-only stage passed over that keep
+        the mask of a hall-of-fame recipe and change only its update: that stage can only repeat the
+        verdict on a mask the last stage already judged good, so they go on to the update's own
+        test, at most `limit` of them (as many as the ranking promoted), best mask first."""
+        c = self.config
+        if not (c.fast_track and c.searches("update") and stage + 1 < len(self.stages)) \
+                or c.stage_mode(stage) != "mask" or not len(self.hof):
+            return []
+        proven = {}
+        for rank, ind in enumerate(self.hof):
+            proven.setdefault(self.mask_of(ind), rank)
+        chosen = [i for i in passed_over if self.mask_of(i) in proven]
+        chosen.sort(key=lambda i: proven[self.mask_of(i)])   # stable: the stage's own order within a mask
+        for ind in chosen[:limit]:
+            ind.fast_tracked = True
+        return chosen[:limit]
 
     def how(self, stage: int) -> dict:
         """_measure's arguments for how `stage` prunes its candidates."""
