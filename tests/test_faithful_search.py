@@ -111,6 +111,15 @@ def test_the_time_estimates_count_a_sequential_prune_per_candidate_that_reaches_
     assert finish_estimate(search, c) == pytest.approx(16 * 3 + 100.0 * 2)
     # every candidate sees 2 chunks; half reach the sequential stage: 8 chunks and one prune each
     assert generation_estimate(search, c) == pytest.approx(4 * (2 + 0.5 * 8 + 0.5 * 100.0))
+    # two workers score two models at once (the 2:4 search stopped early when this was summed)
+    two = SearchConfig(update="admm", stages=(2, 8), proxy_stages=1, baselines=("wanda",), hof_size=1,
+                       heldout_chunks=16, population=4, promote=0.5, workers=2)
+    assert finish_estimate(search, two) == pytest.approx((16 * 3 + 100.0 * 2) / 2)
+    assert generation_estimate(search, two) == pytest.approx(4 * (2 + 0.5 * 8 + 0.5 * 100.0) / 2)
+    # never below the slowest model alone: more workers than models
+    many = SearchConfig(update="admm", stages=(2, 8), proxy_stages=1, baselines=("wanda",), hof_size=1,
+                        heldout_chunks=16, population=4, promote=0.5, workers=8)
+    assert finish_estimate(search, many) == pytest.approx(16 + 100.0)
 
 
 @pytest.mark.parametrize("args, message", [

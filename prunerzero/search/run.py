@@ -261,7 +261,8 @@ def generation_estimate(search: Search, c: SearchConfig) -> float:
         prev, reach = k, reach * c.promote
     recon_s = n.recon_s / n.recons if n.recons else 0.0
     seq_s = n.sequential_s / n.sequentials if n.sequentials else 0.0
-    return c.population * (chunks * per_chunk + recon * recon_s + seq * seq_s)
+    # the seconds are each task's own; --workers run that many tasks at once
+    return c.population * (chunks * per_chunk + recon * recon_s + seq * seq_s) / c.workers
 
 
 def finish_estimate(search: Search, c: SearchConfig) -> float:
@@ -274,10 +275,14 @@ def finish_estimate(search: Search, c: SearchConfig) -> float:
         return 0.0
     models = 1 + len(c.baselines) + min(c.hof_size, max(len(search.hof), 1))
     if c.sequential(-1):
-        recon = n.sequential_s / n.sequentials * (models - 1) if n.sequentials else 0.0
+        recon = n.sequential_s / n.sequentials if n.sequentials else 0.0
     else:
-        recon = n.recon_s / n.recons * (models - 1) if c.reconstructs(-1) and n.recons else 0.0
-    return n.eval_s / n.chunk_evals * c.heldout_chunks * models + recon
+        recon = n.recon_s / n.recons if c.reconstructs(-1) and n.recons else 0.0
+    scoring = n.eval_s / n.chunk_evals * c.heldout_chunks
+    # the models are scored --workers at a time: the work shared out, but never less than the
+    # slowest model (a pruned one) takes alone
+    total = scoring * models + recon * (models - 1)
+    return max(total / min(c.workers, models), scoring + recon)
 
 
 def _check_metrics(c: SearchConfig):
