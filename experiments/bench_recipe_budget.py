@@ -102,7 +102,7 @@ def summary(args, pattern, strategy, seed, hof: dict) -> dict:
 
 def plot(data, out: Path):
     patterns = sorted({r["pattern"] for r in data["runs"]})
-    fig, axes = figure_row(2 * len(patterns), width=5)
+    fig, axes = figure_row(2 * len(patterns), width=5, rows=len(patterns))   # a row per pattern
     for j, pattern in enumerate(patterns):
         runs = [r for r in data["runs"] if r["pattern"] == pattern]
         for ax, (x, label) in zip(axes[2 * j:2 * j + 2], ((1, "candidates generated"), (0, "search time (min)"))):
@@ -116,7 +116,7 @@ def plot(data, out: Path):
                     if value and r["strategy"] == "evolution":
                         ax.axhline(value, color=color, ls=":" if r["seed"] == 0 else "-.", lw=1,
                                    label=f"{what}, seed {r['seed']}")
-            curve_axes(ax, f"{pattern}: best faithful search perplexity", "perplexity", label)
+            curve_axes(ax, f"{_label(pattern)}: best faithful search perplexity", "perplexity", label)
     save_figure(fig, out)
 
 
@@ -135,12 +135,19 @@ def report(data, out: Path):
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in data["runs"]:
         b = r["best"]
-        recipe = f"`{b['metric']}` + `{b['update']}`" + (f", allocation `{b['allocation']}`" if b.get("allocation") else "")
+        searched = b.get("allocation") and set(b["allocation"]) != {"0"}   # all "0": every layer at the target
+        recipe = f"`{b['metric']}` + `{b['update']}`" + (f", allocation `{b['allocation']}`" if searched else
+                                                         ", uniform" if b.get("allocation") else "")
         lines.append(f"| {r['pattern']} | `{r.get('update', s['update'])}` | {r['strategy']} | {r['seed']} | {_f(r['time_limit'], 0)} | {r['generations']} | {r['candidates']} | "
                      f"{r['faithful_evaluations']} | {_f(r['search_s'], 0)} | {_f(r['seed_search'])} | "
                      f"{_f(r['wanda_search'])} | {_f(b['search'])} | {_f(b['heldout'])} | {_f(r['wanda_heldout'])} | "
                      f"{recipe} |")
     out.write_text("\n".join(lines) + "\n")
+
+
+def _label(pattern: str) -> str:
+    """"0.5" -> "50% unstructured"; an N:M pattern as it is."""
+    return pattern if ":" in pattern else f"{float(pattern):.0%} unstructured"
 
 
 def _f(x, digits=3):

@@ -18,13 +18,15 @@ def common_options(ap: argparse.ArgumentParser, name: str, runs: bool = True) ->
     ap.add_argument("--report-only", action="store_true", help="Rewrite the markdown and plot from the JSON.")
 
 
-def figure_row(n: int, width: float = 6, height: float = 4):
-    """(figure, axes) of n panels side by side, drawn off-screen."""
+def figure_row(n: int, width: float = 6, height: float = 4, rows: int = 1):
+    """(figure, axes) of n panels side by side (in `rows` rows of n / rows), drawn off-screen; the
+    axes flat, row after row."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
-    return fig, axes[0]
+    cols = -(-n // rows)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    return fig, axes.ravel()
 
 
 def save_figure(fig, out) -> None:
