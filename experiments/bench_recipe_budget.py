@@ -171,12 +171,12 @@ def main():
     data = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else None
     if not args.report_only:
         runs = {(r["pattern"], r["strategy"], r["seed"]): r for r in (data or {}).get("runs", [])}
-        tag = "+fast-track" if args.fast_track else ""
         for pattern in args.patterns.split(","):
             for seed in map(int, args.search_seeds.split(",")):
                 for strategy in args.strategies.split(","):
                     hof = search(args, pattern, strategy, seed)
-                    runs[pattern, strategy + tag, seed] = summary(args, pattern, strategy, seed, hof)
+                    row = summary(args, pattern, strategy, seed, hof)   # its strategy names --fast-track
+                    runs[row["pattern"], row["strategy"], row["seed"]] = row
                     data = dict(settings=dict(update=args.update, fitness_samples=args.fitness_samples,
                                               budget=args.budget, workers=args.workers,
                                               cpu=platform.processor() or platform.machine(),

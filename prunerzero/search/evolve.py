@@ -247,8 +247,8 @@ class Search:
         verdict on a mask the last stage already judged good, so they go on to the update's own
         test, at most `limit` of them (as many as the ranking promoted), best mask first."""
         c = self.config
-        if not (c.fast_track and c.searches("update") and stage + 1 < len(self.stages)) \
-                or c.stage_mode(stage) != "mask" or not len(self.hof):
+        # (the config refuses --fast-track unless the update is searched)
+        if not c.fast_track or stage + 1 == len(self.stages) or c.stage_mode(stage) != "mask" or not len(self.hof):
             return []
         proven = {}
         for rank, ind in enumerate(self.hof):
