@@ -88,6 +88,29 @@ def test_the_paired_recorder_meets_each_dense_input_with_its_pruned_one():
     assert rec.cross("a") is None and "a" in rec.unpaired
 
 
+
+def test_a_dense_input_the_pruned_stream_never_met_is_not_paired_with_a_later_batch():
+    """An MoE expert the dense stream routes batch 0's tokens to and the pruned stream does not:
+    batch 1's pruned input must not meet batch 0's dense one (same shape, other tokens)."""
+    lin = torch.nn.Linear(8, 4)
+    x, xd = torch.randn(10, 8), torch.randn(10, 8)
+    with PairedHessians({"a": lin}) as rec:
+        rec.capture()
+        lin(xd)                 # batch 0: the dense stream reaches the layer ...
+        rec.capturing = False   # ... the pruned stream does not
+        rec.capture()           # batch 1: the dense stream does not reach it ...
+        rec.capturing = False
+        lin(x)                  # ... the pruned one does
+        rec.settle()
+    assert rec.cross("a") is None and "a" in rec.unpaired
+    with PairedHessians({"a": lin}) as rec:   # the last batch's dense input, never met
+        rec.capture()
+        lin(xd)
+        rec.capturing = False
+        rec.settle()
+    assert rec.cross("a") is None and "a" in rec.unpaired
+
+
 def test_the_first_block_is_pruned_as_the_layer_fit_prunes_it_and_the_model_ends_closer_to_the_dense_one():
     from prunerzero.engine.layers import matrix
     from prunerzero.engine.models import all_prunable

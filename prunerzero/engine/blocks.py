@@ -276,12 +276,13 @@ def run_paired(block, originals, inputs, call, batch, rec, run=run_block, dense_
     batch = batch or block_batch(inputs)
     outs = []
     for i in range(0, len(inputs), batch):
-        rec.capturing = True
+        rec.capture()
         with dense_weights():
             outs.extend(run(block, originals[i:i + batch], call, batch) or [])
         rec.capturing = False
         with stopping_at(stop):
             feed(block, inputs[i:i + batch], call, batch)
+    rec.settle()
     return outs
 
 

@@ -115,8 +115,8 @@ class PairedHessians(Hessians):
     reconstruct.dense_fitter). blocks.blockwise runs each batch twice: first the dense stream
     with `capturing` set (its inputs are kept, one batch at a time), then the pruned stream, whose
     inputs meet them here. A layer whose two inputs differ in shape (an MoE expert that the two
-    streams route different tokens to) has no pairing: it is listed in `unpaired`, has no K, and
-    is fitted to its own output."""
+    streams route different tokens to), or that one stream reached in a batch and the other did
+    not, has no pairing: it is listed in `unpaired`, has no K, and is fitted to its own output."""
 
     def __init__(self, linears: dict):
         self.K: dict[str, torch.Tensor] = {}
@@ -124,6 +124,19 @@ class PairedHessians(Hessians):
         self.capturing = False
         self._dense: dict[str, torch.Tensor] = {}
         super().__init__(linears)
+
+    def capture(self):
+        """Start a batch's dense half (then set `capturing` False for its pruned half). A dense
+        input the previous batch's pruned half never met is dropped, its layer unpaired: met by a
+        later batch's input, it would pair other tokens."""
+        self.settle()
+        self.capturing = True
+
+    def settle(self):
+        """End the paired batches: layers the dense stream reached and the pruned one did not are unpaired."""
+        self.unpaired.update(self._dense)
+        self._dense.clear()
+        self.capturing = False
 
     def add(self, name, x):
         if self.capturing:
@@ -140,7 +153,7 @@ class PairedHessians(Hessians):
 
     def cross(self, owner: str) -> torch.Tensor | None:
         """K of a shared input, or None when it could not be paired."""
-        return None if owner in self.unpaired else self.K.get(owner)
+        return None if owner in self.unpaired or owner in self._dense else self.K.get(owner)
 
 
 def obs_curvature(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
