@@ -149,3 +149,49 @@ def test_staged_works_with_any_update_and_is_written_in_the_spec():
     assert report.update["staged"] == 1 and report.sparsity == pytest.approx(0.5)
     with pytest.raises(PrunerZeroError, match="staged"):
         Update("admm", staged=2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stored_dense_inputs_replay_each_stage_as_its_own_dense_pass_would(family, monkeypatch):
+    """Paired and staged: each stage's dense half replayed from the one dense pass that passes
+    the dense stream on (blocks.run_storing) records the same H and K, stage by stage and block
+    by block, as running it on the dense weights swapped in (what a block over
+    DENSE_STORE_BYTES still does), and the models end alike."""
+    from prunerzero.engine import blocks
+    samples = token_samples(n=3, seqlen=16)
+    got, weights = {}, {}
+    for budget in (blocks.DENSE_STORE_BYTES, 0):
+        monkeypatch.setattr(blocks, "DENSE_STORE_BYTES", budget)
+        model = tiny(family)
+        seen = got[budget] = {}
+
+        def prune_block(i, linears, rec):
+            for n in rec.H:
+                K = rec.cross(n)
+                seen[i, n] = (rec.H[n].clone(), None if K is None else K.clone())
+            halve_by_magnitude(linears)
+        blockwise(model, samples, PairedHessians, prune_block, progress=False, paired=True, staged=True)
+        weights[budget] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    replayed, passes = got[blocks.DENSE_STORE_BYTES], got[0]
+    assert replayed.keys() == passes.keys() and len(replayed) > 4
+    for key, (H, K) in passes.items():
+        torch.testing.assert_close(replayed[key][0], H, rtol=1e-4, atol=1e-4, msg=str(key))
+        assert (K is None) == (replayed[key][1] is None), key
+        if K is not None:
+            torch.testing.assert_close(replayed[key][1], K, rtol=1e-4, atol=1e-4, msg=str(key))
+    torch.testing.assert_close(weights[0], weights[blocks.DENSE_STORE_BYTES], rtol=1e-4, atol=1e-5)
+
+
+def test_the_dense_inputs_are_not_stored_past_the_budget():
+    from prunerzero.engine.blocks import run_block, run_storing
+    model = tiny_llama(layers=1)
+    inputs, calls = block_inputs(model, token_samples(n=4, seqlen=16))
+    block = decoder_layers(model)[0]
+    linears = prunable_linears(block)
+    outs, stored = run_storing(block, linears, inputs, calls[0], 1)
+    want = run_block(block, inputs, calls[0], 1)
+    assert all(torch.equal(a, b) for a, b in zip(outs, want))
+    assert len(stored) == 4 and [n for n, _ in stored[0]] == list(linears)   # forward order, every layer
+    assert stored[0][0][1] is stored[0][1][1]             # q/k/v read one tensor, kept once
+    outs, stored = run_storing(block, linears, inputs, calls[0], 1, budget=1000)
+    assert stored is None and all(torch.equal(a, b) for a, b in zip(outs, want))

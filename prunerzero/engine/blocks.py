@@ -358,34 +358,96 @@ def _like(name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", name)
 
 
+# The most bytes of the dense stream's layer inputs that a staged, paired block keeps from its
+# one dense pass (they replay each stage's dense half instead of a pass of its own). SmolLM2-135M
+# from 32 x 512 tokens keeps about 215 MB; a 7B model from 128 x 2048 would need about 12 GB, so
+# there the stages run their dense halves as before.
+DENSE_STORE_BYTES = 2 << 30
+
+
 @torch.no_grad()
 def staged_block(i, block, linears, inputs, originals, call, batch, recorder, prune_block):
     """blockwise's step for a staged walk: the block pruned in stages, and the inputs of the next
     block from it (with the dense stream's, when `originals` is given, from it before pruning)."""
-    passed_on = None if originals is None else run_block(block, originals, call, batch)
-    prune_in_stages(i, block, linears, inputs, call, batch, recorder, prune_block, originals)
+    passed_on, stored = None, None
+    if originals is not None:
+        passed_on, stored = run_storing(block, linears, originals, call, batch)
+    prune_in_stages(i, block, linears, inputs, call, batch, recorder, prune_block, originals, stored)
     return run_block(block, inputs, call, batch), passed_on
 
 
-def prune_in_stages(i, block, linears, inputs, call, batch, recorder, prune_block, originals=None):
+def run_storing(block, linears, inputs, call, batch, budget: int | None = None):
+    """run_block, keeping what each of `linears` received, batch by batch in the order the layers
+    ran ([(name, input), ...] per batch; layers that read one tensor keep it once), or None for
+    all when that would pass `budget` bytes (DENSE_STORE_BYTES), judged from the first batch."""
+    budget = DENSE_STORE_BYTES if budget is None else budget
+    batch = batch or block_batch(inputs)
+    stored: list | None = []
+    current: list = []
+
+    def keep(name):
+        def hook(module, args):
+            current.append((name, args[0]))
+        return hook
+    handles = [m.register_forward_pre_hook(keep(n)) for n, m in linears.items()]
+    outs = []
+    try:
+        for i in range(0, len(inputs), batch):
+            current = []
+            outs.extend(run_block(block, inputs[i:i + batch], call, batch))
+            if stored is not None:
+                stored.append(current)
+                if i == 0 and _bytes(current) * -(-len(inputs) // batch) > budget:
+                    stored = None   # over budget: the stages run their dense halves as passes
+                    for h in handles:
+                        h.remove()
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, stored
+
+
+def _bytes(pairs) -> int:
+    unique = {id(x): x for _, x in pairs}
+    return sum(x.numel() * x.element_size() for x in unique.values())
+
+
+def prune_in_stages(i, block, linears, inputs, call, batch, recorder, prune_block, originals=None, stored=None):
     """blockwise's staged step: for each stage of layer_stages, record its layers' statistics on
     the inputs the block gives them now (its earlier stages pruned), each pass stopped where a
     later stage begins, and prune them. With `originals` (the dense stream, paired recorders)
-    each batch runs first on the dense weights of the pruned stages, swapped in for it, then on
-    the pruned ones; the dense weights of one block are held meanwhile."""
+    each batch's dense half comes first: replayed from `stored` (run_storing's, on the dense
+    block) when given, else run on the dense weights of the pruned stages, swapped in for it
+    (the dense weights of one block are held meanwhile); then the pruned half runs."""
     stages, order = layer_stages(block, linears, inputs[0], call)
-    dense = {n: matrix(m).clone() for n, m in linears.items()} if originals is not None else None
+    dense = {n: matrix(m).clone() for n, m in linears.items()} if originals is not None and stored is None else None
     done: list[str] = []
     for k, names in enumerate(stages):
         part = {n: linears[n] for n in names}
         with torch.no_grad(), recorder(part) as rec, stopping_at([linears[n] for n in _stops(stages, k, order)]):
             if originals is None:
                 feed(block, inputs, call, batch)
+            elif stored is not None:
+                replay_paired(block, stored, set(names), inputs, call, batch, rec)
             else:
                 run_paired(block, originals, inputs, call, batch, rec, run=feed,
                            dense_weights=lambda: swapped_in({n: linears[n] for n in done}, dense))
         prune_block(i, part, rec)
         done += names
+
+
+def replay_paired(block, stored, names: set, inputs, call, batch, rec):
+    """run_paired with the dense halves replayed: each batch's stored dense inputs of the layers
+    `names`, in the order they ran, then the pruned batch run by feed for its hooks."""
+    batch = batch or block_batch(inputs)
+    for b, i in enumerate(range(0, len(inputs), batch)):
+        rec.capture()
+        for name, x in stored[b]:
+            if name in names:
+                rec.seen(name, x)
+        rec.capturing = False
+        feed(block, inputs[i:i + batch], call, batch)
+    rec.settle()
 
 
 @contextmanager

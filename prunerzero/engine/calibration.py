@@ -72,14 +72,18 @@ class Hessians(Recorder):
 
     def _hook(self, name):
         def hook(module, inputs):
-            x = inputs[0]
-            if name not in self.owner:
-                prev, prev_name = self._last
-                self.owner[name] = self.owner[prev_name] if x is prev else name
-            self._last = (x, name)
-            if self.owner[name] == name:
-                self.add(name, x.detach().reshape(-1, x.shape[-1]))
+            self.seen(name, inputs[0])
         return hook
+
+    def seen(self, name, x):
+        """What the hook does with the input x of layer `name` (also called to replay stored inputs
+        in their order): layers fed the very tensor the previous one was share its H."""
+        if name not in self.owner:
+            prev, prev_name = self._last
+            self.owner[name] = self.owner[prev_name] if x is prev else name
+        self._last = (x, name)
+        if self.owner[name] == name:
+            self.add(name, x.detach().reshape(-1, x.shape[-1]))
 
     def add(self, name, x):
         x = x.float()
