@@ -52,11 +52,12 @@ def config(args, pattern: str, strategy: str, seed: int) -> SearchConfig:
                         screen_tokens=256, fitness_samples=args.fitness_samples, search_data="wikipedia-heldout",
                         baselines=("wanda",), population=16, generations=100_000, time_limit=args.budget,
                         workers=args.workers, threads=1, hof_size=3, seed=seed, data_dir=args.data_dir,
-                        fast_track=args.fast_track)
+                        fast_track=args.fast_track, fixed_settings=tuple(filter(None, args.fixed_settings.split(","))))
 
 
 def run_dir(args, pattern, strategy, seed) -> Path:
-    return Path(args.runs) / f"{pattern.replace(':', 'of')}-{strategy}{'-fast' * args.fast_track}-s{seed}"
+    fixed = "".join(f"-{name}" for name in filter(None, args.fixed_settings.split(",")))
+    return Path(args.runs) / f"{pattern.replace(':', 'of')}-{strategy}{'-fast' * args.fast_track}{fixed}-s{seed}"
 
 
 def search(args, pattern, strategy, seed) -> dict:
@@ -89,7 +90,7 @@ def summary(args, pattern, strategy, seed, hof: dict) -> dict:
     wanda = hof["baselines"].get("wanda", {})
     settings = json.loads((run.path / "config.json").read_text())
     return dict(pattern=pattern, strategy=strategy + ("+fast-track" if settings.get("fast_track") else ""), seed=seed,
-                update=settings["update"],
+                update=settings["update"], fixed_settings=settings.get("fixed_settings", []),
                 time_limit=settings["time_limit"], generations=len(log),
                 search_s=log[-1]["elapsed_s"] if log else None, candidates=log[-1]["candidates"] if log else 0,
                 faithful_evaluations=len(faithful(evals)),
@@ -138,7 +139,8 @@ def report(data, out: Path):
         searched = b.get("allocation") and set(b["allocation"]) != {"0"}   # all "0": every layer at the target
         recipe = f"`{b['metric']}` + `{b['update']}`" + (f", allocation `{b['allocation']}`" if searched else
                                                          ", uniform" if b.get("allocation") else "")
-        lines.append(f"| {r['pattern']} | `{r.get('update', s['update'])}` | {r['strategy']} | {r['seed']} | {_f(r['time_limit'], 0)} | {r['generations']} | {r['candidates']} | "
+        fixed = f" (fixed: {', '.join(r['fixed_settings'])})" if r.get("fixed_settings") else ""
+        lines.append(f"| {r['pattern']} | `{r.get('update', s['update'])}`{fixed} | {r['strategy']} | {r['seed']} | {_f(r['time_limit'], 0)} | {r['generations']} | {r['candidates']} | "
                      f"{r['faithful_evaluations']} | {_f(r['search_s'], 0)} | {_f(r['seed_search'])} | "
                      f"{_f(r['wanda_search'])} | {_f(b['search'])} | {_f(b['heldout'])} | {_f(r['wanda_heldout'])} | "
                      f"{recipe} |")
@@ -163,6 +165,8 @@ def main():
     ap.add_argument("--update", default="admm correct=0.2")
     ap.add_argument("--fitness-samples", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--fixed-settings", default="",
+                    help="evolve --fixed-settings: update settings kept as --update gives them (percdamp,correct)")
     ap.add_argument("--fast-track", action="store_true",
                     help="evolve --fast-track: new updates of hall-of-fame masks skip the mask-only ranking")
     common_options(ap, "bench_recipe_budget")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import progress
+from .progress import say, saying
 from . import checks, data
 from .apply_config import ApplyConfig, EvalConfig
 from .search.allocation import AllocationSearchConfig
@@ -79,21 +80,21 @@ def heldout_wikipedia(tokenizer, seqlen=512, chunks=None, calibration_source="wi
 _NOTES_SAID: set = set()
 
 
-def note(text: str, log) -> None:
+def note(text: str) -> None:
     """A NOTE line, once per process (a notebook that runs many commands sees it once)."""
     if text and text not in _NOTES_SAID:
         _NOTES_SAID.add(text)
-        log("NOTE: " + text)
+        say("NOTE: " + text)
 
 
-def dense_primitives(model, metric: Metric, samples, settings: dict, sequential: bool, log=progress.log):
+def dense_primitives(model, metric: Metric, samples, settings: dict, sequential: bool):
     """G (and X, H for one-shot pruning) of the dense model, from the on-disk cache when a run
     with the same settings computed them before. Sequential pruning recomputes X and H per block."""
     uses = metric.terminals
     names = list(all_prunable(model))
 
     def get(kind, compute):
-        return cached(kind, settings, compute, names=names, log=log)
+        return cached(kind, settings, compute, names=names)
     grads = get("G", lambda: compute_g(model, samples)) if "G" in uses else None
     x = get("X", lambda: compute_x(model, samples)) if "X" in uses and not sequential else None
     h = get("H", lambda: compute_h(model, samples)) if "H" in uses and not sequential else None
@@ -134,13 +135,14 @@ def run_apply(config: ApplyConfig | None = None, output=None, log=progress.log, 
     tasks_runnable(cfg)
     out = Output(output).check() if output is not None else None  # locked until the run ends
     try:
-        return _apply(cfg, m, out, log)
+        with saying(log):
+            return _apply(cfg, m, out)
     finally:
         if out is not None:
             out.close()
 
 
-def _apply(cfg: ApplyConfig, m: Metric | None, out: Output | None, log) -> dict:
+def _apply(cfg: ApplyConfig, m: Metric | None, out: Output | None) -> dict:
     t0 = time.perf_counter()
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     if out is not None:  # a disk that cannot hold the result is refused now, not after the prune
@@ -150,25 +152,25 @@ def _apply(cfg: ApplyConfig, m: Metric | None, out: Output | None, log) -> dict:
     check_calibration_memory(model, cfg.nsamples, cfg.seqlen, gradients=m is not None and "G" in m.terminals)
     t_load = time.perf_counter() - t0
     if onloading(model):
-        log(f"model on {placement(model)}: it does not fit on the device whole")
+        say(f"model on {placement(model)}: it does not fit on the device whole")
     seq = data.sequences_for(tok, cfg.bos)
-    log(f"sequences: {seq.describe()}")
+    say(f"sequences: {seq.describe()}")
     samples, cal_ids, starts = calibration_for(tok, cfg.calibration, cfg.nsamples, cfg.seqlen, cfg.seed,
                                                cfg.data_dir, seq)
     ev = eval_data_for(tok, cfg.eval_data, cfg.seqlen, cfg.eval_chunks, cfg.data_dir, cfg.calibration, cal_ids,
                        starts, seq)
-    note(ev.note, log)
+    note(ev.note)
     ppl = {}
     if cfg.eval_dense:
         ppl["dense"] = perplexity(model, ev.chunks)
-        log(f"dense perplexity ({ev.source}, {len(ev.chunks)} x {cfg.seqlen}): {ppl['dense']:.3f}")
-    report = _prune(model, m, cfg, samples, log)
+        say(f"dense perplexity ({ev.source}, {len(ev.chunks)} x {cfg.seqlen}): {ppl['dense']:.3f}")
+    report = _prune(model, m, cfg, samples)
     ppl["pruned"] = perplexity(model, ev.chunks)
     update = f", update {cfg.update}" if cfg.update != "none" else ""
-    log(f"pruned with {report.metric} ({report.canonical}{update}) {cfg.structure} at {report.sparsity:.4f} "
+    say(f"pruned with {report.metric} ({report.canonical}{update}) {cfg.structure} at {report.sparsity:.4f} "
         f"measured sparsity: perplexity {ppl['pruned']:.3f}")
     report.perplexity = ppl
-    zero_shot = zero_shot_for(model, tok, cfg, log)
+    zero_shot = zero_shot_for(model, tok, cfg)
     report.settings = dict(cfg.to_dict(), model=cfg.model or "smollm2-135m (bundled)", eval_data=ev.source,
                            eval_chunks=len(ev.chunks), device=placement(model),
                            bos=seq.describe(), note=ev.note)
@@ -180,25 +182,25 @@ def _apply(cfg: ApplyConfig, m: Metric | None, out: Output | None, log) -> dict:
     if out is not None:
         check_finite(model, ppl)
         out.save(lambda folder: _write(model, tok, folder, result))
-        log(f"saved pruned model and report.json to {out.shown}")
+        say(f"saved pruned model and report.json to {out.shown}")
     return result
 
 
-def _prune(model, m: Metric | None, cfg: ApplyConfig, samples, log):
+def _prune(model, m: Metric | None, cfg: ApplyConfig, samples):
     """Prune in place with the metric `m`, or SparseGPT when m is None."""
     if m is None:
         return apply_sparsegpt(model, cfg.sparsity, cfg.structure, calibration=samples, sequential=cfg.sequential)
     t1 = time.perf_counter()
     key = primitive_settings(cfg.model, cfg.calibration, samples, cfg.seed, dtype_name(model))
-    grads, x_norms, curvature = dense_primitives(model, m, samples, key, cfg.sequential, log)
+    grads, x_norms, curvature = dense_primitives(model, m, samples, key, cfg.sequential)
     t_prims = time.perf_counter() - t1
     allocation = cfg.allocation
     if allocation == "search":
         allocation = allocation_search_for(cfg, m, key)
-        log(f"allocation search: {allocation.generations} generations, run folder {allocation.run}")
+        say(f"allocation search: {allocation.generations} generations, run folder {allocation.run}")
     report = apply_metric(model, m, cfg.sparsity, cfg.structure, calibration=samples, sequential=cfg.sequential,
                           grads=grads, x_norms=x_norms, curvature=curvature, group=cfg.group, update=cfg.update,
-                          allocation=allocation, log=log)  # recipes.apply_metric: a search runs first
+                          allocation=allocation)  # recipes.apply_metric: a search runs first
     report.timings["dense_primitives_s"] = t_prims
     return report
 
@@ -245,14 +247,15 @@ def run_eval(config: EvalConfig | None = None, log=progress.log, **settings) -> 
     """Perplexity of a model as `config` (or EvalConfig(**settings)) says."""
     cfg = _settings(EvalConfig, config, settings)
     tasks_runnable(cfg)
-    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    check_seqlen(model, cfg.seqlen)
-    seq = data.sequences_for(tok, cfg.bos)
-    log(f"sequences: {seq.describe()}")
-    ev = eval_data_for(tok, cfg.eval_data, cfg.seqlen, cfg.eval_chunks, cfg.data_dir, seq=seq)
-    note(ev.note, log)
-    ppl = perplexity(model, ev.chunks)
-    zero_shot_for(model, tok, cfg, log)
+    with saying(log):
+        model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        check_seqlen(model, cfg.seqlen)
+        seq = data.sequences_for(tok, cfg.bos)
+        say(f"sequences: {seq.describe()}")
+        ev = eval_data_for(tok, cfg.eval_data, cfg.seqlen, cfg.eval_chunks, cfg.data_dir, seq=seq)
+        note(ev.note)
+        ppl = perplexity(model, ev.chunks)
+        zero_shot_for(model, tok, cfg)
     return ppl
 
 
@@ -264,7 +267,7 @@ def tasks_runnable(cfg) -> None:
         check_tasks(list(cfg.tasks), cfg.include_path)
 
 
-def zero_shot_for(model, tok, cfg: EvalConfig, log) -> dict:
+def zero_shot_for(model, tok, cfg: EvalConfig) -> dict:
     """cfg.tasks' zero-shot accuracies of the model (none asked: {}), logged as a table."""
     if not cfg.tasks:
         return {}
@@ -273,6 +276,6 @@ def zero_shot_for(model, tok, cfg: EvalConfig, log) -> dict:
     limit = int(cfg.task_limit) if cfg.task_limit is not None and cfg.task_limit >= 1 else cfg.task_limit
     results = run_tasks(model, tok, list(cfg.tasks), cfg.num_fewshot, cfg.task_batch_size, limit,
                         cfg.include_path, getattr(cfg, "seed", 0))
-    log(table(results))
-    log(f"zero-shot tasks {', '.join(cfg.tasks)}: {time.perf_counter() - t0:.0f} s")
+    say(table(results))
+    say(f"zero-shot tasks {', '.join(cfg.tasks)}: {time.perf_counter() - t0:.0f} s")
     return results

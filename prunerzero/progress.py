@@ -59,6 +59,27 @@ def log(message: str) -> None:
     logger.info(message)
 
 
+_callbacks = [log]   # where say() sends a message: the innermost run function's `log`
+
+
+@contextmanager
+def saying(callback=None):
+    """Inside, say() sends each message to `callback` (None: where it sent them already). A run
+    function's `log` argument (the CLI's stdout, a notebook's list) so reaches every step it
+    calls without being passed down to each."""
+    _callbacks.append(callback or _callbacks[-1])
+    try:
+        yield
+    finally:
+        _callbacks.pop()
+
+
+def say(message: str) -> None:
+    """A message of the work in progress, to the callback of the run function it is part of
+    (an INFO line of the logger outside any)."""
+    _callbacks[-1](message)
+
+
 class bar(tqdm):
     """tqdm, off in quiet mode or with enabled=False; when it closes after running it logs
     "desc: n steps in s" (INFO) unless done_line=False (bars nested in a step of their own)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import progress
+from .progress import saying
 from .engine import prune
 from .engine.allocation import LayerSparsity
 from .engine.calibration import compute_g
@@ -19,11 +19,12 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
                  calibration: torch.Tensor | None = None, sequential: bool = True,
                  grads: dict | None = None, x_norms: dict | None = None, curvature: dict | None = None,
                  group: str | None = None, update=None, allocation=None, progress: bool = True,
-                 log=progress.log) -> prune.PruneReport:
+                 log=None) -> prune.PruneReport:
     """Prune `model` in place with `metric` (text, catalog name or Metric) and report; the
     arguments are engine.prune.apply_metric's, and allocation may also be "search" or an
     AllocationSearchConfig (its settings and run folder): each layer's sparsity is then found by
-    evolution first (search/allocation.py), its lines going to `log`."""
+    evolution first (search/allocation.py), its lines going to `log` (None: where the run this
+    call is part of sends its lines; the logger's INFO lines outside any)."""
     m = Metric.parse(metric) if not isinstance(metric, Metric) else metric
     update, allocation = recipe_defaults(m.name, update, allocation)
     if _is_search(allocation):
@@ -33,9 +34,9 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
         if "G" in m.terminals and grads is None:  # computed once, for the search and the prune
             grads = compute_g(model, calibration)
         settings = allocation if isinstance(allocation, AllocationSearchConfig) else AllocationSearchConfig()
-        per_layer, report = search_allocation(model, all_prunable(model), m, calibration, sparsity, settings,
-                                              settings.run, log, progress,
-                                              {"G": grads, "X": x_norms, "H": curvature})
+        with saying(log):
+            per_layer, report = search_allocation(model, all_prunable(model), m, calibration, sparsity, settings,
+                                                  settings.run, progress, {"G": grads, "X": x_norms, "H": curvature})
         allocation = LayerSparsity(per_layer, report)
     elif isinstance(allocation, str) and allocation.endswith(".json"):
         allocation = allocation_from_file(allocation, all_prunable(model))

@@ -13,6 +13,7 @@ from prunerzero.engine.layers import matrix
 from prunerzero.engine.masks import make_mask
 from prunerzero.language.metric import Metric
 from prunerzero.engine.models import all_prunable
+from prunerzero.progress import saying
 
 from tiny import tiny_llama, token_samples
 
@@ -73,8 +74,9 @@ def test_a_search_continues_from_its_folder_and_a_finished_one_is_reused(tmp_pat
                                      progress=False)
     assert more == whole and report["generations"] == 4
     lines = []
-    again, _ = search_allocation(model, layers, "wanda", SAMPLES, 0.5, settings(generations=4), tmp_path / "cut",
-                                 log=lines.append, progress=False)
+    with saying(lines.append):
+        again, _ = search_allocation(model, layers, "wanda", SAMPLES, 0.5, settings(generations=4), tmp_path / "cut",
+                                     progress=False)
     assert again == whole and any("reusing" in line for line in lines)
     dense = tiny_llama(layers=2)
     assert all(torch.equal(matrix(lin), matrix(d)) for lin, d in zip(layers.values(), all_prunable(dense).values()))

@@ -77,7 +77,7 @@ def test_rank_equivalent_metrics_and_equal_masks_are_not_evaluated_twice(tiny_di
     pool = InProcess(run_mod.setup_for(cfg, data(), files), worker=run_mod.Evaluator)
     run = RunDir(tmp_path / "run")
     run.create({})
-    search = Search(cfg, run, pool, log=lambda *a: None, quiet=True)
+    search = Search(cfg, run, pool, quiet=True)
     search._measure(["abs(W)*X"], 4, "")
     n = search.counters.evaluations
     ppl = search._measure(["2*X*abs(W)", "sqr(W)*sqr(X)", "tanh(abs(W)*X)"], 4, "")

@@ -42,7 +42,7 @@ def test_the_sequential_stage_scores_the_model_that_apply_gives(tiny_dir):
     assert cfg.fitness == "sequential" and cfg.stage_mode(-1) == "sequential" and cfg.stage_mode(0) == "mask"
     d = search_data()
     files = run_mod.primitive_files(tiny_llama(), cfg, d.calibration, {"X"})
-    hessians = run_mod.hessian_file(tiny_llama(), cfg, d.calibration, log=lambda *a: None)
+    hessians = run_mod.hessian_file(tiny_llama(), cfg, d.calibration)
     ev = Evaluator(run_mod.setup_for(cfg, d, files, hessians), model=tiny_llama())
     dense = {n: w.clone() for n, w in ev.dense.items()}
     searched = ev.sequential_weights("abs(W)*X")

@@ -5,6 +5,7 @@ import torch
 
 from prunerzero.engine import calibration
 from prunerzero import pipeline
+from prunerzero.progress import saying
 from prunerzero.engine.models import all_prunable
 from prunerzero.language.metric import Metric
 
@@ -85,11 +86,13 @@ def test_a_damaged_cache_entry_is_reported_discarded_and_recomputed(tmp_path, mo
     def compute():
         calls.append(1)
         return calibration.compute_g(model, samples)
-    again = calibration.cached("G", settings, compute, names=names, log=lines.append)
+    with saying(lines.append):
+        again = calibration.cached("G", settings, compute, names=names)
     assert calls == [1] and len(lines) == 1 and why in lines[0] and str(path) in lines[0]
     assert all(torch.equal(fresh[k], again[k]) for k in names)
     # the entry was replaced by a good one: the next run trusts it without computing
-    third = calibration.cached("G", settings, compute, names=names, log=lines.append)
+    with saying(lines.append):
+        third = calibration.cached("G", settings, compute, names=names)
     assert calls == [1] and len(lines) == 1 and all(torch.equal(fresh[k], third[k]) for k in names)
 
 
@@ -100,6 +103,7 @@ def test_an_entry_for_other_layers_is_not_used(tmp_path, monkeypatch):
     calibration.cached("X", settings, lambda: calibration.compute_x(model, samples))
     other = list(all_prunable(tiny_llama(layers=3)))
     lines = []
-    x = calibration.cached("X", settings, lambda: calibration.compute_x(tiny_llama(layers=3), samples),
-                           names=other, log=lines.append)
+    with saying(lines.append):
+        x = calibration.cached("X", settings, lambda: calibration.compute_x(tiny_llama(layers=3), samples),
+                               names=other)
     assert set(x) == set(other) and "layers" in lines[0]

@@ -67,3 +67,33 @@ def test_quiet_mode_silences_transformers_bars_and_leaving_it_gives_back_their_s
     assert "Loading weights" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
     load_pretrained(str(tiny_dir), "fp32", torch.device("cpu"))
     assert "Loading weights" in capfd.readouterr().err
+
+
+def test_a_run_functions_callback_reaches_the_steps_it_calls_and_no_further(caplog, tmp_path, monkeypatch):
+    """say() goes to the innermost saying()'s callback (None there keeps the outer one), to
+    the logger outside any; a run function's `log` reaches a cache warning deep inside it."""
+    caplog.set_level(logging.INFO, logger="prunerzero")
+    outer, inner = [], []
+    with progress.saying(outer.append):
+        progress.say("a")
+        with progress.saying(inner.append):
+            progress.say("b")
+        with progress.saying(None):
+            progress.say("c")
+    progress.say("d")
+    assert outer == ["a", "c"] and inner == ["b"]
+    assert [r.getMessage() for r in caplog.records if r.name == "prunerzero"] == ["d"]
+    from prunerzero import pipeline
+    from tiny import text, word_tokenizer
+    monkeypatch.setenv("PRUNERZERO_CACHE", str(tmp_path / "cache"))
+    tiny_llama().save_pretrained(tmp_path / "m")
+    word_tokenizer(True).save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text("\n".join(text(300, s) for s in range(4)))
+    common = dict(model=str(tmp_path / "m"), metric="abs(W)*G", sparsity=0.5, calibration=str(tmp_path / "t.txt"),
+                  eval_data=str(tmp_path / "t.txt"), seqlen=16, nsamples=2, eval_chunks=1)
+    pipeline.run_apply(log=lambda line: None, **common)
+    for path in (tmp_path / "cache" / "primitives").iterdir():
+        path.write_bytes(b"damaged")
+    lines = []
+    pipeline.run_apply(log=lines.append, **common)
+    assert any("WARNING: the cached G primitives" in line for line in lines)

@@ -64,7 +64,7 @@ def test_the_search_scores_the_weights_that_apply_gives(tiny_dir):
     cfg = config(tiny_dir, update="obs")
     model = tiny_llama()
     files = run_mod.primitive_files(model, cfg, data().calibration, {"X"})
-    hessians = run_mod.hessian_file(model, cfg, data().calibration, log=lambda *a: None)
+    hessians = run_mod.hessian_file(model, cfg, data().calibration)
     ev = Evaluator(run_mod.setup_for(cfg, data(), files, hessians), model=tiny_llama())
     searched = ev.reconstructed("abs(W)*X")
     applied = tiny_llama()

@@ -381,7 +381,7 @@ def _settings_text(settings: dict) -> str:
     return json.dumps(settings, sort_keys=True, default=str)
 
 
-def cached(kind: str, settings: dict, compute, names=None, log=progress.log) -> dict[str, torch.Tensor]:
+def cached(kind: str, settings: dict, compute, names=None) -> dict[str, torch.Tensor]:
     """`kind` primitives for `settings` from the cache, or computed and stored with their
     settings and a content checksum. A damaged entry is reported, discarded and recomputed;
     `names`, when given, are the layers the entry must hold."""
@@ -390,7 +390,7 @@ def cached(kind: str, settings: dict, compute, names=None, log=progress.log) -> 
         try:
             return _read_checked(path, kind, settings, names)
         except CacheDamaged as e:
-            log(f"WARNING: the cached {kind} primitives at {path} are discarded ({e}); computing them again")
+            progress.say(f"WARNING: the cached {kind} primitives at {path} are discarded ({e}); computing them again")
             path.unlink(missing_ok=True)
     out = compute()
     plain = _unshared(out)
@@ -402,6 +402,6 @@ def cached(kind: str, settings: dict, compute, names=None, log=progress.log) -> 
         tmp.rename(path)
     except OSError as e:  # a full or read-only cache costs the reuse, never the run
         tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
-        log(f"WARNING: the {kind} primitives could not be cached at {path.parent} ({e.strerror}); "
+        progress.say(f"WARNING: the {kind} primitives could not be cached at {path.parent} ({e.strerror}); "
             "continuing without the cache (they are computed again next time)")
     return out

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from .. import checks
+from ..progress import say
 from .checkpoint import FILE, LEGACY, CheckpointError, decode, encode
 from .locks import FolderLock, lock_beside
 from .output import resolve_target
@@ -161,7 +162,7 @@ class RunDir:
             return None
         return decode(f.read_bytes(), self.kind, self.path)
 
-    def resume(self, search, log, state: dict | None) -> bool:
+    def resume(self, search, state: dict | None) -> bool:
         """Restore `search` from a checkpoint state (None: start afresh), dropping the log rows
         of the generation in progress when the run was killed."""
         keep = state["gen"] if state else 0
@@ -170,7 +171,7 @@ class RunDir:
         if not state:
             return False
         search.restore(state)
-        log(f"resuming {self.path} at generation {search.gen}")
+        say(f"resuming {self.path} at generation {search.gen}")
         return True
 
     def _atomic(self, name, data: bytes):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .. import progress
+from ..progress import say
 from .. import checks
 from ..engine.calibration import compute_g, compute_h, compute_x
 from ..language.compile import layer_primitives, scorer
@@ -108,7 +108,7 @@ class LevelMasks:
 
 
 def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsity: float,
-                      config: AllocationSearchConfig | None = None, run_path=None, log=progress.log,
+                      config: AllocationSearchConfig | None = None, run_path=None,
                       progress: bool = True, known: dict | None = None) -> tuple[dict[str, float], dict]:
     """(sparsity of each layer, report) found by evolution; the model is left dense. run_path:
     a folder for the run (resumed when it holds one, reused when finished); None: a
@@ -130,7 +130,7 @@ def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsi
         if done.is_file():
             result = json.loads(done.read_text())
             if result["report"]["generations"] >= c.generations:
-                log(f"allocation search: reusing the finished run in {run.path}")
+                say(f"allocation search: reusing the finished run in {run.path}")
                 return result["sparsity"], result["report"]
             done.unlink()  # more generations asked for: continue from its checkpoint
         dense = {name: matrix(lin).clone() for name, lin in layers.items()}
@@ -148,7 +148,7 @@ def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsi
                 set_matrix(layers[name], dense[name].masked_fill(masks.mask(name, dense[name].shape, levels[lv]), 0))
             return model
 
-        search = DarwinSearch(c, model, space, FitnessData(reference, samples), run, log, quiet=not progress,
+        search = DarwinSearch(c, model, space, FitnessData(reference, samples), run, quiet=not progress,
                               build=build)
         settings = dict(c.to_dict(), metric=m.canonical(), sparsity=sparsity, levels=levels, layers=names)
         settings.pop("run")
@@ -159,7 +159,7 @@ def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsi
                 try:
                     saved = run.config()
                 except CheckpointError as e:  # a cached run of an older prunerzero, or damaged: redo it
-                    log(f"allocation search: discarding the run in {run.path} ({e})")
+                    say(f"allocation search: discarding the run in {run.path} ({e})")
                     state = None
             if state is None and run.path.exists():  # stopped before its first checkpoint: nothing to keep
                 shutil.rmtree(run.path)
@@ -168,7 +168,7 @@ def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsi
                                            f"({differ}); give another folder")
             if state is not None:
                 run.hold()
-            if not run.resume(search, log, state):
+            if not run.resume(search, state):
                 run.create(settings)
                 search.start(start)
             run_loop(search)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from deap import tools
 from .. import progress
+from ..progress import say
 
 from .cache import Cache, Measured
 from ..runs.checkpoint import CheckpointError, rng_state, set_rng_state
@@ -77,7 +78,6 @@ class Search:
     config: SearchConfig
     run: RunDir
     pool: object
-    log: callable = progress.log
     quiet: bool = False
     cache: Cache = field(default_factory=Cache)
     counters: Counters = field(default_factory=Counters)
@@ -397,7 +397,7 @@ class Search:
         self.logbook.record(**record)
         self.run.append("log.jsonl", record)
         if not self.quiet:
-            self.log(f"gen {self.gen:3d}  best {record['best'] or math.inf:9.3f}  "
+            say(f"gen {self.gen:3d}  best {record['best'] or math.inf:9.3f}  "
                      f"median(stage 1) {record['median_first_stage'] or math.inf:9.3f}  "
                      f"distinct {record['distinct_candidates']:4d}  evals {cn.evaluations:4d}  "
                      f"hits {cn.key_hits + cn.mask_hits:3d}  oos {cn.oos_catches:3d}  "

@@ -8,6 +8,7 @@ from dataclasses import asdict
 import torch
 
 from .. import progress
+from ..progress import say, saying
 from ..engine.calibration import cache_path, cached, compute_g, compute_h, compute_hessians, compute_x, shared_inputs
 from ..data import DataError, sequences_for
 from ..language.metric import Metric
@@ -67,23 +68,23 @@ def terminals_needed(c: SearchConfig, pset_terminals) -> set[str]:
     return names & set(COMPUTE)
 
 
-def primitive_files(model, c: SearchConfig, samples: torch.Tensor, needed, log=progress.log) -> dict[str, str]:
+def primitive_files(model, c: SearchConfig, samples: torch.Tensor, needed) -> dict[str, str]:
     """Dense X, G, H of the calibration samples, from the shared on-disk cache (computed once)."""
     key = primitive_settings(c.model, c.calibration, samples, c.seed, concrete_dtype(c.model, c.dtype, c.device))
     files = {}
     for kind in sorted(needed):
-        cached(kind, key, lambda kind=kind: COMPUTE[kind](model, samples), names=list(all_prunable(model)), log=log)
+        cached(kind, key, lambda kind=kind: COMPUTE[kind](model, samples), names=list(all_prunable(model)))
         files[kind] = str(cache_path(kind, key))
     return files
 
 
-def hessian_file(model, c: SearchConfig, samples: torch.Tensor, log=progress.log) -> str | None:
+def hessian_file(model, c: SearchConfig, samples: torch.Tensor) -> str | None:
     """The dense layer-input Hessians that a recipe's update needs, from the shared cache."""
     if c.update == "none":
         return None
     key = primitive_settings(c.model, c.calibration, samples, c.seed, concrete_dtype(c.model, c.dtype, c.device))
     owners = sorted(set(shared_inputs(model, samples).values()))
-    cached("XtX", key, lambda: compute_hessians(model, samples), names=owners, log=log)
+    cached("XtX", key, lambda: compute_hessians(model, samples), names=owners)
     return str(cache_path("XtX", key))
 
 
@@ -116,12 +117,13 @@ def run_evolve(config: SearchConfig | None = None, output=None, resume=None, dat
         run.ensure_new()
         state = None
     try:
-        return _evolve(config, run, resume, state, data, log, quiet, t_start)
+        with saying(log):
+            return _evolve(config, run, resume, state, data, quiet, t_start)
     finally:
         run.release()
 
 
-def _evolve(config: SearchConfig, run: RunDir, resume, state, data, log, quiet, t_start) -> dict:
+def _evolve(config: SearchConfig, run: RunDir, resume, state, data, quiet, t_start) -> dict:
     _check_metrics(config)
     model, tok = load_model(config.model, config.dtype, config.device, tokenizer=data is None)
     if data is None:  # given data carries its own sequence length
@@ -133,19 +135,19 @@ def _evolve(config: SearchConfig, run: RunDir, resume, state, data, log, quiet, 
     note = ""
     if data is None:
         data, note = search_data(tok, config)
-    say_note(note, log)
+    say_note(note)
     if data.sequences:
-        log(f"sequences: {data.sequences}")
+        say(f"sequences: {data.sequences}")
     if config.searches("update") and config.fixed_settings:
-        log(f"update settings kept as --update gives them: {', '.join(config.fixed_settings)}")
+        say(f"update settings kept as --update gives them: {', '.join(config.fixed_settings)}")
     search = None
     pool = None
     try:
         needed = terminals_needed(config, config.terminals or load_space().search["terminals"])
         if config.time_limit:
-            check_setup_fits(model, config, data.calibration, needed, time.perf_counter() - t_start, log)
-        files = primitive_files(model, config, data.calibration, needed, log)
-        hessians = hessian_file(model, config, data.calibration, log)
+            check_setup_fits(model, config, data.calibration, needed, time.perf_counter() - t_start)
+        files = primitive_files(model, config, data.calibration, needed)
+        hessians = hessian_file(model, config, data.calibration)
         if not resume:
             run.create(dict(config.to_dict(), data=dict(source=data.source, note=data.note or note,
                                                          search_source=data.search_source,
@@ -153,9 +155,9 @@ def _evolve(config: SearchConfig, run: RunDir, resume, state, data, log, quiet, 
                                                          search_chunks=len(data.search),
                                                          heldout_chunks=len(data.heldout))))
         if onloading(model):
-            log(f"model on {placement(model)}: candidates are evaluated one decoder block at a time")
+            say(f"model on {placement(model)}: candidates are evaluated one decoder block at a time")
         elif not copy_fits(all_prunable(model).values()):
-            log("candidates are evaluated one decoder block at a time, pruned in place: a copy of every "
+            say("candidates are evaluated one decoder block at a time, pruned in place: a copy of every "
                 "masked weight would not fit in free memory")
         sizes = {name: matrix(lin).numel() for name, lin in all_prunable(model).items()}
         if config.workers > 1 or config.ray:
@@ -163,21 +165,21 @@ def _evolve(config: SearchConfig, run: RunDir, resume, state, data, log, quiet, 
             hand_back_memory()
         pool = make_pool(setup_for(config, data, files, hessians), config.workers, config.ray, config.ray_address,
                          config.gpus_per_worker, model=model, worker=Evaluator)
-        search = Search(config, run, pool, log, quiet, sizes=sizes)
-        if not (resume and run.resume(search, log, state)):
+        search = Search(config, run, pool, quiet, sizes=sizes)
+        if not (resume and run.resume(search, state)):
             search.seed_rngs()
             search.reference = reference_fitness(search, config)
             if config.stage_check:
                 check = stage_check(search, config.stage_check)
                 run.write_json("stage_check.json", check)
                 for line in describe(check):
-                    log(line)
+                    say(line)
             search.checkpoint()
         gen_s, measured = 0.0, 0.0   # a generation's estimate, then the longest one measured
         if config.time_limit:
             gen_s = generation_estimate(search, config)
             left = config.time_limit - (time.perf_counter() - t_start) - finish_estimate(search, config)
-            log(f"--time-limit {config.time_limit:.0f} s: set-up took {time.perf_counter() - t_start:.0f} s, the "
+            say(f"--time-limit {config.time_limit:.0f} s: set-up took {time.perf_counter() - t_start:.0f} s, the "
                 f"final held-out scoring needs about {finish_estimate(search, config):.0f} s and a generation about "
                 f"{gen_s:.0f} s: " + (f"about {int(left // gen_s)} generation(s) fit" if gen_s and left >= gen_s
                                       else "no generation fits; scoring the baselines held out now"))
@@ -186,7 +188,7 @@ def _evolve(config: SearchConfig, run: RunDir, resume, state, data, log, quiet, 
                 spent, reserve = time.perf_counter() - t_start, finish_estimate(search, config)
                 if spent + gen_s + reserve > config.time_limit:
                     done = f"after generation {search.gen - 1}" if search.gen else "before generation 0"
-                    log(f"time limit {config.time_limit:.0f} s: stopping {done} "
+                    say(f"time limit {config.time_limit:.0f} s: stopping {done} "
                         f"({spent:.0f} s spent, another generation takes about {gen_s:.0f} s and the final "
                         f"scoring about {reserve:.0f} s)")
                     break
@@ -195,7 +197,7 @@ def _evolve(config: SearchConfig, run: RunDir, resume, state, data, log, quiet, 
             search.checkpoint()
             measured = max(measured, time.perf_counter() - t_gen)
             gen_s = measured
-        return finish(search, data, config, run, log)
+        return finish(search, data, config, run)
     finally:
         if pool is not None:
             pool.close()
@@ -219,7 +221,7 @@ def setup_estimate(model, c: SearchConfig, samples: torch.Tensor, needed) -> dic
     return out
 
 
-def check_setup_fits(model, c: SearchConfig, samples, needed, spent: float, log) -> None:
+def check_setup_fits(model, c: SearchConfig, samples, needed, spent: float) -> None:
     """Refuse, before the work, a --time-limit that the set-up alone would pass, saying what the
     set-up costs here and what to change."""
     est = setup_estimate(model, c, samples, needed)
@@ -232,7 +234,7 @@ def check_setup_fits(model, c: SearchConfig, samples, needed, spent: float, log)
         raise SettingsError(f"--time-limit {c.time_limit:.0f} s cannot be met: the set-up alone takes about "
                             f"{total:.0f} s here ({parts}, for {len(samples)} calibration windows, measured on one); "
                             f"raise --time-limit, or lower --nsamples{drop}")
-    log(f"set-up: about {total:.0f} s ({parts}; cached for later runs)")
+    say(f"set-up: about {total:.0f} s ({parts}; cached for later runs)")
 
 
 def generation_estimate(search: Search, c: SearchConfig) -> float:
@@ -301,11 +303,11 @@ def reference_fitness(search: Search, c: SearchConfig) -> dict:
     for name in c.baselines:
         key = search.key(name)
         out[name] = ppl[key]
-        search.log(f"baseline {name:12} search perplexity {ppl[key]:.3f}")
+        say(f"baseline {name:12} search perplexity {ppl[key]:.3f}")
     return out
 
 
-def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir, log) -> dict:
+def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir) -> dict:
     """Re-evaluate the hall of fame and the baselines on the held-out chunks (and the whole
     split if asked), and write hall_of_fame.json."""
     hof = [search.cache.describe(str(ind)) for ind in search.hof]
@@ -347,8 +349,8 @@ def finish(search: Search, data: SearchData, c: SearchConfig, run: RunDir, log) 
                counters=asdict(search.counters), generations=search.gen, settings=c.to_dict())
     out["carry_over"] = carry_over(out)
     run.write_json("hall_of_fame.json", out)
-    _print_summary(out, log)
-    _print_next_steps(out, c, run, log)
+    _print_summary(out)
+    _print_next_steps(out, c, run)
     return out
 
 
@@ -379,25 +381,25 @@ def carry_over(out, reference: str = "wanda") -> dict | None:
                 ratio=heldout_gain / search_gain if search_gain > BEAT_MARGIN else None)
 
 
-def _print_summary(out, log):
+def _print_summary(out):
     h = out["heldout"]
     recipe = "" if out["update"]["kind"] == "none" else f", each with the {out['update']['kind']} update"
-    log(f"held-out perplexity ({h['source']}, {h['chunks']} x {h['seqlen']}{recipe}):")
-    log(f"  {'dense':40} {out['dense']['heldout_perplexity'] or math.inf:10.3f}")
+    say(f"held-out perplexity ({h['source']}, {h['chunks']} x {h['seqlen']}{recipe}):")
+    say(f"  {'dense':40} {out['dense']['heldout_perplexity'] or math.inf:10.3f}")
     for name, b in out["baselines"].items():
-        log(f"  {name:40} {b['heldout_perplexity'] or math.inf:10.3f}")
+        say(f"  {name:40} {b['heldout_perplexity'] or math.inf:10.3f}")
     for i, e in enumerate(out["hall_of_fame"]):
-        log(f"  #{i + 1} {e['simplified'][:37]:37} {e['heldout_perplexity'] or math.inf:10.3f}")
+        say(f"  #{i + 1} {e['simplified'][:37]:37} {e['heldout_perplexity'] or math.inf:10.3f}")
     c = out.get("carry_over")
     if c and c["ratio"] is not None:
-        log(f"carry-over: {c['search_gain']:+.2%} over {c['reference']} on the search chunks, "
+        say(f"carry-over: {c['search_gain']:+.2%} over {c['reference']} on the search chunks, "
             f"{c['heldout_gain']:+.2%} held out (ratio {c['ratio']:.2f})")
 
 
-def _print_next_steps(out: dict, c: SearchConfig, run: RunDir, log):
+def _print_next_steps(out: dict, c: SearchConfig, run: RunDir):
     """Where the results are, how the best found compares with the best baseline held out (said
     plainly when it is worse), and the command that applies it."""
-    log(f"results: {run.shown}/hall_of_fame.json (plot: {run.shown}/fitness.png)")
+    say(f"results: {run.shown}/hall_of_fame.json (plot: {run.shown}/fitness.png)")
     if not out["hall_of_fame"]:
         return
     best = out["hall_of_fame"][0]
@@ -406,7 +408,7 @@ def _print_next_steps(out: dict, c: SearchConfig, run: RunDir, log):
         name = min(base, key=base.get)
         change = best["heldout_perplexity"] / base[name] - 1
         verdict = "better than" if change < 0 else "WORSE than"
-        log(f"the best found, {best['simplified']}, is {abs(change):.1%} {verdict} {name} held out "
+        say(f"the best found, {best['simplified']}, is {abs(change):.1%} {verdict} {name} held out "
             f"({best['heldout_perplexity']:.3f} against {base[name]:.3f})"
             + ("; keep using the baseline, or search longer (--resume with more --generations)" if change >= 0 else ""))
     update = best.get("update", c.update)
@@ -414,5 +416,5 @@ def _print_next_steps(out: dict, c: SearchConfig, run: RunDir, log):
     if best.get("allocation_file"):
         recipe += f" --allocation {best['allocation_file']}"
     shape = f"--structure {c.structure}" if c.structure != "unstructured" else f"--sparsity {c.sparsity}"
-    log(f'apply it: prunerzero apply --metric "{best["expression"]}"{recipe} {shape} --output pruned')
+    say(f'apply it: prunerzero apply --metric "{best["expression"]}"{recipe} {shape} --output pruned')
 

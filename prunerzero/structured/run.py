@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import progress
+from ..progress import say, saying
 from ..engine.calibration import cache_key
 from ..data import calibration_samples, sequences_for
 from ..engine.evaluate import perplexities
@@ -75,7 +76,8 @@ def run_darwin(config: DarwinConfig | None = None, output=None, resume=None, dat
         run.ensure_new()
         state = None
     try:
-        return _darwin(config, run, resume, state, data, log, quiet)
+        with saying(log):
+            return _darwin(config, run, resume, state, data, quiet)
     finally:
         run.release()
 
@@ -97,7 +99,7 @@ def resumed_config(run: RunDir, overrides: dict) -> DarwinConfig:
     return config
 
 
-def _darwin(config: DarwinConfig, run: RunDir, resume, state, data, log, quiet) -> dict:
+def _darwin(config: DarwinConfig, run: RunDir, resume, state, data, quiet) -> dict:
     c = config
     tasks_runnable(c)
     if c.threads:
@@ -113,9 +115,9 @@ def _darwin(config: DarwinConfig, run: RunDir, resume, state, data, log, quiet) 
         raise StructureError(f"--target-params {c.target:g} is more than the model's {total:,} prunable parameters; "
                              f"give a fraction in (0, 1] or a count up to {total:,}")
     data = data or darwin_data(tok, c)
-    note(data.note, log)
+    note(data.note)
     if data.sequences:
-        log(f"sequences: {data.sequences}")
+        say(f"sequences: {data.sequences}")
     t0 = time.perf_counter()
     path, settings = database_path(c, data.calibration)
     db = build_database(model, data.calibration, path, settings, c.ladder, c.multiple, c.percdamp,
@@ -125,13 +127,13 @@ def _darwin(config: DarwinConfig, run: RunDir, resume, state, data, log, quiet) 
     start = space.uniform(c.target)
     half = len(data.fitness) // 2
     fit = FitnessData(DenseReference(model, data.fitness[:half]), data.fitness[half:])
-    search = DarwinSearch(c, model, space, fit, run, log, quiet)
-    if not (resume and run.resume(search, log, state)):
+    search = DarwinSearch(c, model, space, fit, run, quiet)
+    if not (resume and run.resume(search, state)):
         run.create(dict(c.to_dict(), database=str(path), include_path=None,
                         data=dict(source=data.source, note=data.note, sequences=data.sequences),
                         params=dict(prunable=space.total, target=space.target_params(c.target),
                                     start=space.params(start))))
-        log(f"{space.total:,} prunable parameters; keeping {space.params(start):,} "
+        say(f"{space.total:,} prunable parameters; keeping {space.params(start):,} "
             f"({space.params(start) / space.total:.3f}) from the uniform start")
         search.start(start)
     if c.workers > 1 or c.ray:
@@ -145,7 +147,7 @@ def _darwin(config: DarwinConfig, run: RunDir, resume, state, data, log, quiet) 
                 search.pool = None
     else:
         run_loop(search)
-    return finish(search, model, tok, data, c, run, start, t_db, log, quiet)
+    return finish(search, model, tok, data, c, run, start, t_db, quiet)
 
 
 @contextmanager
@@ -164,7 +166,7 @@ def parked(model):
 
 
 def finish(search: DarwinSearch, model, tok, data: DarwinData, c: DarwinConfig, run: RunDir, uniform, t_db,
-           log, quiet) -> dict:
+           quiet) -> dict:
     space = search.space
     configs = {"evolved": search.parent}
     if c.baselines:
@@ -176,7 +178,7 @@ def finish(search: DarwinSearch, model, tok, data: DarwinData, c: DarwinConfig, 
         ppl[name], whole = perplexities(m, data.evaluation, c.eval_chunks, progress=not quiet)
         if c.eval_full:
             full[name] = whole
-        log(f"{name:28} perplexity {ppl[name]:.3f}" + (f"  (whole split {whole:.3f})" if c.eval_full else ""))
+        say(f"{name:28} perplexity {ppl[name]:.3f}" + (f"  (whole split {whole:.3f})" if c.eval_full else ""))
     measure("dense", model)
     models = {}
     for name, genome in configs.items():
@@ -193,17 +195,17 @@ def finish(search: DarwinSearch, model, tok, data: DarwinData, c: DarwinConfig, 
     if c.speed:
         report["speed"] = {"dense": latency(model, 1, c.seqlen), "evolved": latency(final, 1, c.seqlen)}
         report["speed"]["speedup"] = report["speed"]["dense"]["median_s"] / report["speed"]["evolved"]["median_s"]
-        log(f"forward latency batch 1 x {c.seqlen}: dense {report['speed']['dense']['median_s']:.3f} s, "
+        say(f"forward latency batch 1 x {c.seqlen}: dense {report['speed']['dense']['median_s']:.3f} s, "
             f"evolved {report['speed']['evolved']['median_s']:.3f} s ({report['speed']['speedup']:.2f}x)")
     if c.tasks and tok is not None:
-        report["zero_shot"] = {"evolved": zero_shot_for(final, tok, c, log)}
+        report["zero_shot"] = {"evolved": zero_shot_for(final, tok, c)}
     check_finite(final, {k: v for k, v in ppl.items() if k.startswith("evolved")})
     # the run folder is this process's (locked): a model of an earlier finish is replaced whole
     Output(run.path / "model", "output").save(
         lambda folder: save_structured(final, folder, tok, extra={"report": "../report.json"}), replace=True)
     run.write_json("report.json", report)
     plot_allocation(run.path / "allocation.png", space, configs)
-    log(f"saved the smaller model to {run.path / 'model'} "
+    say(f"saved the smaller model to {run.path / 'model'} "
         f"(reload: prunerzero.load_structured('{run.path / 'model'}'))")
     return report
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from .. import progress
+from ..progress import say
 
 from ..runs.rundir import RunDir
 from .config import DarwinConfig
@@ -53,9 +54,9 @@ class DarwinSearch:
     candidates are scored (runs/pools.py with darwin's Scorer; None: here, one by one)."""
 
     def __init__(self, config: DarwinConfig, model, space: LevelSpace, data: FitnessData, run: RunDir,
-                 log=progress.log, quiet=False, build=None, pool=None):
+                 quiet=False, build=None, pool=None):
         self.c, self.model, self.space, self.data, self.run = config, model, space, data, run
-        self.log, self.quiet, self.pool = log, quiet, pool
+        self.quiet, self.pool = quiet, pool
         self.build = build or (lambda genome: materialize(self.model, self.space.db, genome))
         self.gen, self.parent, self.elapsed = 0, None, 0.0
         self.evaluations = 0
@@ -128,7 +129,7 @@ class DarwinSearch:
         self.run.append("log.jsonl", record)
         self.parent, self.gen = winner, self.gen + 1
         if not self.quiet:
-            self.log(f"gen {record['gen']:3d}  KL {record['kl']:.4f}  parent {record['parent_kl']:.4f}  "
+            say(f"gen {record['gen']:3d}  KL {record['kl']:.4f}  parent {record['parent_kl']:.4f}  "
                      f"{'kept parent' if record['kept_parent'] else 'new parent'}  "
                      f"{record['evaluations']} evaluations  {self.elapsed:.0f} s")
         return record
@@ -160,5 +161,5 @@ def run_loop(search: DarwinSearch):
         search.checkpoint()
         search.plot()
         if c.time_limit and search.elapsed > c.time_limit:
-            search.log(f"time limit {c.time_limit:.0f} s reached after generation {search.gen - 1}")
+            say(f"time limit {c.time_limit:.0f} s reached after generation {search.gen - 1}")
             break
