@@ -54,9 +54,9 @@ def main():
         weights, update = {}, None
         for _ in range(args.repeats):
             for way, budget in WAYS.items():
-                seconds, report, weights[way] = prune_once(model, dense, args, samples, budget)
+                seconds, pruned, weights[way] = prune_once(model, dense, args, samples, budget)
                 times[way].append(seconds)
-                update = report.update
+                update = pruned.update
                 print(f"{way}: {seconds:.1f} s", flush=True)
         differ = max(float((weights["stored"][k] - weights["a pass per stage"][k]).abs().max()) for k in dense)
         data = dict(settings=dict(recipe=args.recipe, update=update, sparsity=args.sparsity, structure=args.structure,
