@@ -159,11 +159,15 @@ def test_stored_dense_inputs_replay_each_stage_as_its_own_dense_pass_would(famil
     DENSE_STORE_BYTES still does), and the models end alike."""
     from prunerzero.engine import blocks
     samples = token_samples(n=3, seqlen=16)
-    got, weights = {}, {}
-    for budget in (blocks.DENSE_STORE_BYTES, 0):
+    got, weights, calls = {}, {}, {}
+    store = blocks.DENSE_STORE_BYTES
+    for budget in (store, 0):
         monkeypatch.setattr(blocks, "DENSE_STORE_BYTES", budget)
         model = tiny(family)
         seen = got[budget] = {}
+        calls[budget] = []
+        for m in prunable_linears(decoder_layers(model)[0]).values():
+            m.register_forward_pre_hook(lambda mod, a, out=calls[budget]: out.append(1))
 
         def prune_block(i, linears, rec):
             for n in rec.H:
@@ -172,14 +176,15 @@ def test_stored_dense_inputs_replay_each_stage_as_its_own_dense_pass_would(famil
             halve_by_magnitude(linears)
         blockwise(model, samples, PairedHessians, prune_block, progress=False, paired=True, staged=True)
         weights[budget] = torch.cat([p.detach().flatten() for p in model.parameters()])
-    replayed, passes = got[blocks.DENSE_STORE_BYTES], got[0]
+    replayed, passes = got[store], got[0]
     assert replayed.keys() == passes.keys() and len(replayed) > 4
     for key, (H, K) in passes.items():
         torch.testing.assert_close(replayed[key][0], H, rtol=1e-4, atol=1e-4, msg=str(key))
         assert (K is None) == (replayed[key][1] is None), key
         if K is not None:
             torch.testing.assert_close(replayed[key][1], K, rtol=1e-4, atol=1e-4, msg=str(key))
-    torch.testing.assert_close(weights[0], weights[blocks.DENSE_STORE_BYTES], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weights[0], weights[store], rtol=1e-4, atol=1e-5)
+    assert len(calls[store]) < len(calls[0])   # the dense stages' passes are gone
 
 
 def test_the_dense_inputs_are_not_stored_past_the_budget():
