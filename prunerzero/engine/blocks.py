@@ -273,17 +273,27 @@ def run_paired(block, originals, inputs, call, batch, rec, run=run_block, dense_
     at the layers `stop`), so that `rec` sees a layer's dense input and then its pruned input
     on the same tokens. run: how a dense batch is run (feed: for the hooks only, outputs not
     kept); dense_weights: a context the dense batches run in."""
-    batch = batch or block_batch(inputs)
     outs = []
-    for i in range(0, len(inputs), batch):
-        rec.capture()
+
+    def dense_half(b, i, j):
         with dense_weights():
-            outs.extend(run(block, originals[i:i + batch], call, batch) or [])
+            outs.extend(run(block, originals[i:j], call, batch) or [])
+    _paired_batches(block, inputs, call, batch, rec, dense_half, stop)
+    return outs
+
+
+def _paired_batches(block, inputs, call, batch, rec, dense_half, stop=()):
+    """The walk run_paired and replay_paired share: for each batch b of `inputs` (samples i to j),
+    dense_half(b, i, j) with `rec` capturing, then the pruned batch through feed (stopped at
+    `stop`) for rec to meet it."""
+    batch = batch or block_batch(inputs)
+    for b, i in enumerate(range(0, len(inputs), batch)):
+        rec.capture()
+        dense_half(b, i, i + batch)
         rec.capturing = False
         with stopping_at(stop):
             feed(block, inputs[i:i + batch], call, batch)
     rec.settle()
-    return outs
 
 
 def layer_stages(block, linears: dict, sample, call) -> tuple[list[list[str]], list[str]]:
@@ -395,16 +405,21 @@ def run_storing(block, linears, inputs, call, batch, budget: int | None = None):
         for i in range(0, len(inputs), batch):
             current = []
             outs.extend(run_block(block, inputs[i:i + batch], call, batch))
-            if stored is not None:
-                stored.append(current)
-                if i == 0 and _bytes(current) * -(-len(inputs) // batch) > budget:
-                    stored = None   # over budget: the stages run their dense halves as passes
-                    for h in handles:
-                        h.remove()
+            if stored is None:
+                continue
+            stored.append(current)
+            if i == 0 and _bytes(current) * -(-len(inputs) // batch) > budget:
+                stored = None   # over budget: the stages run their dense halves as passes
+                _remove(handles)
     finally:
-        for h in handles:
-            h.remove()
+        _remove(handles)
     return outs, stored
+
+
+def _remove(handles: list) -> None:
+    """Remove hooks once (the list is emptied)."""
+    while handles:
+        handles.pop().remove()
 
 
 def _bytes(pairs) -> int:
@@ -439,15 +454,11 @@ def prune_in_stages(i, block, linears, inputs, call, batch, recorder, prune_bloc
 def replay_paired(block, stored, names: set, inputs, call, batch, rec):
     """run_paired with the dense halves replayed: each batch's stored dense inputs of the layers
     `names`, in the order they ran, then the pruned batch run by feed for its hooks."""
-    batch = batch or block_batch(inputs)
-    for b, i in enumerate(range(0, len(inputs), batch)):
-        rec.capture()
+    def dense_half(b, i, j):
         for name, x in stored[b]:
             if name in names:
                 rec.seen(name, x)
-        rec.capturing = False
-        feed(block, inputs[i:i + batch], call, batch)
-    rec.settle()
+    _paired_batches(block, inputs, call, batch, rec, dense_half)
 
 
 @contextmanager

@@ -403,5 +403,5 @@ def cached(kind: str, settings: dict, compute, names=None) -> dict[str, torch.Te
     except OSError as e:  # a full or read-only cache costs the reuse, never the run
         tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
         progress.say(f"WARNING: the {kind} primitives could not be cached at {path.parent} ({e.strerror}); "
-            "continuing without the cache (they are computed again next time)")
+                     "continuing without the cache (they are computed again next time)")
     return out

@@ -398,10 +398,10 @@ class Search:
         self.run.append("log.jsonl", record)
         if not self.quiet:
             say(f"gen {self.gen:3d}  best {record['best'] or math.inf:9.3f}  "
-                     f"median(stage 1) {record['median_first_stage'] or math.inf:9.3f}  "
-                     f"distinct {record['distinct_candidates']:4d}  evals {cn.evaluations:4d}  "
-                     f"hits {cn.key_hits + cn.mask_hits:3d}  oos {cn.oos_catches:3d}  "
-                     f"{seconds:6.1f}s  {record['best_metric']}")
+                f"median(stage 1) {record['median_first_stage'] or math.inf:9.3f}  "
+                f"distinct {record['distinct_candidates']:4d}  evals {cn.evaluations:4d}  "
+                f"hits {cn.key_hits + cn.mask_hits:3d}  oos {cn.oos_catches:3d}  "
+                f"{seconds:6.1f}s  {record['best_metric']}")
         return record
 
     # ------------------------------------------------------------------ checkpoints
