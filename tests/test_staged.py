@@ -151,40 +151,88 @@ def test_staged_works_with_any_update_and_is_written_in_the_spec():
         Update("admm", staged=2)
 
 
+def staged_walk(family, monkeypatch, store: bool, lockstep: bool, paired: bool = True, batch=None):
+    """A staged walk on tiny(family) with the dense store and the lockstep walk allowed or not:
+    each stage's H (and K), the final weights, and how many layer calls block 0 made."""
+    from prunerzero.engine import blocks
+    monkeypatch.setattr(blocks, "DENSE_STORE_BYTES", (2 << 30) * store)
+    monkeypatch.setattr(blocks, "LOCKSTEP_BYTES", (2 << 30) * lockstep)
+    model = tiny(family)
+    seen, calls = {}, []
+    for m in prunable_linears(decoder_layers(model)[0]).values():
+        m.register_forward_pre_hook(lambda mod, a: calls.append(1))
+
+    def prune_block(i, linears, rec):
+        for n in rec.H:
+            K = rec.cross(n) if paired else None
+            seen[i, n] = (rec.H[n].clone(), None if K is None else K.clone())
+        halve_by_magnitude(linears)
+    blockwise(model, token_samples(n=3, seqlen=16), PairedHessians if paired else Hessians, prune_block,
+              progress=False, paired=paired, staged=True, batch=batch)
+    return seen, torch.cat([p.detach().flatten() for p in model.parameters()]), len(calls)
+
+
+def assert_same_walk(got, want):
+    (seen, weights, _), (seen0, weights0, _) = got, want
+    assert seen.keys() == seen0.keys() and len(seen) > 4
+    for key, (H, K) in seen0.items():
+        torch.testing.assert_close(seen[key][0], H, rtol=1e-4, atol=1e-4, msg=str(key))
+        assert (K is None) == (seen[key][1] is None), key
+        if K is not None:
+            torch.testing.assert_close(seen[key][1], K, rtol=1e-4, atol=1e-4, msg=str(key))
+    torch.testing.assert_close(weights, weights0, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stored_dense_inputs_replay_each_stage_as_its_own_dense_pass_would(family, monkeypatch):
     """Paired and staged: each stage's dense half replayed from the one dense pass that passes
     the dense stream on (blocks.run_storing) records the same H and K, stage by stage and block
     by block, as running it on the dense weights swapped in (what a block over
     DENSE_STORE_BYTES still does), and the models end alike."""
-    from prunerzero.engine import blocks
-    samples = token_samples(n=3, seqlen=16)
-    got, weights, calls = {}, {}, {}
-    store = blocks.DENSE_STORE_BYTES
-    for budget in (store, 0):
-        monkeypatch.setattr(blocks, "DENSE_STORE_BYTES", budget)
-        model = tiny(family)
-        seen = got[budget] = {}
-        calls[budget] = []
-        for m in prunable_linears(decoder_layers(model)[0]).values():
-            m.register_forward_pre_hook(lambda mod, a, out=calls[budget]: out.append(1))
+    replayed = staged_walk(family, monkeypatch, store=True, lockstep=False)
+    passes = staged_walk(family, monkeypatch, store=False, lockstep=False)
+    assert_same_walk(replayed, passes)
+    assert replayed[2] < passes[2]   # the dense stages' passes are gone
 
-        def prune_block(i, linears, rec):
-            for n in rec.H:
-                K = rec.cross(n)
-                seen[i, n] = (rec.H[n].clone(), None if K is None else K.clone())
-            halve_by_magnitude(linears)
-        blockwise(model, samples, PairedHessians, prune_block, progress=False, paired=True, staged=True)
-        weights[budget] = torch.cat([p.detach().flatten() for p in model.parameters()])
-    replayed, passes = got[store], got[0]
-    assert replayed.keys() == passes.keys() and len(replayed) > 4
-    for key, (H, K) in passes.items():
-        torch.testing.assert_close(replayed[key][0], H, rtol=1e-4, atol=1e-4, msg=str(key))
-        assert (K is None) == (replayed[key][1] is None), key
-        if K is not None:
-            torch.testing.assert_close(replayed[key][1], K, rtol=1e-4, atol=1e-4, msg=str(key))
-    torch.testing.assert_close(weights[0], weights[store], rtol=1e-4, atol=1e-5)
-    assert len(calls[store]) < len(calls[0])   # the dense stages' passes are gone
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("paired", [True, False])
+def test_the_lockstep_walk_prunes_each_stage_as_the_passes_would(family, paired, monkeypatch):
+    """One pass of the pruned stream, every batch halted before each stage (blocks.prune_in_lockstep):
+    the same H and K at every stage and the same weights as a pass per stage, with fewer layer
+    calls where the block qualifies (MoE blocks do not: their experts run by the tokens)."""
+    lockstep = staged_walk(family, monkeypatch, store=True, lockstep=True, paired=paired)
+    passes = staged_walk(family, monkeypatch, store=True, lockstep=False, paired=paired)
+    assert_same_walk(lockstep, passes)
+    if family in ("mixtral", "qwen2_moe"):
+        assert lockstep[2] == passes[2]
+    else:
+        assert lockstep[2] < passes[2]
+
+
+def test_the_lockstep_walk_takes_batches_and_is_bit_for_bit_repeatable(monkeypatch):
+    """Several samples a call (as on a GPU): the same as one a call; and two runs give identical
+    weights, though the threads take their turns in any order (the stage statistics are summed
+    in batch order)."""
+    one = staged_walk("llama", monkeypatch, store=True, lockstep=True)
+    two = staged_walk("llama", monkeypatch, store=True, lockstep=True, batch=2)
+    assert_same_walk(two, one)
+    again = staged_walk("llama", monkeypatch, store=True, lockstep=True)
+    assert torch.equal(again[1], one[1])
+
+
+def test_a_lockstep_walk_over_its_budget_runs_the_passes(monkeypatch):
+    from prunerzero.engine import blocks
+    used = []
+    real = blocks.prune_in_lockstep
+    monkeypatch.setattr(blocks, "prune_in_lockstep", lambda *a, **k: used.append(1) or real(*a, **k))
+    staged_walk("llama", monkeypatch, store=True, lockstep=True)
+    assert len(used) == len(decoder_layers(tiny("llama")))     # every block
+    monkeypatch.setattr(blocks, "LOCKSTEP_BYTES", 1000)
+    model = tiny_llama(layers=2)
+    blockwise(model, token_samples(n=3, seqlen=16), Hessians, lambda i, lin, rec: halve_by_magnitude(lin),
+              progress=False, staged=True)
+    assert len(used) == len(decoder_layers(tiny("llama")))     # none more
 
 
 def test_the_dense_inputs_are_not_stored_past_the_budget():
@@ -200,3 +248,18 @@ def test_the_dense_inputs_are_not_stored_past_the_budget():
     assert stored[0][0][1] is stored[0][1][1]             # q/k/v read one tensor, kept once
     outs, stored = run_storing(block, linears, inputs, calls[0], 1, budget=1000)
     assert stored is None and all(torch.equal(a, b) for a, b in zip(outs, want))
+
+
+def test_an_error_while_a_stage_is_pruned_in_lockstep_reaches_the_caller():
+    import threading
+    model = tiny_llama(layers=2)
+    ours = lambda: [t for t in threading.enumerate() if t.name.startswith("Thread-")]  # noqa: E731
+    before = len(ours())
+
+    def prune_block(i, linears, rec):
+        if "mlp.up_proj" in linears:
+            raise ValueError("NaN scores in block 0's gate/up")
+        halve_by_magnitude(linears)
+    with pytest.raises(ValueError, match="NaN scores"):
+        blockwise(model, token_samples(n=4, seqlen=16), Hessians, prune_block, progress=False, staged=True)
+    assert len(ours()) == before, threading.enumerate()      # no thread left waiting at a stop

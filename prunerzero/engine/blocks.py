@@ -4,12 +4,14 @@ held at a time, so a 7B model's Hessians need not all fit in memory."""
 from __future__ import annotations
 
 import re
+import threading
 from contextlib import contextmanager, nullcontext
 
 import torch
 from ..progress import bar
 
 from .layers import matrix
+from .lockstep import Lockstep
 from .models import ONLOAD_ATTR, decoder_layers, prunable_linears
 
 
@@ -382,8 +384,84 @@ def staged_block(i, block, linears, inputs, originals, call, batch, recorder, pr
     passed_on, stored = None, None
     if originals is not None:
         passed_on, stored = run_storing(block, linears, originals, call, batch)
-    prune_in_stages(i, block, linears, inputs, call, batch, recorder, prune_block, originals, stored)
+    stages, order = layer_stages(block, linears, inputs[0], call)
+    if (originals is None or stored is not None) and in_lockstep(stages, order, linears, inputs, batch):
+        return prune_in_lockstep(i, block, linears, stages, inputs, call, batch, recorder, prune_block,
+                                 stored), passed_on
+    prune_in_stages(i, block, linears, inputs, call, batch, recorder, prune_block, originals, stored,
+                    (stages, order))
     return run_block(block, inputs, call, batch), passed_on
+
+
+# The most bytes of stage inputs that a lockstep walk (prune_in_lockstep) may hold at one stop:
+# every batch keeps its place in the forward there. Past it the stages run as passes of their own.
+LOCKSTEP_BYTES = 2 << 30
+
+
+def in_lockstep(stages, order, linears, inputs, batch) -> bool:
+    """Whether a staged block can be pruned in lockstep: its discovery sample ran every layer
+    once, no layer is an MoE expert (which experts run depends on the tokens, so the batches
+    would not stop at the same layers), each stage's layers read one input in a row, and the
+    stage inputs of all batches at once fit LOCKSTEP_BYTES."""
+    if _final(order, len(linears)) is None or any(_like(n) != n for n in linears):
+        return False
+    at = {name: j for j, name in enumerate(order)}
+    if any(at[s[-1]] - at[s[0]] != len(s) - 1 for s in stages):
+        return False
+    tokens = sum(x.shape[:-1].numel() for x in inputs)
+    width = max(matrix(linears[s[0]]).shape[1] for s in stages)
+    return 2 * tokens * width * inputs[0].element_size() <= LOCKSTEP_BYTES
+
+
+def prune_in_lockstep(i, block, linears, stages, inputs, call, batch, recorder, prune_block, stored=None):
+    """staged_block's pruned stream in one pass: each batch runs in a lockstep thread and halts
+    before every stage's first layer; when all have, the stage's recorder sees their inputs (each
+    batch's stored dense inputs first when `stored` is given, the paired recorders' dense half),
+    batch by batch in order as prune_in_stages' passes would, and the stage is pruned; then every
+    batch goes on through it. Returns the pruned block's outputs, so the block runs once on its
+    pruned stream instead of once per stage and once more for its outputs."""
+    units = [(b, x) for b, x in enumerate(_batched(inputs, batch))]
+    held: list[dict] = [{} for _ in stages]
+
+    def record_and_prune(k):
+        names = stages[k]
+        with recorder({n: linears[n] for n in names}) as rec:
+            rec.remove()        # fed by hand: its hooks would see each batch as it passes
+            for b, x in sorted(held[k].items()):
+                if stored is not None:
+                    rec.capture()
+                    for name, xd in stored[b]:
+                        if name in names:
+                            rec.record(name, xd)
+                    rec.capturing = False
+                for name in names:
+                    rec.record(name, x)
+            if stored is not None:
+                rec.settle()
+            held[k].clear()
+            prune_block(i, {n: linears[n] for n in names}, rec)
+
+    step = Lockstep(record_and_prune)
+    first = {stage[0]: k for k, stage in enumerate(stages)}
+    outs: dict[int, torch.Tensor] = {}
+    unit_of = threading.local()
+
+    def halt(name):
+        def hook(module, args):
+            held[first[name]][unit_of.b] = args[0]
+            step.sync(first[name])
+        return hook
+
+    def work(unit, sync):
+        unit_of.b, x = unit
+        y = block(x, *call[0], **call[1])
+        outs[unit_of.b] = y[0] if isinstance(y, tuple) else y
+    handles = [linears[name].register_forward_pre_hook(halt(name)) for name in first]
+    try:
+        step.run(work, units, len(stages))
+    finally:
+        _remove(handles)
+    return [s for b in range(len(units)) for s in outs[b].split(1)]
 
 
 def run_storing(block, linears, inputs, call, batch, budget: int | None = None):
@@ -427,14 +505,16 @@ def _bytes(pairs) -> int:
     return sum(x.numel() * x.element_size() for x in unique.values())
 
 
-def prune_in_stages(i, block, linears, inputs, call, batch, recorder, prune_block, originals=None, stored=None):
+def prune_in_stages(i, block, linears, inputs, call, batch, recorder, prune_block, originals=None, stored=None,
+                    found=None):
     """blockwise's staged step: for each stage of layer_stages, record its layers' statistics on
     the inputs the block gives them now (its earlier stages pruned), each pass stopped where a
     later stage begins, and prune them. With `originals` (the dense stream, paired recorders)
     each batch's dense half comes first: replayed from `stored` (run_storing's, on the dense
     block) when given, else run on the dense weights of the pruned stages, swapped in for it
-    (the dense weights of one block are held meanwhile); then the pruned half runs."""
-    stages, order = layer_stages(block, linears, inputs[0], call)
+    (the dense weights of one block are held meanwhile); then the pruned half runs. found: the
+    block's layer_stages when known."""
+    stages, order = found or layer_stages(block, linears, inputs[0], call)
     dense = {n: matrix(m).clone() for n, m in linears.items()} if originals is not None and stored is None else None
     done: list[str] = []
     for k, names in enumerate(stages):
@@ -457,7 +537,7 @@ def replay_paired(block, stored, names: set, inputs, call, batch, rec):
     def dense_half(b, i, j):
         for name, x in stored[b]:
             if name in names:
-                rec.seen(name, x)
+                rec.record(name, x)
     _paired_batches(block, inputs, call, batch, rec, dense_half)
 
 

@@ -27,8 +27,13 @@ class Recorder:
 
     def _hook(self, name):
         def hook(module, inputs):
-            self.add(name, inputs[0].detach().reshape(-1, inputs[0].shape[-1]))
+            self.record(name, inputs[0])
         return hook
+
+    def record(self, name: str, x: torch.Tensor):
+        """What the hook of layer `name` does with its input x; also called by hand to replay
+        stored inputs, or to feed a recorder whose hooks were removed, in the order they ran."""
+        self.add(name, x.detach().reshape(-1, x.shape[-1]))
 
     def add(self, name: str, x: torch.Tensor):
         raise NotImplementedError
@@ -70,14 +75,8 @@ class Hessians(Recorder):
         self._last = (None, None)
         super().__init__(linears)
 
-    def _hook(self, name):
-        def hook(module, inputs):
-            self.seen(name, inputs[0])
-        return hook
-
-    def seen(self, name, x):
-        """What the hook does with the input x of layer `name` (also called to replay stored inputs
-        in their order): layers fed the very tensor the previous one was share its H."""
+    def record(self, name, x):
+        """Recorder.record: layers fed the very tensor the previous one was share its H."""
         if name not in self.owner:
             prev, prev_name = self._last
             self.owner[name] = self.owner[prev_name] if x is prev else name
