@@ -1,8 +1,8 @@
-"""engine.lockstep: threads that stop together. Checked: every unit reaches each stop before the
-stop's action runs, one thread computes at a time, errors (in a unit, in an action, a unit that
-skips a stop) end every thread and reach the caller, and grad mode carries into the threads."""
+"""engine.lockstep: coroutines that stop together. Checked: every unit reaches each stop before
+the stop's action runs, in unit order, on the caller's thread; errors (in a unit, in an action, a
+unit that skips a stop or goes past the last) reach the caller and unwind the other units; grad
+mode is the caller's."""
 import threading
-import time
 
 import pytest
 import torch
@@ -29,21 +29,16 @@ def test_every_unit_reaches_a_stop_before_its_action_and_goes_on_after():
     assert [e for e in log if e[0] == "stop"] == [("stop", k) for k in range(stops)]
 
 
-def test_one_thread_computes_at_a_time():
-    busy, most = [0], [0]
-    lock = threading.Lock()
+def test_the_units_run_in_order_on_the_callers_thread():
+    log = []
 
     def work(unit, sync):
-        for k in range(3):
-            with lock:
-                busy[0] += 1
-                most[0] = max(most[0], busy[0])
-            time.sleep(0.002)       # a thread that held no turn would overlap here
-            with lock:
-                busy[0] -= 1
+        for k in range(2):
+            log.append((unit, k, threading.get_ident()))
             sync(k)
-    Lockstep(lambda k: None).run(work, range(6), 3)
-    assert most[0] == 1
+    Lockstep(lambda k: None).run(work, range(4), 2)
+    assert [(u, k) for u, k, _ in log] == [(u, k) for k in range(2) for u in range(4)]
+    assert {t for _, _, t in log} == {threading.get_ident()}
 
 
 def test_an_error_in_a_unit_or_an_action_reaches_the_caller_and_ends_every_thread():
@@ -66,7 +61,7 @@ def test_an_error_in_a_unit_or_an_action_reaches_the_caller_and_ends_every_threa
         reached.append(unit)    # nobody goes past a failed stop
     with pytest.raises(KeyError, match="stop 1"):
         Lockstep(bad_stop).run(work2, range(4), 2)
-    assert reached == [] and threading.active_count() < 10
+    assert reached == []
 
 
 def test_a_unit_that_skips_a_stop_is_an_error_not_a_hang():
@@ -74,17 +69,40 @@ def test_a_unit_that_skips_a_stop_is_an_error_not_a_hang():
         if unit != 0:
             sync(0)
     ran = []
-    with pytest.raises(RuntimeError, match="before reaching a stop"):
+    with pytest.raises(RuntimeError, match="before reaching stop 0"):
         Lockstep(ran.append).run(work, range(3), 1)
     assert ran == []        # the stop never ran short of unit 0
 
     def out_of_order(unit, sync):
         sync(1)
-    with pytest.raises(RuntimeError, match="stop 1 reached where stop 0"):
+    with pytest.raises(RuntimeError, match="before reaching stop 0"):
         Lockstep(ran.append).run(out_of_order, range(2), 2)
 
+    def one_too_many(unit, sync):
+        sync(0)
+        sync(1)
+    with pytest.raises(RuntimeError, match="past the last stop"):
+        Lockstep(ran.append).run(one_too_many, range(2), 1)
+    assert ran == [0]
 
-def test_grad_mode_carries_into_the_threads():
+
+def test_a_unit_halted_at_an_error_is_unwound():
+    exited = []
+
+    def work(unit, sync):
+        try:
+            sync(0)
+            if unit == 0:
+                raise ValueError("unit 0")
+            sync(1)
+        finally:
+            exited.append(unit)     # a hook's or a context's clean-up runs
+    with pytest.raises(ValueError):
+        Lockstep(lambda k: None).run(work, range(3), 2)
+    assert sorted(exited) == [0, 1, 2]
+
+
+def test_grad_mode_is_the_callers():
     seen = []
 
     def work(unit, sync):

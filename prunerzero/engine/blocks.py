@@ -4,7 +4,6 @@ held at a time, so a 7B model's Hessians need not all fit in memory."""
 from __future__ import annotations
 
 import re
-import threading
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -414,7 +413,7 @@ def in_lockstep(stages, order, linears, inputs, batch) -> bool:
 
 
 def prune_in_lockstep(i, block, linears, stages, inputs, call, batch, recorder, prune_block, stored=None):
-    """staged_block's pruned stream in one pass: each batch runs in a lockstep thread and halts
+    """staged_block's pruned stream in one pass: each batch runs in a lockstep coroutine and halts
     before every stage's first layer; when all have, the stage's recorder sees their inputs (each
     batch's stored dense inputs first when `stored` is given, the paired recorders' dense half),
     batch by batch in order as prune_in_stages' passes would, and the stage is pruned; then every
@@ -444,18 +443,17 @@ def prune_in_lockstep(i, block, linears, stages, inputs, call, batch, recorder, 
     step = Lockstep(record_and_prune)
     first = {stage[0]: k for k, stage in enumerate(stages)}
     outs: dict[int, torch.Tensor] = {}
-    unit_of = threading.local()
 
     def halt(name):
         def hook(module, args):
-            held[first[name]][unit_of.b] = args[0]
+            held[first[name]][step.current] = args[0]
             step.sync(first[name])
         return hook
 
     def work(unit, sync):
-        unit_of.b, x = unit
+        b, x = unit
         y = block(x, *call[0], **call[1])
-        outs[unit_of.b] = y[0] if isinstance(y, tuple) else y
+        outs[b] = y[0] if isinstance(y, tuple) else y
     handles = [linears[name].register_forward_pre_hook(halt(name)) for name in first]
     try:
         step.run(work, units, len(stages))
