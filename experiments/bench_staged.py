@@ -109,7 +109,7 @@ def report(data, path):
     recipe = s["recipe"] if not s.get("update") else f"{s['recipe']}` + `{s['update']}"
     best = {how: min(v) for how, v in t.items()}
     shape = s["structure"] if s["structure"] != "unstructured" else f"{s['sparsity']:.0%} unstructured"
-    lines = [f"# A staged recipe's three walks beside SparseGPT ({shape})", "",
+    lines = [f"# A staged recipe's walks beside SparseGPT ({shape})", "",
              f"Calibration {s['nsamples']} x {s['seqlen']} Wikipedia tokens (seed {s['seed']}), {s['threads']} threads, "
              f"{s['cpu']}, torch {s['torch']}; every row pruned from the dense model in one process, "
              f"{s['repeats']} time(s) each in turn, the fastest shown.", "",
