@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from common import common_options
-from prunerzero.engine.blocks import block_inputs, run_block
+from prunerzero.engine.blocks import block_inputs
+from prunerzero.engine.passes import run_block
 from prunerzero.engine.calibration import compute_g
 from prunerzero.engine.evaluate import perplexity
 from prunerzero.engine.masks import layer_mask

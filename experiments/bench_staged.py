@@ -1,12 +1,12 @@
 """The three walks of a staged recipe (`staged=1`), alternated in one process beside SparseGPT:
 
 - lockstep: the pruned stream runs once per block, every batch halted before each stage
-  (blocks.prune_in_lockstep); with `correct=`, the dense stream's layer inputs come from the
-  one dense pass that passes it on (blocks.run_storing);
+  (stages.prune_in_lockstep); with `correct=`, the dense stream's layer inputs come from the
+  one dense pass that passes it on (stages.run_storing);
 - stored: a pass of the pruned stream per stage, the dense inputs replayed from that store
-  (what a block over blocks.LOCKSTEP_BYTES does);
+  (what a block over stages.LOCKSTEP_BYTES does);
 - a pass per stage: the dense half of each stage run as a pass of its own too (a block over
-  blocks.DENSE_STORE_BYTES).
+  stages.DENSE_STORE_BYTES).
 
 The default model pruned with --recipe from --nsamples x 512 Wikipedia tokens, --repeats times
 each way; the pruned weights of the ways compared; prune times as ratios to SparseGPT's (its
@@ -30,20 +30,20 @@ import torch
 
 from common import common_options
 from prunerzero import apply_metric, apply_sparsegpt
-from prunerzero.engine import blocks
+from prunerzero.engine import stages
 from prunerzero.loading import load_model
 from prunerzero.pipeline import calibration_for
 
 # (LOCKSTEP_BYTES, DENSE_STORE_BYTES) of each way
-WAYS = {"lockstep": (blocks.LOCKSTEP_BYTES, blocks.DENSE_STORE_BYTES),
-        "stored": (0, blocks.DENSE_STORE_BYTES),
+WAYS = {"lockstep": (stages.LOCKSTEP_BYTES, stages.DENSE_STORE_BYTES),
+        "stored": (0, stages.DENSE_STORE_BYTES),
         "passes": (0, 0)}
 
 
 def prune_once(model, dense, args, samples, how):
     """Prune the dense model one way; (seconds, report, weights)."""
     model.load_state_dict(dense)
-    blocks.LOCKSTEP_BYTES, blocks.DENSE_STORE_BYTES = WAYS.get(how, WAYS["lockstep"])
+    stages.LOCKSTEP_BYTES, stages.DENSE_STORE_BYTES = WAYS.get(how, WAYS["lockstep"])
     t0 = time.perf_counter()
     if how == "sparsegpt":
         report = apply_sparsegpt(model, args.sparsity, args.structure, calibration=samples, progress=False)
@@ -83,7 +83,8 @@ def main():
                 updates[how] = pruned.update
                 print(f"{how}: {seconds:.1f} s", flush=True)
         differ = {w: max(float((weights[w][k] - weights[ways[0]][k]).abs().max()) for k in dense) for w in ways[1:]}
-        data = dict(settings=dict(recipe=args.recipe, update=args.update, sparsity=args.sparsity, structure=args.structure,
+        data = dict(settings=dict(recipe=args.recipe, update=args.update, sparsity=args.sparsity,
+                                  structure=args.structure,
                                   nsamples=args.nsamples, seqlen=512, seed=args.seed, repeats=args.repeats,
                                   threads=torch.get_num_threads(), processor=platform.processor(),
                                   cpu=_cpu(), torch=torch.__version__),
@@ -110,7 +111,8 @@ def report(data, path):
     best = {how: min(v) for how, v in t.items()}
     shape = s["structure"] if s["structure"] != "unstructured" else f"{s['sparsity']:.0%} unstructured"
     lines = [f"# A staged recipe's walks beside SparseGPT ({shape})", "",
-             f"Calibration {s['nsamples']} x {s['seqlen']} Wikipedia tokens (seed {s['seed']}), {s['threads']} threads, "
+             f"Calibration {s['nsamples']} x {s['seqlen']} Wikipedia tokens (seed {s['seed']}), "
+             f"{s['threads']} threads, "
              f"{s['cpu']}, torch {s['torch']}; every row pruned from the dense model in one process, "
              f"{s['repeats']} time(s) each in turn, the fastest shown.", "",
              "| pruned by | walk | update | prune s | x SparseGPT |", "|---|---|---|---:|---:|"]

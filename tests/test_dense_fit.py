@@ -5,7 +5,7 @@ before it was pruned, and end to end on tiny models of every family."""
 import pytest
 import torch
 
-from prunerzero.engine.calibration import Hessians, PairedHessians
+from prunerzero.engine.calibration import PairedHessians
 from prunerzero.engine.prune import apply_metric
 from prunerzero.engine.reconstruct import Update, dense_fitter, reconstruct
 from prunerzero.errors import PrunerZeroError

@@ -1,7 +1,6 @@
 """A search whose last stage prunes candidates as `apply` does (sequentially, with the recipe's
 update), and the stage check that measures how each cheaper stage ranks like that last one."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

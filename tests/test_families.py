@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from prunerzero import apply_metric, apply_sparsegpt
-from prunerzero.engine.blocks import block_inputs, run_block
+from prunerzero.engine.blocks import block_inputs
+from prunerzero.engine.passes import run_block
 from prunerzero.engine.calibration import compute_g
 from prunerzero.engine.layers import matrix
 from prunerzero.engine.models import ModelError, all_prunable, decoder_layers, skipped_layers

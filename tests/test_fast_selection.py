@@ -5,7 +5,7 @@ come from a stable sort."""
 import pytest
 import torch
 
-from prunerzero.engine.masks import kth_smallest, lowest_k, lowest_per_row, make_mask, nm_mask, row_counts
+from prunerzero.engine.masks import kth_smallest, lowest_k, lowest_per_row, nm_mask, row_counts
 from prunerzero.engine.reconstruct import Update, admm_factor, admm_weights
 from prunerzero.language.compile import DegenerateMetricError, NonFiniteScoreError, check_scores
 

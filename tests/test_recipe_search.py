@@ -4,7 +4,6 @@ that `apply` gives), separate caches for the mask alone and the recipe, kill and
 import json
 import math
 import signal
-from pathlib import Path
 
 import pytest
 import torch

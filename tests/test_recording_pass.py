@@ -5,7 +5,7 @@ layer's calls."""
 import pytest
 import torch
 
-from prunerzero.engine import blocks
+from prunerzero.engine import blocks, stages
 from prunerzero.engine.layers import matrix
 from prunerzero.engine.models import all_prunable, decoder_layers
 from prunerzero.engine.prune import apply_metric
@@ -47,20 +47,21 @@ def test_the_last_layer_runs_only_in_the_pass_that_feeds_the_next_block(update, 
 
 @pytest.mark.parametrize("correct", [0.0, 0.3])
 def test_a_staged_walk_skips_the_last_layer_in_its_last_stage_pass(correct, monkeypatch):
-    from prunerzero.engine.blocks import _final
+    from prunerzero.engine.stages import _final
+    monkeypatch.setattr(stages, "LOCKSTEP_BYTES", 0)   # a pass per stage (the lockstep walk has none to stop)
     update = Update("admm", iters=4, gradual=2, correct=correct, staged=1)
     calls = []
     model = tiny_llama(layers=3)
     decoder_layers(model)[1].mlp.down_proj.register_forward_hook(lambda m, a, o: calls.append(len(a[0])))
     stopped = pruned(model, update)
-    monkeypatch.setattr(blocks, "_final", lambda *a: None)   # every stage's pass run to its end
+    monkeypatch.setattr(stages, "_final", lambda *a: None)   # every stage's pass run to its end
     runs = len(calls)
     calls.clear()
     model = tiny_llama(layers=3)
     decoder_layers(model)[1].mlp.down_proj.register_forward_hook(lambda m, a, o: calls.append(len(a[0])))
     whole = pruned(model, update)
     # the down stage's pass over four windows; with correction the dense stream's halves are
-    # replayed from its one pass through the block (blocks.run_storing), so they add none
+    # replayed from its one pass through the block (stages.run_storing), so they add none
     assert len(calls) - runs == 4
     for name in whole:
         torch.testing.assert_close(stopped[name], whole[name], rtol=0, atol=0, msg=name)
@@ -75,11 +76,11 @@ def test_where_the_pass_stops_no_stop_after_an_expert_nor_where_a_layer_runs_twi
         block = decoder_layers(model)[0]
         linears = prunable_linears(block)
         inputs, calls = blocks.block_inputs(model, token_samples(n=1, seqlen=16))
-        stop = blocks.last_layer(block, linears, inputs[0], calls[0], {})
+        stop = stages.last_layer(block, linears, inputs[0], calls[0], {})
         assert stop == ([] if want is None else [linears[want]]), family
     twice = {}
     block = decoder_layers(tiny("llama"))[0]
     linears = prunable_linears(block)
     inputs, calls = blocks.block_inputs(tiny("llama"), token_samples(n=1, seqlen=16))
     block.mlp.down_proj.register_forward_hook(lambda m, a, o: block.self_attn.o_proj(a[0][..., :64]))
-    assert blocks.last_layer(block, linears, inputs[0], calls[0], twice) == []
+    assert stages.last_layer(block, linears, inputs[0], calls[0], twice) == []

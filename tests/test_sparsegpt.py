@@ -6,7 +6,8 @@ import torch
 from prunerzero import apply_sparsegpt
 from prunerzero.engine.masks import make_mask
 from prunerzero.engine.models import all_prunable, decoder_layers, prunable_linears
-from prunerzero.engine.blocks import block_inputs, run_block
+from prunerzero.engine.blocks import block_inputs
+from prunerzero.engine.passes import run_block
 from prunerzero.engine.reconstruct import HessianError, inverse_factor
 from prunerzero.engine.sparsegpt import Hessians, sparsegpt_weights
 

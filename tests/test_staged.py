@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from prunerzero.engine.blocks import block_inputs, blockwise, layer_stages
+from prunerzero.engine.blocks import block_inputs, blockwise
+from prunerzero.engine.stages import layer_stages
 from prunerzero.engine.calibration import Hessians, PairedHessians
 from prunerzero.engine.layers import matrix
 from prunerzero.engine.models import decoder_layers, prunable_linears
@@ -154,9 +155,9 @@ def test_staged_works_with_any_update_and_is_written_in_the_spec():
 def staged_walk(family, monkeypatch, store: bool, lockstep: bool, paired: bool = True, batch=None):
     """A staged walk on tiny(family) with the dense store and the lockstep walk allowed or not:
     each stage's H (and K), the final weights, and how many layer calls block 0 made."""
-    from prunerzero.engine import blocks
-    monkeypatch.setattr(blocks, "DENSE_STORE_BYTES", (2 << 30) * store)
-    monkeypatch.setattr(blocks, "LOCKSTEP_BYTES", (2 << 30) * lockstep)
+    from prunerzero.engine import stages
+    monkeypatch.setattr(stages, "DENSE_STORE_BYTES", (2 << 30) * store)
+    monkeypatch.setattr(stages, "LOCKSTEP_BYTES", (2 << 30) * lockstep)
     model = tiny(family)
     seen, calls = {}, []
     for m in prunable_linears(decoder_layers(model)[0]).values():
@@ -186,7 +187,7 @@ def assert_same_walk(got, want):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stored_dense_inputs_replay_each_stage_as_its_own_dense_pass_would(family, monkeypatch):
     """Paired and staged: each stage's dense half replayed from the one dense pass that passes
-    the dense stream on (blocks.run_storing) records the same H and K, stage by stage and block
+    the dense stream on (stages.run_storing) records the same H and K, stage by stage and block
     by block, as running it on the dense weights swapped in (what a block over
     DENSE_STORE_BYTES still does), and the models end alike."""
     replayed = staged_walk(family, monkeypatch, store=True, lockstep=False)
@@ -198,7 +199,7 @@ def test_stored_dense_inputs_replay_each_stage_as_its_own_dense_pass_would(famil
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("paired", [True, False])
 def test_the_lockstep_walk_prunes_each_stage_as_the_passes_would(family, paired, monkeypatch):
-    """One pass of the pruned stream, every batch halted before each stage (blocks.prune_in_lockstep):
+    """One pass of the pruned stream, every batch halted before each stage (stages.prune_in_lockstep):
     the same H and K at every stage and the same weights as a pass per stage, with fewer layer
     calls where the block qualifies (MoE blocks do not: their experts run by the tokens)."""
     lockstep = staged_walk(family, monkeypatch, store=True, lockstep=True, paired=paired)
@@ -222,13 +223,13 @@ def test_the_lockstep_walk_takes_batches_and_is_bit_for_bit_repeatable(monkeypat
 
 
 def test_a_lockstep_walk_over_its_budget_runs_the_passes(monkeypatch):
-    from prunerzero.engine import blocks
+    from prunerzero.engine import stages
     used = []
-    real = blocks.prune_in_lockstep
-    monkeypatch.setattr(blocks, "prune_in_lockstep", lambda *a, **k: used.append(1) or real(*a, **k))
+    real = stages.prune_in_lockstep
+    monkeypatch.setattr(stages, "prune_in_lockstep", lambda *a, **k: used.append(1) or real(*a, **k))
     staged_walk("llama", monkeypatch, store=True, lockstep=True)
     assert len(used) == len(decoder_layers(tiny("llama")))     # every block
-    monkeypatch.setattr(blocks, "LOCKSTEP_BYTES", 1000)
+    monkeypatch.setattr(stages, "LOCKSTEP_BYTES", 1000)
     model = tiny_llama(layers=2)
     blockwise(model, token_samples(n=3, seqlen=16), Hessians, lambda i, lin, rec: halve_by_magnitude(lin),
               progress=False, staged=True)
@@ -236,7 +237,8 @@ def test_a_lockstep_walk_over_its_budget_runs_the_passes(monkeypatch):
 
 
 def test_the_dense_inputs_are_not_stored_past_the_budget():
-    from prunerzero.engine.blocks import run_block, run_storing
+    from prunerzero.engine.passes import run_block
+    from prunerzero.engine.stages import run_storing
     model = tiny_llama(layers=1)
     inputs, calls = block_inputs(model, token_samples(n=4, seqlen=16))
     block = decoder_layers(model)[0]

@@ -20,7 +20,7 @@ from .reconstruct import inverse_factor
 class Recorder:
     """Forward pre-hooks on a set of Linears that accumulate a statistic of their inputs;
     a context manager that removes its hooks on exit. Pre-hooks, so a recording pass may stop
-    at the last layer before computing it (blocks.stopping_at)."""
+    at the last layer before computing it (passes.stopping_at)."""
 
     def __init__(self, linears: dict):
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
@@ -237,10 +237,11 @@ def compute_g(model, samples: torch.Tensor, scale: float = 1.0, batch: int | Non
     The accumulators live on the model's device when they fit in its free memory, else in host
     memory (7B: 26 GB of fp32 beside a 13 GB bf16 model). A half-precision model's G is returned
     (and cached) in its dtype; scores are computed in fp32 whatever the primitives' dtype.
-    batch: samples per forward and backward (None: blocks.samples_per_call, one on a CPU);
+    batch: samples per forward and backward (None: passes.samples_per_call, one on a CPU);
     see _g_per_sample and _g_batched.
     """
-    from .blocks import onloading, samples_per_call
+    from .blocks import onloading
+    from .passes import samples_per_call
     if onloading(model):
         raise ModelError("G (gradients) needs the whole model on its device, and this one is onloaded one block "
                          "at a time because it does not fit: use a metric without G (wanda, or W and X terms), "

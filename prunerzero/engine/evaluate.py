@@ -62,7 +62,8 @@ def nll_blockwise(model, chunks: torch.Tensor, around_block=None, progress: bool
     nll_sum(batch_size=1) bit for bit. around_block(i, block), when given, is a context manager
     entered while block i runs: the search evaluator prunes the block in place inside it and
     restores it on exit, so no whole-model copy of weights or masks is ever made."""
-    from .blocks import (as_dtype, block_inputs, compute_dtype, execution_device, rest_running_in, run_block,
+    from .passes import run_block
+    from .blocks import (as_dtype, block_inputs, compute_dtype, execution_device, rest_running_in,
                          running_in)
     from .models import decoder_layers
     blocks = decoder_layers(model)

@@ -2,10 +2,10 @@
 (a greenlet), all of them stopping at the same points of the forward until the last arrives. A
 staged block is then pruned in one pass of its pruned stream: every batch halts before a stage's
 layers, the stage is pruned from what they all brought, and every batch goes on through the
-pruned layers (blocks.staged_block). A pass per stage is what it replaces.
+pruned layers (stages.staged_block). A pass per stage is what it replaces.
 
 Coroutines rather than one big batch: a 512-token sample already runs a CPU's matrix units at
-full speed, and a call of 16 samples measured slower per sample (see blocks.samples_per_call),
+full speed, and a call of 16 samples measured slower per sample (see passes.samples_per_call),
 so each keeps its own batch size. Coroutines rather than threads: they all run on the caller's
 thread, so its math library keeps one pool of worker threads (with a thread per batch, every
 handover woke another pool, and the pass measured 1.6x slower per batch on a 2-core CPU), the

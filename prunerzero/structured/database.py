@@ -21,7 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from ..progress import bar, logger
 
-from ..engine.blocks import block_inputs, run_block
+from ..engine.blocks import block_inputs
+from ..engine.passes import run_block
 from ..engine.calibration import Hessians, content_digest
 from ..engine.models import decoder_layers
 from .units import Anatomy, StructureError, anatomy, attention_of, mlp_of
