@@ -101,7 +101,7 @@ def staged_block(i, block, linears, inputs, originals, call, batch, recorder, pr
     if originals is not None:
         passed_on, stored = run_storing(block, linears, originals, call, batch)
     stages, order = layer_stages(block, linears, inputs[0], call)
-    if (originals is None or stored is not None) and in_lockstep(stages, order, linears, inputs, batch):
+    if (originals is None or stored is not None) and in_lockstep(stages, order, linears, inputs):
         return prune_in_lockstep(i, block, linears, stages, inputs, call, batch, recorder, prune_block,
                                  stored), passed_on
     prune_in_stages(i, block, linears, inputs, call, batch, recorder, prune_block, originals, stored,
@@ -114,7 +114,7 @@ def staged_block(i, block, linears, inputs, originals, call, batch, recorder, pr
 LOCKSTEP_BYTES = 2 << 30
 
 
-def in_lockstep(stages, order, linears, inputs, batch) -> bool:
+def in_lockstep(stages, order, linears, inputs) -> bool:
     """Whether a staged block can be pruned in lockstep: its discovery sample ran every layer
     once, no layer is an MoE expert (which experts run depends on the tokens, so the batches
     would not stop at the same layers), each stage's layers read one input in a row, and the
