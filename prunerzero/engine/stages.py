@@ -104,8 +104,8 @@ def staged_block(i, block, linears, inputs, originals, call, batch, recorder, pr
     if (originals is None or stored is not None) and in_lockstep(stages, order, linears, inputs):
         return prune_in_lockstep(i, block, linears, stages, inputs, call, batch, recorder, prune_block,
                                  stored), passed_on
-    prune_in_stages(i, block, linears, inputs, call, batch, recorder, prune_block, originals, stored,
-                    (stages, order))
+    prune_in_stages(i, block, linears, stages, order, inputs, call, batch, recorder, prune_block, originals,
+                    stored)
     return run_block(block, inputs, call, batch), passed_on
 
 
@@ -146,9 +146,7 @@ def prune_in_lockstep(i, block, linears, stages, inputs, call, batch, recorder, 
             for b, x in sorted(held[k].items()):
                 if stored is not None:
                     rec.capture()
-                    for name, xd in stored[b]:
-                        if name in names:
-                            rec.record(name, xd)
+                    replay_dense(rec, stored[b], names)
                     rec.capturing = False
                 for name in names:
                     rec.record(name, x)
@@ -220,16 +218,15 @@ def _bytes(pairs) -> int:
     return sum(x.numel() * x.element_size() for x in unique.values())
 
 
-def prune_in_stages(i, block, linears, inputs, call, batch, recorder, prune_block, originals=None, stored=None,
-                    found=None):
+def prune_in_stages(i, block, linears, stages, order, inputs, call, batch, recorder, prune_block, originals=None,
+                    stored=None):
     """blockwise's staged step: for each stage of layer_stages, record its layers' statistics on
     the inputs the block gives them now (its earlier stages pruned), each pass stopped where a
     later stage begins, and prune them. With `originals` (the dense stream, paired recorders)
     each batch's dense half comes first: replayed from `stored` (run_storing's, on the dense
     block) when given, else run on the dense weights of the pruned stages, swapped in for it
-    (the dense weights of one block are held meanwhile); then the pruned half runs. found: the
-    block's layer_stages when known."""
-    stages, order = found or layer_stages(block, linears, inputs[0], call)
+    (the dense weights of one block are held meanwhile); then the pruned half runs. stages and
+    order: the block's layer_stages."""
     dense = {n: matrix(m).clone() for n, m in linears.items()} if originals is not None and stored is None else None
     done: list[str] = []
     for k, names in enumerate(stages):
@@ -249,8 +246,12 @@ def prune_in_stages(i, block, linears, inputs, call, batch, recorder, prune_bloc
 def replay_paired(block, stored, names: set, inputs, call, batch, rec):
     """run_paired with the dense halves replayed: each batch's stored dense inputs of the layers
     `names`, in the order they ran, then the pruned batch run by feed for its hooks."""
-    def dense_half(b, i, j):
-        for name, x in stored[b]:
-            if name in names:
-                rec.record(name, x)
-    paired_batches(block, inputs, call, batch, rec, dense_half)
+    paired_batches(block, inputs, call, batch, rec, lambda b, i, j: replay_dense(rec, stored[b], names))
+
+
+def replay_dense(rec, stored_batch, names) -> None:
+    """One batch's stored dense inputs (run_storing's) of the layers `names`, fed to `rec` in the
+    order they ran: a paired recorder's dense half without a pass."""
+    for name, x in stored_batch:
+        if name in names:
+            rec.record(name, x)
