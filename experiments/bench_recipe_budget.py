@@ -40,7 +40,7 @@ from prunerzero.search.config import SearchConfig
 from prunerzero.search.run import run_evolve
 
 PATTERNS = {"0.5": (0.5, "unstructured"), "2:4": (None, "2:4"), "4:8": (None, "4:8"), "0.7": (0.7, "unstructured")}
-COLORS = {"evolution": "C0", "random": "C1", "evolution+fast-track": "C4"}
+COLORS = {"evolution": "C0", "random": "C1", "evolution+fast-track": "C4", "random+fast-track": "C5"}
 SEEDS = ("evolved-smollm2-2of4", "wanda")   # sqr(W)*X (sqrtx-admm's mask) first, then Wanda
 
 
@@ -102,23 +102,32 @@ def summary(args, pattern, strategy, seed, hof: dict) -> dict:
 
 
 def plot(data, out: Path):
+    """A row per pattern: each run's best faithful search perplexity, as a percentage against
+    its own seed recipe (so runs at other search seeds, whose calibration differs, overlay),
+    against candidates and against search time; Wanda + the start update once per seed."""
     patterns = sorted({r["pattern"] for r in data["runs"]})
     fig, axes = figure_row(2 * len(patterns), width=5, rows=len(patterns))   # a row per pattern
     for j, pattern in enumerate(patterns):
         runs = [r for r in data["runs"] if r["pattern"] == pattern]
         for ax, (x, label) in zip(axes[2 * j:2 * j + 2], ((1, "candidates generated"), (0, "search time (min)"))):
+            ax.axhline(0, color="C2", ls=":", lw=1, label="seed recipe (each run's own)")
+            drawn = set()
             for r in runs:
-                pts = [(p[x] / (60 if x == 0 else 1), p[2]) for p in r["curve"] if p[2] is not None]
+                pts = [(p[x] / (60 if x == 0 else 1), _against(p[2], r)) for p in r["curve"] if p[2] is not None]
                 if pts:
                     ax.step(*zip(*pts), where="post", marker=".", color=COLORS.get(r["strategy"], "C5"),
                             ls="-" if r["seed"] == 0 else "--", label=f"{r['strategy']}, seed {r['seed']}")
-                for value, color, what in ((r["seed_search"], "C2", "seed recipe"),
-                                           (r["wanda_search"], "C3", "Wanda + update")):
-                    if value and r["strategy"] == "evolution":
-                        ax.axhline(value, color=color, ls=":" if r["seed"] == 0 else "-.", lw=1,
-                                   label=f"{what}, seed {r['seed']}")
-            curve_axes(ax, f"{_label(pattern)}: best faithful search perplexity", "perplexity", label)
+                if r["wanda_search"] and r["seed"] not in drawn:
+                    drawn.add(r["seed"])
+                    ax.axhline(_against(r["wanda_search"], r), color="C3", ls=":" if r["seed"] == 0 else "-.", lw=1,
+                               label=f"Wanda + update, seed {r['seed']}")
+            curve_axes(ax, f"{_label(pattern)}: best faithful search perplexity", "% against the seed recipe", label)
     save_figure(fig, out)
+
+
+def _against(value: float, run: dict) -> float:
+    """A search perplexity as a percentage above (+) or below (-) the run's seed recipe's."""
+    return 100 * (value / run["seed_search"] - 1)
 
 
 def report(data, out: Path):
