@@ -34,7 +34,7 @@ from prunerzero.pipeline import WIKIPEDIA_HELDOUT, calibration_for, eval_data_fo
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("metrics", nargs="+")
+    ap.add_argument("metrics", nargs="*")
     ap.add_argument("--update", default=None)
     ap.add_argument("--sparsity", type=float, default=None)
     ap.add_argument("--structure", default="unstructured")
@@ -46,7 +46,10 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(RESULTS / "heldout_check"))
+    ap.add_argument("--report-only", action="store_true", help="Rewrite the markdown from the jsonl.")
     a = ap.parse_args()
+    if a.report_only or not a.metrics:
+        return write_report(a.out + ".jsonl")
     model, tok = load_model(None)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     samples, ids, starts = calibration_for(tok, "wikipedia", a.nsamples, 512, a.seed, a.data_dir)
@@ -75,6 +78,11 @@ def main():
         print(row, flush=True)
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
+    write_report(path)
+
+
+def write_report(path) -> None:
+    """Rewrite the markdown table beside `path` (the jsonl) from every row in it."""
     rows = [json.loads(line) for line in open(path)]
     lines = ["# Searched metrics on held-out text (sequential, as apply prunes)", "",
              "| metric | update | pattern | allocation | calibration seed | WT2 512x64 | held-out Wikipedia | prune s |",

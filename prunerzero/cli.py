@@ -232,9 +232,10 @@ def _task_options(flag: str):
                    "final mask (ALPS' refinement, a tenth more). A kind may carry parameters, as searched recipes "
                    "do: \"admm rho=0.5 iters=30\" (percdamp, rho, iters, gradual, refine). Any kind also takes "
                    "correct=c (fit a share c of the dense model's output, not only the layer's own: 0.2 is best "
-                   "measured; about 1.5x the time) and staged=1 (each block's layers pruned in forward order, "
-                   "later ones on the inputs the pruned earlier ones give; a block then runs once on its pruned stream, "
-                   "not twice, so it costs no more time). Default: the "
+                   "measured; it runs the dense model beside, about 1.8x SparseGPT's time in all) and staged=1 "
+                   "(each block's layers pruned in forward order, later ones on the inputs the pruned earlier ones "
+                   "give; a block then runs once on its pruned stream, not twice: admm staged=1 takes about "
+                   "SparseGPT's time). Default: the "
                    "catalogued recipe's, else none.")
 @click.option("--allocation", default=None,
               help="Per-layer sparsity (unstructured): uniform; owl gives blocks with more outliers fewer pruned "
