@@ -48,8 +48,11 @@ def main():
     ap.add_argument("--out", default=str(RESULTS / "heldout_check"))
     ap.add_argument("--report-only", action="store_true", help="Rewrite the markdown from the jsonl.")
     a = ap.parse_args()
-    if a.report_only or not a.metrics:
-        return write_report(a.out + ".jsonl")
+    path = a.out + ".jsonl"
+    if a.report_only:
+        return write_report(path)
+    if not a.metrics:
+        ap.error("give the metrics to check (or --report-only)")
     model, tok = load_model(None)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     samples, ids, starts = calibration_for(tok, "wikipedia", a.nsamples, 512, a.seed, a.data_dir)
@@ -59,8 +62,6 @@ def main():
     settings = dict(update=a.update, allocation=a.allocation, sparsity=a.sparsity, structure=a.structure, nsamples=a.nsamples, seqlen=512,
                     seed=a.seed, wt2_chunks=len(wt2), wiki_chunks=len(wiki), threads=torch.get_num_threads(),
                     processor=platform.processor(), machine=platform.machine(), torch=torch.__version__)
-    out = RESULTS / "heldout_check.jsonl" if a.out == str(RESULTS / "heldout_check") else None
-    path = out or (a.out + ".jsonl")
     sparsity = a.sparsity if a.sparsity is not None else 0.5
     for given in a.metrics:
         metric, _, update = given.partition("@")
