@@ -175,32 +175,39 @@ def _evolve(config: SearchConfig, run: RunDir, resume, state, data, quiet, t_sta
                 for line in describe(check):
                     say(line)
             search.checkpoint()
-        gen_s, measured = 0.0, 0.0   # a generation's estimate, then the longest one measured
-        if config.time_limit:
-            gen_s = generation_estimate(search, config)
-            left = config.time_limit - (time.perf_counter() - t_start) - finish_estimate(search, config)
-            say(f"--time-limit {config.time_limit:.0f} s: set-up took {time.perf_counter() - t_start:.0f} s, the "
-                f"final held-out scoring needs about {finish_estimate(search, config):.0f} s and a generation about "
-                f"{gen_s:.0f} s: " + (f"about {int(left // gen_s)} generation(s) fit" if gen_s and left >= gen_s
-                                      else "no generation fits; scoring the baselines held out now"))
-        while search.gen < config.generations:
-            if config.time_limit:
-                spent, reserve = time.perf_counter() - t_start, finish_estimate(search, config)
-                if spent + gen_s + reserve > config.time_limit:
-                    done = f"after generation {search.gen - 1}" if search.gen else "before generation 0"
-                    say(f"time limit {config.time_limit:.0f} s: stopping {done} "
-                        f"({spent:.0f} s spent, another generation takes about {gen_s:.0f} s and the final "
-                        f"scoring about {reserve:.0f} s)")
-                    break
-            t_gen = time.perf_counter()
-            search.step()
-            search.checkpoint()
-            measured = max(measured, time.perf_counter() - t_gen)
-            gen_s = measured
+        run_generations(search, config, t_start)
         return finish(search, data, config, run)
     finally:
         if pool is not None:
             pool.close()
+
+
+def run_generations(search: Search, config: SearchConfig, t_start: float) -> None:
+    """Step and checkpoint generations until config.generations, or until the next one and the
+    final held-out scoring would overrun --time-limit (a generation's cost: an estimate at
+    first, then the longest one measured)."""
+    gen_s, measured = 0.0, 0.0
+    if config.time_limit:
+        gen_s = generation_estimate(search, config)
+        left = config.time_limit - (time.perf_counter() - t_start) - finish_estimate(search, config)
+        say(f"--time-limit {config.time_limit:.0f} s: set-up took {time.perf_counter() - t_start:.0f} s, the "
+            f"final held-out scoring needs about {finish_estimate(search, config):.0f} s and a generation about "
+            f"{gen_s:.0f} s: " + (f"about {int(left // gen_s)} generation(s) fit" if gen_s and left >= gen_s
+                                  else "no generation fits; scoring the baselines held out now"))
+    while search.gen < config.generations:
+        if config.time_limit:
+            spent, reserve = time.perf_counter() - t_start, finish_estimate(search, config)
+            if spent + gen_s + reserve > config.time_limit:
+                done = f"after generation {search.gen - 1}" if search.gen else "before generation 0"
+                say(f"time limit {config.time_limit:.0f} s: stopping {done} "
+                    f"({spent:.0f} s spent, another generation takes about {gen_s:.0f} s and the final "
+                    f"scoring about {reserve:.0f} s)")
+                return
+        t_gen = time.perf_counter()
+        search.step()
+        search.checkpoint()
+        measured = max(measured, time.perf_counter() - t_gen)
+        gen_s = measured
 
 
 def setup_estimate(model, c: SearchConfig, samples: torch.Tensor, needed) -> dict[str, float]:
