@@ -85,6 +85,22 @@ def test_a_search_continues_from_its_folder_and_a_finished_one_is_reused(tmp_pat
                           progress=False)
 
 
+def test_a_cut_run_with_damaged_settings_is_discarded_and_done_again(tmp_path):
+    model = tiny_llama(layers=2)
+    layers = all_prunable(model)
+    whole, _ = search_allocation(model, layers, "wanda", SAMPLES, 0.5, settings(generations=3), tmp_path / "whole",
+                                 progress=False)
+    search_allocation(model, layers, "wanda", SAMPLES, 0.5, settings(generations=1), tmp_path / "cut", progress=False)
+    (tmp_path / "cut" / "config.json").write_text("{not json")
+    lines = []
+    with saying(lines.append):
+        redone, report = search_allocation(model, layers, "wanda", SAMPLES, 0.5, settings(generations=3),
+                                           tmp_path / "cut", progress=False)
+    assert any("discarding" in line for line in lines)
+    assert redone == whole and report["generations"] == 3
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["sparsity"] == 0.5
+
+
 def test_bad_allocation_search_settings_are_refused():
     with pytest.raises(SettingsError, match="step"):
         settings(step=0)

@@ -113,7 +113,6 @@ def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsi
     """(sparsity of each layer, report) found by evolution; the model is left dense. run_path:
     a folder for the run (resumed when it holds one, reused when finished); None: a
     temporary one. known: dense primitives already computed (see LevelMasks)."""
-    from ..runs.checkpoint import CheckpointError
     from ..runs.rundir import RunDir
     from ..structured.fitness import DenseReference
     from ..structured.genome import LevelSpace
@@ -126,13 +125,9 @@ def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsi
         raise checks.SettingsError(f"sparsity {sparsity} is above the allocation search's max_sparsity {c.max_sparsity}")
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(Path(run_path) if run_path else Path(tmp) / "run", "allocation")
-        done = run.path / "allocation.json"
-        if done.is_file():
-            result = json.loads(done.read_text())
-            if result["report"]["generations"] >= c.generations:
-                say(f"allocation search: reusing the finished run in {run.path}")
-                return result["sparsity"], result["report"]
-            done.unlink()  # more generations asked for: continue from its checkpoint
+        finished = _finished(run, c.generations)
+        if finished is not None:
+            return finished
         dense = {name: matrix(lin).clone() for name, lin in layers.items()}
         names = list(layers)
         space = LevelSpace([[dense[n].numel() - _pruned(dense[n], s, m.group) for s in levels] for n in names],
@@ -153,21 +148,7 @@ def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsi
         settings = dict(c.to_dict(), metric=m.canonical(), sparsity=sparsity, levels=levels, layers=names)
         settings.pop("run")
         try:
-            state = run.load_checkpoint()
-            saved = None
-            if state is not None:
-                try:
-                    saved = run.config()
-                except CheckpointError as e:  # a cached run of an older prunerzero, or damaged: redo it
-                    say(f"allocation search: discarding the run in {run.path} ({e})")
-                    state = None
-            if state is None and run.path.exists():  # stopped before its first checkpoint: nothing to keep
-                shutil.rmtree(run.path)
-            elif state is not None and (differ := _unlike(saved, settings)):
-                raise checks.SettingsError(f"the allocation run in {run.path} was made with other settings "
-                                           f"({differ}); give another folder")
-            if state is not None:
-                run.hold()
+            state = _resumable(run, settings)
             if not run.resume(search, state):
                 run.create(settings)
                 search.start(start)
@@ -185,6 +166,44 @@ def search_allocation(model, layers: dict, metric, samples: torch.Tensor, sparsi
         run.write_json("allocation.json", dict(sparsity=per_layer, report=report))
         run.release()
         return per_layer, report
+
+
+def _finished(run, generations: int):
+    """(sparsities, report) of a finished run in this folder with at least `generations`; a
+    finished run with fewer is unmarked, so that it continues from its checkpoint."""
+    done = run.path / "allocation.json"
+    if not done.is_file():
+        return None
+    result = json.loads(done.read_text())
+    if result["report"]["generations"] >= generations:
+        say(f"allocation search: reusing the finished run in {run.path}")
+        return result["sparsity"], result["report"]
+    done.unlink()
+    return None
+
+
+def _resumable(run, settings: dict):
+    """The folder's checkpoint when it continues a run of these settings (the folder then held
+    by this process); None, with the folder cleared, when there is nothing to keep: no
+    checkpoint yet, or one of an older prunerzero or damaged. Other settings are refused."""
+    from ..runs.checkpoint import CheckpointError
+    state = run.load_checkpoint()
+    saved = None
+    if state is not None:
+        try:
+            saved = run.config()
+        except CheckpointError as e:
+            say(f"allocation search: discarding the run in {run.path} ({e})")
+            state = None
+    if state is None:
+        if run.path.exists():
+            shutil.rmtree(run.path)
+        return None
+    if differ := _unlike(saved, settings):
+        raise checks.SettingsError(f"the allocation run in {run.path} was made with other settings "
+                                   f"({differ}); give another folder")
+    run.hold()
+    return state
 
 
 def _unlike(saved: dict, settings: dict) -> str:
