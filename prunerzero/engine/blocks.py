@@ -180,7 +180,7 @@ def as_dtype(inputs: list, call, dtype: torch.dtype | None, device: torch.device
 
 
 def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning blocks", dense: bool = False,
-              batch: int | None = None, paired: bool = False, staged: bool = False):
+              batch: int | None = None, paired: bool = False, staged: bool = False, tune=None):
     """Sequential pruning: record each block's inputs statistics with `recorder`, prune it with
     `prune_block(index, linears, recorder)`, and pass the calibration activations through the
     pruned block to the next one. dense: pass on the block's outputs from before it was pruned
@@ -193,9 +193,12 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
     streams in turn for a paired recorder (calibration.PairedHessians). staged (sequential
     only): the block's layers are pruned in the order the forward reaches them, one stage at
     a time (see layer_stages), each stage's statistics recorded on the inputs the block's
-    already-pruned stages give it, as SparseGPT's "true sequential" option does."""
+    already-pruned stages give it, as SparseGPT's "true sequential" option does. tune: called
+    as tune(block, linears, inputs, dense_outputs, call, batch) once a block is pruned, before
+    its outputs are passed on (tuning.tune_block); sequential pruning then carries the dense
+    stream too, for the dense block's outputs."""
     inputs, calls = block_inputs(model, calibration)
-    originals = list(inputs) if paired and not dense else None
+    originals = list(inputs) if (paired or tune is not None) and not dense else None
     blocks = decoder_layers(model)
     dtype, device = compute_dtype(model), execution_device(model)
     known: dict = {}
@@ -203,25 +206,42 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
         inputs, call = as_dtype(inputs, calls[i], dtype, device)
         with running_in(block, dtype, device):
             linears = prunable_linears(block)
-            if staged and not dense:
-                dense_in = None if originals is None else as_dtype(originals, call, dtype, device)[0]
-                inputs, originals = staged_block(i, block, linears, inputs, dense_in, call, batch, recorder,
-                                                 prune_block)
-                continue
-            # the recording pass's own outputs are dropped (sequential): it stops at the last layer
-            stop = [] if dense else last_layer(block, linears, inputs[0], call, known)
-            with torch.no_grad(), recorder(linears) as rec:
-                if dense:
-                    outputs = run_block(block, inputs, call, batch)
-                elif originals is None:
-                    with stopping_at(stop):
-                        feed(block, inputs, call, batch)
-                else:
-                    originals = run_paired(block, as_dtype(originals, call, dtype, device)[0], inputs, call, batch,
-                                           rec, stop=stop)
-            prune_block(i, linears, rec)
-            if dense:
-                inputs = outputs
-            else:
+            dense_in = None if originals is None else as_dtype(originals, call, dtype, device)[0]
+            if dense_in is not None and not paired:   # the dense outputs, for tuning alone
                 with torch.no_grad():
-                    inputs = run_block(block, inputs, call, batch)
+                    originals = run_block(block, dense_in, call, batch)
+            if staged and not dense:
+                outputs, passed_on = staged_block(i, block, linears, inputs, dense_in if paired else None, call,
+                                                  batch, recorder, prune_block)
+                originals = passed_on if paired else originals
+            else:
+                outputs, originals = _prune_unstaged(i, block, linears, inputs, dense_in, call, batch, recorder,
+                                                     prune_block, dense, paired, originals, known)
+            if tune is not None:
+                tune(block, linears, inputs, outputs if dense else originals, call, batch)
+                if not dense:   # the tuned block's outputs are what the next block receives
+                    outputs = None
+            if outputs is None:
+                with torch.no_grad():
+                    outputs = run_block(block, inputs, call, batch)
+            inputs = outputs
+
+
+def _prune_unstaged(i, block, linears, inputs, dense_in, call, batch, recorder, prune_block, dense, paired,
+                    originals, known):
+    """blockwise's step for a block pruned at once: (the outputs to pass on when already had, the
+    dense stream's outputs). dense: the block's outputs before pruning; else None (the pruned
+    block runs again for them). The recording pass of a sequential walk drops its own outputs:
+    it stops at the block's last layer."""
+    stop = [] if dense else last_layer(block, linears, inputs[0], call, known)
+    outputs = None
+    with torch.no_grad(), recorder(linears) as rec:
+        if dense:
+            outputs = run_block(block, inputs, call, batch)
+        elif paired:
+            originals = run_paired(block, dense_in, inputs, call, batch, rec, stop=stop)
+        else:
+            with stopping_at(stop):
+                feed(block, inputs, call, batch)
+    prune_block(i, linears, rec)
+    return outputs, originals

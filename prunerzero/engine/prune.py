@@ -2,6 +2,7 @@
 (Wanda-style: each decoder block's X is recomputed through the already-pruned blocks)."""
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -12,6 +13,7 @@ from ..progress import bar
 from .calibration import Hessians, InputNorms, PairedHessians, compute_g, compute_h, compute_x
 from .allocation import allocate
 from .blocks import blockwise
+from .tuning import tune_block
 from ..language.compile import layer_primitives, scorer
 from .masks import make_mask, measured_sparsity, parse_structure
 from ..language.metric import Metric
@@ -103,7 +105,7 @@ def apply_metric(model, metric, sparsity: float = 0.5, structure: str = "unstruc
     counts, allocated = allocate(allocation, model, all_prunable(model),
                                  None if allocation == "uniform" else _need(calibration, "a per-layer allocation"),
                                  sparsity, structure, progress)
-    reconstructs = update.kind != "none"
+    reconstructs = update.kind != "none" or update.tune > 0
     # nothing to recompute between blocks unless the metric reads activations or weights are updated
     sequential = sequential and (bool(uses & {"X", "H"}) or reconstructs)
     t1 = time.perf_counter()
@@ -149,8 +151,11 @@ def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, 
         _prune_block_layers(f"layers.{i}.", linears, rec, fn, uses, grads, len(calibration), sparsity, structure,
                             group, update, counts)
     recorder = PairedHessians if paired else Hessians if needs_h else InputNorms
+    tune = None
+    if update.tune:
+        tune = functools.partial(tune_block, epochs=update.tune, lr=update.tune_lr)
     blockwise(model, calibration, recorder, prune_block, progress, dense=dense, paired=paired,
-              staged=bool(update.staged))
+              staged=bool(update.staged), tune=tune)
 
 
 def _prune_block_layers(prefix, linears, rec, fn, uses, grads, n, sparsity, structure, group, update, counts=None):

@@ -75,6 +75,9 @@ class Update:
                                     # order (q/k/v, o, gate/up, down), each stage's statistics taken with the
                                     # earlier stages pruned (SparseGPT's "true sequential"); 0: all from the
                                     # block's inputs at once, as Wanda does
+    tune: int = 0                   # block tuning: epochs of Adam over the calibration windows on each pruned
+                                    # block's kept weights, fitting the dense block's outputs (0: none)
+    tune_lr: float = 1e-5           # its learning rate
 
     def __post_init__(self):
         from .. import checks
@@ -84,6 +87,8 @@ class Update:
             raise checks.SettingsError("correct= changes how kept weights are reconstructed: give an --update kind")
         checks.integer("refine", self.refine, minimum=0, optional=True)
         checks.integer("staged", self.staged, minimum=0, maximum=1)
+        checks.integer("tune", self.tune, minimum=0)
+        checks.number("tune_lr", self.tune_lr, low=0, low_open=True)
         checks.number("percdamp", self.percdamp, low=0, low_open=True, optional=True)
         checks.integer("blocksize", self.blocksize)
         checks.number("rho", self.rho, low=0, low_open=True)
@@ -150,8 +155,9 @@ class Update:
 
     def describe(self) -> dict:
         """The parameters that matter for this kind, for report.json."""
+        tuning = {"tune": self.tune, "tune_lr": self.tune_lr} if self.tune else {}
         if self.kind == "none":
-            return {"kind": "none", **({"staged": self.staged} if self.staged else {})}
+            return {"kind": "none", **({"staged": self.staged} if self.staged else {}), **tuning}
         keep = ("blocksize",) if self.kind.startswith("obs") else ("rho", "iters", "gradual")
         out = {"kind": self.kind, "percdamp": self.damping, **{k: v for k, v in asdict(self).items() if k in keep}}
         if self.kind == "admm-pcg":
@@ -160,7 +166,7 @@ class Update:
             out["correct"] = self.correct
         if self.staged:
             out["staged"] = self.staged
-        return out
+        return {**out, **tuning}
 
 
 def _number(text: str, what: str):
