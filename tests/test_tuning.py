@@ -97,7 +97,8 @@ def test_tuning_repeats_to_the_bit():
 
 
 def test_tuning_settings_are_checked_and_written_in_the_spec():
-    assert Update.parse("admm tune=2 tune_lr=0.001").spec() == "admm tune=2 tune_lr=0.001"
+    assert Update.parse("admm tune=2 tune_lr=0.0003").spec() == "admm tune=2 tune_lr=0.0003"
+    assert Update.parse("admm tune=2 tune_lr=0.001").spec() == "admm tune=2"   # the default rate
     assert "tune" not in Update("admm").describe()
     with pytest.raises(SettingsError, match="tune"):
         Update("admm", tune=-1)

@@ -34,9 +34,10 @@ def tunable_weights(linears: dict) -> list[nn.Parameter]:
 
 def tune_block(block, linears: dict, inputs: list, targets: list, call, batch: int | None, epochs: int,
                lr: float) -> tuple[float, float]:
-    """`epochs` passes of Adam (learning rate `lr`) over the calibration windows, a batch at a
-    time in a fixed order, on the mean squared error between the block's outputs for `inputs`
-    and `targets` (the dense block's outputs), moving only the kept weights of `linears`.
+    """`epochs` passes of Adam (learning rate `lr`) over the calibration windows, one window a
+    step in a fixed order (so a run takes the same steps on any device, whatever `batch` the
+    walk uses for its passes), on the mean squared error between the block's outputs for
+    `inputs` and `targets` (the dense block's outputs), moving only the kept weights of `linears`.
     Half-precision weights are tuned in fp32 and rounded back once at the end (Adam's small
     steps would vanish in bf16). Returns the error of the first epoch and of a pass after the
     last, relative to the targets' mean square."""
@@ -48,13 +49,13 @@ def tune_block(block, linears: dict, inputs: list, targets: list, call, batch: i
         if upcast:
             inputs, call = as_dtype(inputs, call, torch.float32)
             targets, _ = as_dtype(targets, call, torch.float32)
-        first = _fit(block, weights, inputs, targets, call, batch, epochs, lr)
+        first = _fit(block, weights, inputs, targets, call, epochs, lr)
         last = _error(block, inputs, targets, call, batch)
     log.debug("block tuning: relative error %.4g -> %.4g", first, last)
     return first, last
 
 
-def _fit(block, weights, inputs, targets, call, batch, epochs, lr) -> float:
+def _fit(block, weights, inputs, targets, call, epochs, lr) -> float:
     """Adam on `weights` (others frozen meanwhile), gradients masked to the kept entries; the
     mean relative error over the first epoch."""
     keep = [w.data != 0 for w in weights]
@@ -69,7 +70,7 @@ def _fit(block, weights, inputs, targets, call, batch, epochs, lr) -> float:
     try:
         with torch.enable_grad():
             for epoch in range(epochs):
-                for x, y in zip(batched(inputs, batch), batched(targets, batch)):
+                for x, y in zip(inputs, targets):
                     loss = torch.nn.functional.mse_loss(_output(block, x, call).float(), y.float())
                     opt.zero_grad(set_to_none=False)
                     loss.backward()
