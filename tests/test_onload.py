@@ -27,7 +27,7 @@ def weights(model):
     return {n: matrix(lin).clone() for n, lin in all_prunable(model).items()}
 
 
-@pytest.mark.parametrize("prune", ["wanda", "sparsegpt", "staged"])
+@pytest.mark.parametrize("prune", ["wanda", "sparsegpt", "staged", "tuned"])
 def test_onloaded_and_whole_models_prune_and_score_identically(tiny_dir, prune):
     ids, calib = token_samples(3, 32, seed=5), token_samples(4, 32)
     runs = {}
@@ -37,6 +37,9 @@ def test_onloaded_and_whole_models_prune_and_score_identically(tiny_dir, prune):
             apply_metric(model, "wanda", 0.5, calibration=calib, progress=False)
         elif prune == "staged":     # staged blocks in lockstep, with the dense stream stored
             apply_metric(model, "wanda", 0.5, calibration=calib, update="admm iters=4 gradual=2 correct=0.2 staged=1",
+                         progress=False)
+        elif prune == "tuned":      # block tuning, the block's weights tuned where the block runs
+            apply_metric(model, "wanda", 0.5, calibration=calib, update="admm iters=4 gradual=2 tune=1",
                          progress=False)
         else:
             apply_sparsegpt(model, 0.5, calibration=calib, progress=False)
