@@ -235,7 +235,9 @@ def _task_options(flag: str):
                    "measured; it runs the dense model beside, about 1.8x SparseGPT's time in all) and staged=1 "
                    "(each block's layers pruned in forward order, later ones on the inputs the pruned earlier ones "
                    "give; a block then runs once on its pruned stream, not twice: admm staged=1 takes about "
-                   "SparseGPT's time). Default: the "
+                   "SparseGPT's time) and tune=E (each pruned block's kept weights then tuned together towards the "
+                   "dense block's outputs: E epochs of Adam, one calibration window a step, tune_lr=1e-3; it runs "
+                   "the dense model beside, and each epoch a forward and backward pass of every block). Default: the "
                    "catalogued recipe's, else none.")
 @click.option("--allocation", default=None,
               help="Per-layer sparsity (unstructured): uniform; owl gives blocks with more outliers fewer pruned "
