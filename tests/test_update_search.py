@@ -193,6 +193,18 @@ def test_fixed_settings_never_move_in_mutation_crossover_or_fresh_draws():
     assert recipe.mutate("admm", rng, fixed=recipe.SETTINGS) == "admm"
 
 
+def test_block_tuning_given_to_a_recipe_search_stays_in_every_candidate():
+    # tune is no ladder of the search (each epoch costs a pass and a backward of every block),
+    # so `evolve --update "admm tune=1"` searches the other settings around it
+    rng = random.Random(2)
+    text, other = "admm tune=1 tune_lr=0.0003", "admm tune=1 tune_lr=0.0003 rho=0.5"
+    for _ in range(50):
+        text = recipe.mutate(text, rng)
+        for t in (text, recipe.fresh(text, rng), *recipe.cross(text, other, rng)):
+            u = Update.parse(t)
+            assert (u.tune, u.tune_lr) == (1, 0.0003), t
+
+
 def test_a_search_with_fixed_settings_keeps_them_in_every_candidate(tiny_dir, tmp_path):
     cfg = config(tiny_dir, search=("update",), seed_metrics=("wanda",), update="admm iters=6 gradual=4 rho=0.5",
                  fixed_settings=("rho", "percdamp"))
