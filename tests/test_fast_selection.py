@@ -69,7 +69,7 @@ def test_nm_masks_equal_a_stable_sort(kind, n, m):
 @pytest.mark.parametrize("n, m", [(2, 5), (3, 6), (4, 7), (1, 3)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_nm_masks_of_any_group_width_equal_a_stable_sort(kind, n, m):
-    # from M = 5 the ranks read a transposed copy, below it strided views: both sides of that switch
+    # group widths other than the powers of two the other tests take
     s = scores_of(kind, cols=9 * m)
     assert torch.equal(nm_mask(s, n, m), nm_by_sort(s, n, m))
 
