@@ -24,7 +24,7 @@ from prunerzero.engine.models import decoder_layers, prunable_linears
 from prunerzero.engine.passes import feed, run_block
 from prunerzero.engine.prune import _prune_block_layers
 from prunerzero.engine.reconstruct import Update
-from prunerzero.engine.tuning import _error, tune_block
+from prunerzero.engine.tuning import relative_error, tune_block
 from prunerzero.language.metric import Metric
 from prunerzero.loading import load_model
 from prunerzero.pipeline import WIKIPEDIA_HELDOUT, calibration_for, eval_data_for
@@ -61,18 +61,18 @@ def main():
     _prune_block_layers(f"layers.{a.block}.", linears, rec, m.compile(), m.terminals, None, len(cal), a.sparsity,
                         "unstructured", m.group, Update.parse(a.update))
     pruned = {n: matrix(lin).clone() for n, lin in linears.items()}
-    rows = [dict(lr=0.0, epochs=0, seconds=0.0, calibration=_error(block, x_cal, y_cal, call, 1),
-                 heldout=_error(block, x_held, y_held, call, 1))]
+    rows = [dict(lr=0.0, epochs=0, seconds=0.0, calibration=relative_error(block, x_cal, y_cal, call, 1),
+                 heldout=relative_error(block, x_held, y_held, call, 1))]
     print(rows[0], flush=True)
     for epochs in [int(e) for e in a.epochs.split(",")]:
         for lr in [float(v) for v in a.lrs.split(",")]:
             for n, lin in linears.items():
                 matrix(lin).copy_(pruned[n])
             t0 = time.perf_counter()
-            tune_block(block, linears, x_cal, y_cal, call, 1, epochs, lr)
+            tune_block(block, linears, x_cal, y_cal, call, epochs, lr)
             rows.append(dict(lr=lr, epochs=epochs, seconds=time.perf_counter() - t0,
-                             calibration=_error(block, x_cal, y_cal, call, 1),
-                             heldout=_error(block, x_held, y_held, call, 1)))
+                             calibration=relative_error(block, x_cal, y_cal, call, 1),
+                             heldout=relative_error(block, x_held, y_held, call, 1)))
             print(rows[-1], flush=True)
     settings = dict(vars(a), threads=torch.get_num_threads(), processor=platform.processor(), torch=torch.__version__)
     with open(a.out + ".json", "w") as f:

@@ -194,7 +194,7 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
     only): the block's layers are pruned in the order the forward reaches them, one stage at
     a time (see layer_stages), each stage's statistics recorded on the inputs the block's
     already-pruned stages give it, as SparseGPT's "true sequential" option does. tune: called
-    as tune(block, linears, inputs, dense_outputs, call, batch) once a block is pruned, before
+    as tune(block, linears, inputs, dense_outputs, call) once a block is pruned, before
     its outputs are passed on (tuning.tune_block); sequential pruning then carries the dense
     stream too, for the dense block's outputs."""
     inputs, calls = block_inputs(model, calibration)
@@ -218,7 +218,7 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
                 outputs, originals = _prune_unstaged(i, block, linears, inputs, dense_in, call, batch, recorder,
                                                      prune_block, dense, paired, originals, known)
             if tune is not None:
-                tune(block, linears, inputs, outputs if dense else originals, call, batch)
+                tune(block, linears, inputs, outputs if dense else originals, call)
                 if not dense:   # the tuned block's outputs are what the next block receives
                     outputs = None
             if outputs is None:

@@ -39,13 +39,18 @@ def run_block(block, inputs, call, batch: int | None = None):
     called with that block's own (args, kwargs), `batch` samples a call (None: block_batch).
     The call arguments come from a one-sample pass; rotary tables and masks broadcast over the
     batch, so a batched call computes each sample's output as a call of its own would."""
-    args, kwargs = call
     outs = []
     for x in batched(inputs, batch):
-        y = block(x, *args, **kwargs)
-        y = y[0] if isinstance(y, tuple) else y
-        outs.extend(y.split(1))
+        outs.extend(block_output(block, x, call).split(1))
     return outs
+
+
+def block_output(block, x, call) -> torch.Tensor:
+    """The block's hidden states for one batch `x`, called with its (args, kwargs) (decoder
+    blocks of some families return a tuple whose first item they are)."""
+    args, kwargs = call
+    y = block(x, *args, **kwargs)
+    return y[0] if isinstance(y, tuple) else y
 
 
 def batched(inputs, batch: int | None):

@@ -11,7 +11,8 @@ import torch
 
 from .layers import matrix
 from .lockstep import Lockstep
-from .passes import batched, paired_batches, block_batch, feed, run_block, run_paired, stopping_at, swapped_in
+from .passes import (batched, block_output, paired_batches, block_batch, feed, run_block, run_paired, stopping_at,
+                     swapped_in)
 
 
 def layer_stages(block, linears: dict, sample, call) -> tuple[list[list[str]], list[str]]:
@@ -167,8 +168,7 @@ def prune_in_lockstep(i, block, linears, stages, inputs, call, batch, recorder, 
 
     def work(unit, sync):
         b, x = unit
-        y = block(x, *call[0], **call[1])
-        outs[b] = y[0] if isinstance(y, tuple) else y
+        outs[b] = block_output(block, x, call)
     handles = [linears[name].register_forward_pre_hook(halt(name)) for name in first]
     try:
         step.run(work, units, len(stages))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .blocks import as_dtype, running_in
-from .passes import batched
+from .passes import batched, block_output
 
 log = logging.getLogger(__name__)
 
@@ -32,27 +32,25 @@ def tunable_weights(linears: dict) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-def tune_block(block, linears: dict, inputs: list, targets: list, call, batch: int | None, epochs: int,
-               lr: float) -> tuple[float, float]:
+def tune_block(block, linears: dict, inputs: list, targets: list, call, epochs: int, lr: float) -> float:
     """`epochs` passes of Adam (learning rate `lr`) over the calibration windows, one window a
-    step in a fixed order (so a run takes the same steps on any device, whatever `batch` the
-    walk uses for its passes), on the mean squared error between the block's outputs for
-    `inputs` and `targets` (the dense block's outputs), moving only the kept weights of `linears`.
-    Half-precision weights are tuned in fp32 and rounded back once at the end (Adam's small
-    steps would vanish in bf16). Returns the error of the first epoch and of a pass after the
-    last, relative to the targets' mean square."""
+    step in a fixed order (so a run takes the same steps on any device), on the mean squared
+    error between the block's outputs for `inputs` and `targets` (the dense block's outputs),
+    moving only the kept weights of `linears`. Half-precision weights are tuned in fp32 and
+    rounded back once at the end (Adam's small steps would vanish in bf16). Returns the mean
+    error of the first epoch relative to the targets' mean square (relative_error measures it
+    after, at the cost of a pass; the walk's own next pass gives the outputs)."""
     weights = tunable_weights(linears)
     if not weights or epochs <= 0 or not inputs:
-        return float("nan"), float("nan")
+        return float("nan")
     upcast = any(w.dtype in HALF for w in weights)
     with running_in(block, torch.float32) if upcast else nullcontext():
         if upcast:
             inputs, call = as_dtype(inputs, call, torch.float32)
             targets, _ = as_dtype(targets, call, torch.float32)
         first = _fit(block, weights, inputs, targets, call, epochs, lr)
-        last = _error(block, inputs, targets, call, batch)
-    log.debug("block tuning: relative error %.4g -> %.4g", first, last)
-    return first, last
+    log.debug("block tuning: relative error %.4g in the first epoch", first)
+    return first
 
 
 def _fit(block, weights, inputs, targets, call, epochs, lr) -> float:
@@ -71,7 +69,7 @@ def _fit(block, weights, inputs, targets, call, epochs, lr) -> float:
         with torch.enable_grad():
             for epoch in range(epochs):
                 for x, y in zip(inputs, targets):
-                    loss = torch.nn.functional.mse_loss(_output(block, x, call).float(), y.float())
+                    loss = torch.nn.functional.mse_loss(block_output(block, x, call).float(), y.float())
                     opt.zero_grad(set_to_none=False)
                     loss.backward()
                     for w, k in zip(weights, keep):
@@ -91,18 +89,13 @@ def _fit(block, weights, inputs, targets, call, epochs, lr) -> float:
 
 
 @torch.no_grad()
-def _error(block, inputs, targets, call, batch) -> float:
+def relative_error(block, inputs, targets, call, batch=None) -> float:
+    """The block's mean squared error against `targets`, relative to their mean square."""
     total, n = 0.0, 0
     for x, y in zip(batched(inputs, batch), batched(targets, batch)):
-        total += float(torch.nn.functional.mse_loss(_output(block, x, call).float(), y.float()))
+        total += float(torch.nn.functional.mse_loss(block_output(block, x, call).float(), y.float()))
         n += 1
     return total / max(n, 1) / _mean_square(targets)
-
-
-def _output(block, x, call):
-    args, kwargs = call
-    y = block(x, *args, **kwargs)
-    return y[0] if isinstance(y, tuple) else y
 
 
 def _mean_square(tensors) -> float:
