@@ -5,6 +5,7 @@ output error measured on the calibration windows and on held-out Wikipedia windo
 tuning generalises), with the seconds each tuning took.
 
     python experiments/probe_tuning.py [--block 10] [--lrs 1e-6,3e-6,1e-5,3e-5,1e-4] [--epochs 1,2]
+        [--windows 0,4,8]   (tune on the first K calibration windows; 0: all)
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--lrs", default="1e-6,3e-6,1e-5,3e-5,1e-4")
     ap.add_argument("--epochs", default="1,2")
+    ap.add_argument("--windows", default="0", help="tune on the first K calibration windows (0: all), a list")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--heldout", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
@@ -61,19 +63,20 @@ def main():
     _prune_block_layers(f"layers.{a.block}.", linears, rec, m.compile(), m.terminals, None, len(cal), a.sparsity,
                         "unstructured", m.group, Update.parse(a.update))
     pruned = {n: matrix(lin).clone() for n, lin in linears.items()}
-    rows = [dict(lr=0.0, epochs=0, seconds=0.0, calibration=relative_error(block, x_cal, y_cal, call, 1),
+    rows = [dict(windows=0, lr=0.0, epochs=0, seconds=0.0, calibration=relative_error(block, x_cal, y_cal, call, 1),
                  heldout=relative_error(block, x_held, y_held, call, 1))]
     print(rows[0], flush=True)
-    for epochs in [int(e) for e in a.epochs.split(",")]:
-        for lr in [float(v) for v in a.lrs.split(",")]:
-            for n, lin in linears.items():
-                matrix(lin).copy_(pruned[n])
-            t0 = time.perf_counter()
-            tune_block(block, linears, x_cal, y_cal, call, epochs, lr)
-            rows.append(dict(lr=lr, epochs=epochs, seconds=time.perf_counter() - t0,
-                             calibration=relative_error(block, x_cal, y_cal, call, 1),
-                             heldout=relative_error(block, x_held, y_held, call, 1)))
-            print(rows[-1], flush=True)
+    for windows in [int(k) or len(x_cal) for k in a.windows.split(",")]:
+        for epochs in [int(e) for e in a.epochs.split(",")]:
+            for lr in [float(v) for v in a.lrs.split(",")]:
+                for n, lin in linears.items():
+                    matrix(lin).copy_(pruned[n])
+                t0 = time.perf_counter()
+                tune_block(block, linears, x_cal[:windows], y_cal[:windows], call, epochs, lr)
+                rows.append(dict(windows=windows, lr=lr, epochs=epochs, seconds=time.perf_counter() - t0,
+                                 calibration=relative_error(block, x_cal, y_cal, call, 1),
+                                 heldout=relative_error(block, x_held, y_held, call, 1)))
+                print(rows[-1], flush=True)
     settings = dict(vars(a), threads=torch.get_num_threads(), processor=platform.processor(), torch=torch.__version__)
     with open(a.out + ".json", "w") as f:
         json.dump(dict(settings=settings, rows=rows), f, indent=1)
@@ -81,8 +84,9 @@ def main():
              f"Calibration {a.nsamples} x 512 Wikipedia tokens (seed {a.seed}), held-out Wikipedia {a.heldout} x 512; "
              f"{settings['threads']} threads, torch {settings['torch']}. Relative output error of the block "
              "against the dense block's outputs (mean square of the difference over that of the outputs).", "",
-             "| epochs | learning rate | calibration | held out | tuning s |", "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['epochs']} | {r['lr']:g} | {r['calibration']:.5f} | {r['heldout']:.5f} | {r['seconds']:.1f} |"
+             "| windows tuned on | epochs | learning rate | calibration | held out | tuning s |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['windows']} | {r['epochs']} | {r['lr']:g} | {r['calibration']:.5f} | {r['heldout']:.5f} | {r['seconds']:.1f} |"
               for r in rows]
     with open(a.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

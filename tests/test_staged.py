@@ -152,9 +152,10 @@ def test_staged_works_with_any_update_and_is_written_in_the_spec():
         Update("admm", staged=2)
 
 
-def staged_walk(family, monkeypatch, store: bool, lockstep: bool, paired: bool = True, batch=None):
+def staged_walk(family, monkeypatch, store: bool, lockstep: bool, paired: bool = True, batch=None, dense_windows=0):
     """A staged walk on tiny(family) with the dense store and the lockstep walk allowed or not:
-    each stage's H (and K), the final weights, and how many layer calls block 0 made."""
+    each stage's H (and K), the final weights, and how many layer calls block 0 made.
+    dense_windows: the dense stream carried for that many of the 3 samples (0: all)."""
     from prunerzero.engine import stages
     monkeypatch.setattr(stages, "DENSE_STORE_BYTES", (2 << 30) * store)
     monkeypatch.setattr(stages, "LOCKSTEP_BYTES", (2 << 30) * lockstep)
@@ -169,7 +170,7 @@ def staged_walk(family, monkeypatch, store: bool, lockstep: bool, paired: bool =
             seen[i, n] = (rec.H[n].clone(), None if K is None else K.clone())
         halve_by_magnitude(linears)
     blockwise(model, token_samples(n=3, seqlen=16), PairedHessians if paired else Hessians, prune_block,
-              progress=False, paired=paired, staged=True, batch=batch)
+              progress=False, paired=paired, staged=True, batch=batch, dense_windows=dense_windows)
     return seen, torch.cat([p.detach().flatten() for p in model.parameters()]), len(calls)
 
 

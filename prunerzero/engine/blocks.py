@@ -9,7 +9,7 @@ import torch
 from ..progress import bar
 
 from .models import ONLOAD_ATTR, decoder_layers, prunable_linears
-from .passes import feed, run_block, run_paired, stopping_at
+from .passes import feed, run_block, run_paired, samples_per_call, stopping_at
 from .stages import last_layer, staged_block
 
 
@@ -180,7 +180,8 @@ def as_dtype(inputs: list, call, dtype: torch.dtype | None, device: torch.device
 
 
 def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning blocks", dense: bool = False,
-              batch: int | None = None, paired: bool = False, staged: bool = False, tune=None):
+              batch: int | None = None, paired: bool = False, staged: bool = False, tune=None,
+              dense_windows: int = 0):
     """Sequential pruning: record each block's inputs statistics with `recorder`, prune it with
     `prune_block(index, linears, recorder)`, and pass the calibration activations through the
     pruned block to the next one. dense: pass on the block's outputs from before it was pruned
@@ -196,11 +197,16 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
     already-pruned stages give it, as SparseGPT's "true sequential" option does. tune: called
     as tune(block, linears, inputs, dense_outputs, call) once a block is pruned, before
     its outputs are passed on (tuning.tune_block); sequential pruning then carries the dense
-    stream too, for the dense block's outputs."""
+    stream too, for the dense block's outputs. dense_windows: carry that stream for the first
+    dense_windows calibration samples only (rounded up to whole batches; 0: all): a paired
+    recorder estimates the rest (PairedHessians.cross) and tuning fits those samples."""
     inputs, calls = block_inputs(model, calibration)
-    originals = list(inputs) if (paired or tune is not None) and not dense else None
     blocks = decoder_layers(model)
     dtype, device = compute_dtype(model), execution_device(model)
+    originals = None
+    if (paired or tune is not None) and not dense:
+        batch = batch or (samples_per_call(device, inputs[0].shape[-2]) if inputs else 1)
+        originals = list(inputs[:_whole_batches(dense_windows, batch)] if dense_windows else inputs)
     known: dict = {}
     for i, block in enumerate(bar(blocks, desc=desc, enabled=progress)):
         inputs, call = as_dtype(inputs, calls[i], dtype, device)
@@ -218,13 +224,20 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
                 outputs, originals = _prune_unstaged(i, block, linears, inputs, dense_in, call, batch, recorder,
                                                      prune_block, dense, paired, originals, known)
             if tune is not None:
-                tune(block, linears, inputs, outputs if dense else originals, call)
+                targets = (outputs[:dense_windows] if dense_windows else outputs) if dense else originals
+                tune(block, linears, inputs, targets, call)
                 if not dense:   # the tuned block's outputs are what the next block receives
                     outputs = None
             if outputs is None:
                 with torch.no_grad():
                     outputs = run_block(block, inputs, call, batch)
             inputs = outputs
+
+
+def _whole_batches(samples: int, batch: int) -> int:
+    """`samples` rounded up to a whole number of `batch`-sample calls, so the dense stream's
+    batches line up with the pruned stream's."""
+    return -(-samples // batch) * batch
 
 
 def _prune_unstaged(i, block, linears, inputs, dense_in, call, batch, recorder, prune_block, dense, paired,

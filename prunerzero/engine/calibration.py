@@ -119,13 +119,20 @@ class PairedHessians(Hessians):
     with `capturing` set (its inputs are kept, one batch at a time), then the pruned stream, whose
     inputs meet them here. A layer whose two inputs differ in shape (an MoE expert that the two
     streams route different tokens to), or that one stream reached in a batch and the other did
-    not, has no pairing: it is listed in `unpaired`, has no K, and is fitted to its own output."""
+    not, has no pairing: it is listed in `unpaired`, has no K, and is fitted to its own output.
+
+    When the dense stream covers only the first batches (Update.dense_windows), the later ones
+    start with alone(): their inputs add to H only, and cross() scales the paired batches'
+    share of the error up to every token (see cross)."""
 
     def __init__(self, linears: dict):
         self.K: dict[str, torch.Tensor] = {}
         self.unpaired: set[str] = set()
         self.capturing = False
+        self.solo = False
         self._dense: dict[str, torch.Tensor] = {}
+        self._paired_h: dict[str, torch.Tensor] = {}    # H over the paired tokens, once a batch was alone
+        self._rows: dict[str, list[int]] = {}           # [tokens, paired tokens] per shared input
         super().__init__(linears)
 
     def capture(self):
@@ -135,15 +142,28 @@ class PairedHessians(Hessians):
         self.settle()
         self.capturing = True
 
+    def alone(self):
+        """Start a batch that has no dense half: its pruned inputs add to H alone."""
+        self.settle()
+        self.solo = True
+
     def settle(self):
         """End the paired batches: layers the dense stream reached and the pruned one did not are unpaired."""
         self.unpaired.update(self._dense)
         self._dense.clear()
-        self.capturing = False
+        self.capturing = self.solo = False
 
     def add(self, name, x):
         if self.capturing:
             self._dense[name] = x
+            return
+        rows = self._rows.setdefault(name, [0, 0])
+        rows[0] += len(x)
+        if self.solo:   # the first such batch: H so far is the paired tokens' alone
+            if name not in self._paired_h:
+                self._paired_h[name] = self.H[name].clone() if name in self.H else \
+                    torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            super().add(name, x)
             return
         super().add(name, x)
         xd = self._dense.pop(name, None)
@@ -153,10 +173,23 @@ class PairedHessians(Hessians):
         if name not in self.K:
             self.K[name] = torch.zeros_like(self.H[name])
         self.K[name].addmm_(x.float().T, xd.float())
+        rows[1] += len(x)
+        if name in self._paired_h:
+            self._paired_h[name].addmm_(x.float().T, x.float())
 
     def cross(self, owner: str) -> torch.Tensor | None:
-        """K of a shared input, or None when it could not be paired."""
-        return None if owner in self.unpaired or owner in self._dense else self.K.get(owner)
+        """K of a shared input, or None when it could not be paired. When some batches had no
+        dense half, the K that all tokens would give is estimated from the paired ones, where
+        the error is known: H + (tokens / paired tokens) (K - Hp), Hp the paired tokens' H. The
+        error term X^T (Xd - X) is scaled, not K itself, so the estimate is exact when nothing
+        before the layer was pruned and its noise shrinks with the error."""
+        if owner in self.unpaired or owner in self._dense or owner not in self.K:
+            return None
+        Hp = self._paired_h.get(owner)
+        if Hp is None:
+            return self.K[owner]
+        tokens, paired = self._rows[owner]
+        return self.H[owner] + (tokens / paired) * (self.K[owner] - Hp)
 
 
 def obs_curvature(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:

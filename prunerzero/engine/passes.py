@@ -89,25 +89,31 @@ def run_paired(block, originals, inputs, call, batch, rec, run=run_block, dense_
     the same batch of `inputs` (the pruned stream, run by feed for its hooks only and stopped
     at the layers `stop`), so that `rec` sees a layer's dense input and then its pruned input
     on the same tokens. run: how a dense batch is run (feed: for the hooks only, outputs not
-    kept); dense_weights: a context the dense batches run in."""
+    kept); dense_weights: a context the dense batches run in. `originals` may cover only the
+    first batches of `inputs` (Update.dense_windows): the later ones run alone."""
     outs = []
+    batch = batch or block_batch(inputs)
 
     def dense_half(b, i, j):
         with dense_weights():
             outs.extend(run(block, originals[i:j], call, batch) or [])
-    paired_batches(block, inputs, call, batch, rec, dense_half, stop)
+    paired_batches(block, inputs, call, batch, rec, dense_half, stop, dense_batches=-(-len(originals) // batch))
     return outs
 
 
-def paired_batches(block, inputs, call, batch, rec, dense_half, stop=()):
+def paired_batches(block, inputs, call, batch, rec, dense_half, stop=(), dense_batches: int | None = None):
     """The walk run_paired and replay_paired share: for each batch b of `inputs` (samples i to j),
     dense_half(b, i, j) with `rec` capturing, then the pruned batch through feed (stopped at
-    `stop`) for rec to meet it."""
+    `stop`) for rec to meet it. Batches from `dense_batches` on (None: none) have no dense half:
+    rec.alone() takes their pruned inputs."""
     batch = batch or block_batch(inputs)
     for b, i in enumerate(range(0, len(inputs), batch)):
-        rec.capture()
-        dense_half(b, i, i + batch)
-        rec.capturing = False
+        if dense_batches is None or b < dense_batches:
+            rec.capture()
+            dense_half(b, i, i + batch)
+            rec.capturing = False
+        else:
+            rec.alone()
         with stopping_at(stop):
             feed(block, inputs[i:i + batch], call, batch)
     rec.settle()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -23,6 +24,8 @@ from .models import all_prunable, require_prunable, skipped_layers
 from .reconstruct import Update, dense_fitter, factorise, reconstruct
 from ..language.space import recipe_defaults
 from .sparsegpt import prune_with_sparsegpt
+
+log = logging.getLogger(__name__)
 
 NO_UPDATE = Update()
 
@@ -151,11 +154,14 @@ def _prune_sequential(model, fn, uses, calibration, grads, sparsity, structure, 
         _prune_block_layers(f"layers.{i}.", linears, rec, fn, uses, grads, len(calibration), sparsity, structure,
                             group, update, counts)
     recorder = PairedHessians if paired else Hessians if needs_h else InputNorms
+    if update.dense_windows and not (paired or update.tune):
+        log.warning("dense_windows=%d has no effect: only correct= (in sequential pruning) and tune= use "
+                    "the dense stream", update.dense_windows)
     tune = None
     if update.tune:
         tune = functools.partial(tune_block, epochs=update.tune, lr=update.tune_lr)
     blockwise(model, calibration, recorder, prune_block, progress, dense=dense, paired=paired,
-              staged=bool(update.staged), tune=tune)
+              staged=bool(update.staged), tune=tune, dense_windows=update.dense_windows)
 
 
 def _prune_block_layers(prefix, linears, rec, fn, uses, grads, n, sparsity, structure, group, update, counts=None):

@@ -79,6 +79,9 @@ class Update:
                                     # block's kept weights, fitting the dense block's outputs (0: none)
     tune_lr: float = 1e-3           # its learning rate (the best of 1e-5 to 3e-3 on a SmolLM2 block, held out:
                                     # experiments/probe_tuning.py)
+    dense_windows: int = 0          # correct= and tune=: carry the dense stream for the first K calibration
+                                    # windows only (0: all): the correction's cross term is estimated from
+                                    # them, and tuning fits them; a fraction of the dense stream's cost
 
     def __post_init__(self):
         from .. import checks
@@ -90,6 +93,9 @@ class Update:
         checks.integer("staged", self.staged, minimum=0, maximum=1)
         checks.integer("tune", self.tune, minimum=0)
         checks.number("tune_lr", self.tune_lr, low=0, low_open=True)
+        # without correct= or tune= it has nothing to limit (prune warns), but it is kept, so that
+        # a search that moves correct= to 0 and back keeps the user's setting
+        checks.integer("dense_windows", self.dense_windows, minimum=0)
         checks.number("percdamp", self.percdamp, low=0, low_open=True, optional=True)
         checks.integer("blocksize", self.blocksize)
         checks.number("rho", self.rho, low=0, low_open=True)
@@ -157,6 +163,8 @@ class Update:
     def describe(self) -> dict:
         """The parameters that matter for this kind, for report.json."""
         tuning = {"tune": self.tune, "tune_lr": self.tune_lr} if self.tune else {}
+        if self.dense_windows and (self.tune or self.correct):
+            tuning["dense_windows"] = self.dense_windows
         if self.kind == "none":
             return {"kind": "none", **({"staged": self.staged} if self.staged else {}), **tuning}
         keep = ("blocksize",) if self.kind.startswith("obs") else ("rho", "iters", "gradual")

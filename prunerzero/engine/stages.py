@@ -145,10 +145,12 @@ def prune_in_lockstep(i, block, linears, stages, inputs, call, batch, recorder, 
         with recorder({n: linears[n] for n in names}) as rec:
             rec.remove()        # fed by hand: its hooks would see each batch as it passes
             for b, x in sorted(held[k].items()):
-                if stored is not None:
+                if stored is not None and b < len(stored):
                     rec.capture()
                     replay_dense(rec, stored[b], names)
                     rec.capturing = False
+                elif stored is not None:   # past the dense stream's windows (Update.dense_windows)
+                    rec.alone()
                 for name in names:
                     rec.record(name, x)
             if stored is not None:
@@ -246,7 +248,8 @@ def prune_in_stages(i, block, linears, stages, order, inputs, call, batch, recor
 def replay_paired(block, stored, names: set, inputs, call, batch, rec):
     """run_paired with the dense halves replayed: each batch's stored dense inputs of the layers
     `names`, in the order they ran, then the pruned batch run by feed for its hooks."""
-    paired_batches(block, inputs, call, batch, rec, lambda b, i, j: replay_dense(rec, stored[b], names))
+    paired_batches(block, inputs, call, batch, rec, lambda b, i, j: replay_dense(rec, stored[b], names),
+                   dense_batches=len(stored))
 
 
 def replay_dense(rec, stored_batch, names) -> None:
