@@ -19,8 +19,9 @@ class SettingsError(PrunerZeroError, ValueError):
 
 
 def flag(name: str) -> str:
-    """The command-line spelling of a settings field."""
-    return "--" + name.replace("_", "-")
+    """The command-line spelling of a settings field; a name given already spelled (starting
+    with --, as "--update iters" for a parameter inside an option's value) is kept."""
+    return name if name.startswith("--") else "--" + name.replace("_", "-")
 
 
 def integer(name: str, value, minimum: int | None = 1, maximum: int | None = None, optional=False) -> int | None:

@@ -237,7 +237,9 @@ def _task_options(flag: str):
                    "give; a block then runs once on its pruned stream, not twice: admm staged=1 takes about "
                    "SparseGPT's time) and tune=E (each pruned block's kept weights then tuned together towards the "
                    "dense block's outputs: E epochs of Adam, one calibration window a step, tune_lr=1e-3; it runs "
-                   "the dense model beside, and each epoch a forward and backward pass of every block). Default: the "
+                   "the dense model beside, and each epoch a forward and backward pass of every block); "
+                   "dense_windows=K runs that dense model on the first K calibration windows only (correct= "
+                   "estimated from them, tune= fitting them; a fraction of the cost). Default: the "
                    "catalogued recipe's, else none.")
 @click.option("--allocation", default=None,
               help="Per-layer sparsity (unstructured): uniform; owl gives blocks with more outliers fewer pruned "

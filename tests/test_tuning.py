@@ -103,5 +103,5 @@ def test_tuning_settings_are_checked_and_written_in_the_spec():
     assert "tune" not in Update("admm").describe()
     with pytest.raises(SettingsError, match="tune"):
         Update("admm", tune=-1)
-    with pytest.raises(SettingsError, match="tune-lr"):
+    with pytest.raises(SettingsError, match="--update tune_lr"):
         Update("admm", tune=1, tune_lr=0)

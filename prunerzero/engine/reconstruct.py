@@ -85,22 +85,23 @@ class Update:
 
     def __post_init__(self):
         from .. import checks
+        P = "--update"   # its parameters are named as typed there: "--update iters must be ..."
         checks.choice("update", self.kind, UPDATES)
-        checks.number("correct", self.correct, 0, 1)
+        checks.number(f"{P} correct", self.correct, 0, 1)
         if self.correct and self.kind == "none":
             raise checks.SettingsError("correct= changes how kept weights are reconstructed: give an --update kind")
-        checks.integer("refine", self.refine, minimum=0, optional=True)
-        checks.integer("staged", self.staged, minimum=0, maximum=1)
-        checks.integer("tune", self.tune, minimum=0)
-        checks.number("tune_lr", self.tune_lr, low=0, low_open=True)
+        checks.integer(f"{P} refine", self.refine, minimum=0, optional=True)
+        checks.integer(f"{P} staged", self.staged, minimum=0, maximum=1)
+        checks.integer(f"{P} tune", self.tune, minimum=0)
+        checks.number(f"{P} tune_lr", self.tune_lr, low=0, low_open=True)
         # without correct= or tune= it has nothing to limit (prune warns), but it is kept, so that
         # a search that moves correct= to 0 and back keeps the user's setting
-        checks.integer("dense_windows", self.dense_windows, minimum=0)
-        checks.number("percdamp", self.percdamp, low=0, low_open=True, optional=True)
-        checks.integer("blocksize", self.blocksize)
-        checks.number("rho", self.rho, low=0, low_open=True)
-        checks.integer("iters", self.iters)
-        checks.integer("gradual", self.gradual, minimum=0, maximum=self.iters)
+        checks.integer(f"{P} dense_windows", self.dense_windows, minimum=0)
+        checks.number(f"{P} percdamp", self.percdamp, low=0, low_open=True, optional=True)
+        checks.integer(f"{P} blocksize", self.blocksize)
+        checks.number(f"{P} rho", self.rho, low=0, low_open=True)
+        checks.integer(f"{P} iters", self.iters)
+        checks.integer(f"{P} gradual", self.gradual, minimum=0, maximum=self.iters)
 
     @classmethod
     def parse(cls, spec) -> "Update":
