@@ -9,7 +9,7 @@ import torch
 from ..progress import bar
 
 from .models import ONLOAD_ATTR, decoder_layers, prunable_linears
-from .passes import feed, run_block, run_paired, samples_per_call, stopping_at
+from .passes import block_batch, feed, run_block, run_paired, stopping_at
 from .stages import last_layer, staged_block
 
 
@@ -205,8 +205,11 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
     dtype, device = compute_dtype(model), execution_device(model)
     originals = None
     if (paired or tune is not None) and not dense:
-        batch = batch or (samples_per_call(device, inputs[0].shape[-2]) if inputs else 1)
-        originals = list(inputs[:_whole_batches(dense_windows, batch)] if dense_windows else inputs)
+        if dense_windows:   # whole batches, so that the dense stream's line up with the pruned stream's
+            batch = batch or block_batch(inputs, device)
+            originals = list(inputs[:-(-dense_windows // batch) * batch])
+        else:
+            originals = list(inputs)
     known: dict = {}
     for i, block in enumerate(bar(blocks, desc=desc, enabled=progress)):
         inputs, call = as_dtype(inputs, calls[i], dtype, device)
@@ -224,7 +227,7 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
                 outputs, originals = _prune_unstaged(i, block, linears, inputs, dense_in, call, batch, recorder,
                                                      prune_block, dense, paired, originals, known)
             if tune is not None:
-                targets = (outputs[:dense_windows] if dense_windows else outputs) if dense else originals
+                targets = outputs[:dense_windows or None] if dense else originals
                 tune(block, linears, inputs, targets, call)
                 if not dense:   # the tuned block's outputs are what the next block receives
                     outputs = None
@@ -232,12 +235,6 @@ def blockwise(model, calibration, recorder, prune_block, progress, desc="pruning
                 with torch.no_grad():
                     outputs = run_block(block, inputs, call, batch)
             inputs = outputs
-
-
-def _whole_batches(samples: int, batch: int) -> int:
-    """`samples` rounded up to a whole number of `batch`-sample calls, so the dense stream's
-    batches line up with the pruned stream's."""
-    return -(-samples // batch) * batch
 
 
 def _prune_unstaged(i, block, linears, inputs, dense_in, call, batch, recorder, prune_block, dense, paired,

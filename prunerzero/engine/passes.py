@@ -29,9 +29,10 @@ def samples_per_call(device: torch.device, tokens: int) -> int:
     return max(1, GPU_TOKENS_PER_CALL // max(1, tokens))
 
 
-def block_batch(inputs) -> int:
-    """samples_per_call for a block's inputs (a list of (1, tokens, hidden) tensors)."""
-    return samples_per_call(inputs[0].device, inputs[0].shape[-2]) if inputs else 1
+def block_batch(inputs, device: torch.device | None = None) -> int:
+    """samples_per_call for a block's inputs (a list of (1, tokens, hidden) tensors), run on
+    `device` (None: where the inputs are)."""
+    return samples_per_call(device or inputs[0].device, inputs[0].shape[-2]) if inputs else 1
 
 
 def run_block(block, inputs, call, batch: int | None = None):
