@@ -1,8 +1,12 @@
 """The mask selection inside ADMM's iterations, as it was (torch's kthvalue, a sort per N:M
-group, five passes to check the scores) and as it is (numpy's introselect, N:M by elementwise
-ranks, one min/max pass): one ADMM reconstruction (20 iterations, the mask re-chosen in 15) of
-each of the bundled model's layer shapes, with H from correlated random inputs and Wanda's
-metric, the two alternated in one process; masks and weights must come out identical.
+group, five passes to check the scores), then (numpy's introselect with each row's scores up to
+the k-th counted, N:M by elementwise ranks, one min/max pass, N:M on the way selected among all
+scores with the unpruned ones at +inf) and as it is (the surplus ties read off the partition's
+right part instead of counted; N:M groups sorted by a min/max network, and the fraction on the
+way selected among the pattern's pruned scores only): one ADMM reconstruction (20 iterations,
+the mask re-chosen in 15) of each of the bundled model's layer shapes, with H from correlated
+random inputs and Wanda's metric, the three alternated in one process; masks and weights must
+come out identical.
 
     python experiments/bench_selection.py [--repeats 5]
 """
@@ -17,6 +21,7 @@ from pathlib import Path
 import torch
 
 import prunerzero.engine.masks as masks
+import prunerzero.engine.reconstruct as reconstruct
 import prunerzero.language.compile as compile_
 from prunerzero.engine.reconstruct import Update, admm_factor, admm_weights
 
@@ -25,8 +30,30 @@ SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (192, 576), "gate_proj/u
 STRUCTURES = ("unstructured", "2:4", "4:8")
 
 
+SELECT = masks._select
+
+
 def kth_by_torch(scores, k):
-    return scores.kthvalue(k, dim=-1, keepdim=True).values
+    return scores.kthvalue(k, dim=-1, keepdim=True).values, None
+
+
+def counted(scores, k):
+    """The introselect's k-th score, the surplus ties left to lowest_k to count."""
+    return SELECT(scores, k)[0], None
+
+
+def nm_by_rank(scores, n, m):
+    rows, cols = scores.shape
+    if bool(scores.isnan().any()):
+        return nm_by_sort(scores, n, m)
+    return masks._nm_by_rank(scores.reshape(rows, cols // m, m), n, m).reshape(rows, cols)
+
+
+def padded(scores, n, m, fraction):
+    """The N:M fraction on the way as it was: among all scores, the unpruned ones at +inf."""
+    full = masks.nm_mask(scores, n, m)
+    among = torch.where(full, scores, torch.inf).reshape(1, -1)
+    return masks.lowest_k(among, int(full.sum() * fraction)).reshape(full.shape)
 
 
 def nm_by_sort(scores, n, m):
@@ -44,12 +71,14 @@ def check_in_five_passes(scores, where=""):
         raise compile_.DegenerateMetricError("degenerate rows")
 
 
-BEFORE = dict(kth=kth_by_torch, nm=nm_by_sort, check=check_in_five_passes)
-AFTER = dict(kth=masks.kth_smallest, nm=masks.nm_mask, check=compile_.check_scores)
+WAYS = {"before": dict(select=kth_by_torch, nm=nm_by_sort, check=check_in_five_passes, fraction=padded),
+        "counted": dict(select=counted, nm=nm_by_rank, check=compile_.check_scores, fraction=padded),
+        "after": dict(select=SELECT, nm=masks.nm_mask, check=compile_.check_scores, fraction=masks.nm_fraction)}
 
 
-def use(selection):
-    masks.kth_smallest, masks.nm_mask, compile_.check_scores = selection["kth"], selection["nm"], selection["check"]
+def use(way):
+    masks._select, masks.nm_mask, compile_.check_scores = way["select"], way["nm"], way["check"]
+    reconstruct.nm_fraction = way["fraction"]
 
 
 def layer(out, inp, seed=0):
@@ -68,15 +97,15 @@ def time_shape(W, H, structure, repeats):
     up = Update("admm")
     f = admm_factor(H, up)
     sparsity = 0.5
-    times, results = {"before": [], "after": []}, {}
+    times, results = {k: [] for k in WAYS}, {}
     for _ in range(repeats):
-        for label, selection in (("before", BEFORE), ("after", AFTER)):
+        for label, selection in WAYS.items():
             use(selection)
             t0 = time.perf_counter()
             results[label] = admm_weights(W, f, score, sparsity, structure, "row", up)
             times[label].append(time.perf_counter() - t0)
-    use(AFTER)
-    assert torch.equal(results["before"], results["after"]), structure
+    use(WAYS["after"])
+    assert all(torch.equal(results["before"], r) for r in results.values()), structure
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
@@ -91,21 +120,27 @@ def main():
         for structure in STRUCTURES:
             med = time_shape(W, H, structure, a.repeats)
             rows.append(dict(layer=name, shape=[out, inp], structure=structure, before_s=med["before"],
-                             after_s=med["after"], speedup=med["before"] / med["after"]))
+                             counted_s=med["counted"], after_s=med["after"], speedup=med["before"] / med["after"],
+                             over_counted=med["counted"] / med["after"]))
             print(rows[-1], flush=True)
     data = dict(settings=dict(repeats=a.repeats, threads=torch.get_num_threads(), torch=torch.__version__,
                               machine=platform.machine(), processor=platform.processor()), rows=rows)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).with_suffix(".json").write_text(json.dumps(data, indent=2))
-    lines = [f"# One ADMM reconstruction (20 iterations, 15 selections), selections before and after "
+    lines = [f"# One ADMM reconstruction (20 iterations, 15 selections), three ways of selecting "
              f"({data['settings']['threads']} threads, torch {torch.__version__}; median of {a.repeats}, alternated; "
              "identical weights)", "",
-             "Before: torch's kthvalue, a stable sort per N:M group, five passes to check the scores. After: "
-             "numpy's introselect, N:M by elementwise ranks, one min/max pass. The time is the whole "
-             "reconstruction, its 20 matrix products included.", "",
-             "| layer | shape | structure | before s | after s | speed-up |", "|---|---|---|---:|---:|---:|"]
+             "Before: torch's kthvalue, a stable sort per N:M group, five passes to check the scores. Counted: "
+             "numpy's introselect with each row's scores up to the k-th counted for surplus ties, N:M by "
+             "elementwise ranks, one min/max pass, the N:M fraction on the way selected with the unpruned "
+             "scores at +inf. After: the surplus read off the partition's right part, N:M groups sorted by a "
+             "min/max network, the fraction selected among the pattern's pruned scores. "
+             "The time is the whole reconstruction, its 20 matrix products included.", "",
+             "| layer | shape | structure | before s | counted s | after s | after vs before | after vs counted |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['layer']} | {r['shape'][0]}x{r['shape'][1]} | {r['structure']} | {r['before_s']:.3f} | "
-              f"{r['after_s']:.3f} | {r['speedup']:.2f}x |" for r in rows]
+              f"{r['counted_s']:.3f} | {r['after_s']:.3f} | {r['speedup']:.2f}x | {r['over_counted']:.2f}x |"
+              for r in rows]
     Path(a.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -5,7 +5,8 @@ come from a stable sort."""
 import pytest
 import torch
 
-from prunerzero.engine.masks import kth_smallest, lowest_k, lowest_per_row, nm_mask, row_counts
+from prunerzero.engine.masks import (kth_smallest, lowest_k, lowest_per_row, merge_network, nm_fraction, nm_mask,
+                                     row_counts, sorted_places)
 from prunerzero.engine.reconstruct import Update, admm_factor, admm_weights
 from prunerzero.language.compile import DegenerateMetricError, NonFiniteScoreError, check_scores
 
@@ -74,6 +75,38 @@ def test_nm_masks_of_any_group_width_equal_a_stable_sort(kind, n, m):
     assert torch.equal(nm_mask(s, n, m), nm_by_sort(s, n, m))
 
 
+@pytest.mark.parametrize("m", range(2, 17))
+def test_the_merge_network_sorts_every_input(m):
+    # the 0-1 principle: a comparator network that sorts every 0/1 input sorts every input
+    bits = torch.arange(2 ** m).unsqueeze(-1).bitwise_right_shift(torch.arange(m)).bitwise_and(1).float()
+    places = torch.stack(sorted_places(bits.unsqueeze(0)), -1)[0]
+    assert torch.equal(places, bits.sort(-1).values)
+    assert all(i < j < m for i, j in merge_network(m))
+
+
+def test_the_network_puts_nan_in_every_place_of_its_group():
+    s = scores_of("continuous", cols=64)
+    s[2, 9] = float("nan")
+    places = sorted_places(s.reshape(37, 8, 8))
+    assert all(bool(p[2, 1].isnan()) for p in places)
+    assert not any(bool(p.isnan().sum() != 1) for p in places)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8), (5, 8), (8, 16), (2, 5), (3, 6)])
+@pytest.mark.parametrize("kind", KINDS + ["nan"])
+def test_nm_fractions_equal_the_padded_selection(kind, n, m):
+    """ADMM's N:M mask on its way: the lowest fraction of the pattern's pruned weights, as the
+    selection among all scores with the others at +inf chooses it (stable row-major ties)."""
+    s = scores_of("continuous" if kind == "nan" else kind, cols=16 * m)
+    if kind == "nan":
+        s[4, 1] = float("nan")
+    full = nm_by_sort(s, n, m)
+    padded = torch.where(full, s, torch.inf).reshape(1, -1)
+    for fraction in (0.0, 0.01, 0.271, 0.5, 0.93, 0.999):
+        k = int(full.sum() * fraction)
+        assert torch.equal(nm_fraction(s, n, m, fraction), by_sort(padded, [k]).reshape(s.shape)), fraction
+
+
 def textbook_admm(W, H, score, sparsity, structure, update, count=None):
     """ADMM as written in the paper (Boza 2024), with masks from a stable sort: Z the projection
     of W + U on the mask, U += W - Z, W solves the penalised least squares. Unit-diagonal
@@ -140,3 +173,11 @@ def test_the_one_pass_score_check_refuses_what_it_refused():
     with pytest.raises(DegenerateMetricError, match="of a row"):
         check_scores(rows)
     check_scores(torch.rand(5, 1))         # one column: rows cannot tie within themselves
+
+
+def test_the_selection_without_numpy_counts_ties_itself():
+    """Integer scores take torch's kthvalue, which says nothing of surplus ties: lowest_k counts
+    them, and still chooses as a stable sort does."""
+    s = (scores_of("coarse", dtype=torch.float64) * 3).to(torch.int64)
+    for k in (1, 5, 32, 63, 64):
+        assert torch.equal(lowest_k(s, k), by_sort(s, torch.full((len(s),), k)))

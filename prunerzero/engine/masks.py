@@ -59,12 +59,23 @@ def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     introselect finds it: 3x faster than torch's kthvalue per row and 10x on one long row
     (torch's runs one thread there), measured in experiments/bench_selection.py; the value
     is the same element either way."""
+    return _select(scores, k)[0]
+
+
+def _select(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, bool | None]:
+    """(kth_smallest, whether some row has more scores equal to its k-th than the k lowest hold),
+    the second None where it is not known for free. numpy's partition leaves every row's
+    scores past the k-th at its right, so their minimum tells it: a pass over half the row,
+    where counting each row's scores up to the k-th took a pass over all of it and a
+    boolean sum (2-3x the partition's own time on ADMM's layers)."""
     if scores.device.type == "cpu" and scores.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         a = scores.detach()
         a = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a   # exact: every value fits
-        kth = np.partition(a.numpy(), k - 1, axis=-1)[..., k - 1:k]
-        return torch.from_numpy(kth).to(scores.dtype)
-    return scores.kthvalue(k, dim=-1, keepdim=True).values
+        part = np.partition(a.numpy(), k - 1, axis=-1)
+        kth = part[..., k - 1:k]
+        surplus = k < part.shape[-1] and bool((part[..., k:].min(-1, keepdims=True) == kth).any())
+        return torch.from_numpy(kth).to(scores.dtype), surplus
+    return scores.kthvalue(k, dim=-1, keepdim=True).values, None
 
 
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -74,9 +85,11 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     ties runs only for rows with more weights at the k-th score than the count needs."""
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    kth = kth_smallest(scores, k)
+    kth, surplus = _select(scores, k)
     at_most = scores <= kth
-    if bool((at_most.sum(-1) == k).all()):  # no row has surplus ties at its k-th score (the usual case)
+    if surplus is None:
+        surplus = not bool((at_most.sum(-1) == k).all())
+    if not surplus:     # no row has surplus ties at its k-th score (the usual case)
         return at_most
     below, tie = scores < kth, scores == kth
     need = k - below.sum(-1, keepdim=True)
@@ -129,11 +142,81 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if cols % m:
         raise SparsityError(f"{n}:{m} needs in_features divisible by {m}, got {cols}")
     groups = scores.reshape(rows, cols // m, m)
-    if m <= 8 and not bool(scores.isnan().any()):   # NaN: the sort, which puts it last
+    if m <= NETWORK_M:
+        places = sorted_places(groups)
+        if _clean(places, n):
+            return (groups <= places[n - 1].unsqueeze(-1)).reshape(rows, cols)
+        nan = bool(places[0].isnan().any())
+    else:
+        nan = bool(scores.isnan().any())
+    if m <= 8 and not nan:   # NaN: the sort, which puts it last
         return _nm_by_rank(groups, n, m).reshape(rows, cols)
     order = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
     return mask.reshape(rows, cols)
+
+
+def nm_fraction(scores: torch.Tensor, n: int, m: int, fraction: float) -> torch.Tensor:
+    """Of the weights nm_mask prunes, the lowest-scoring `fraction` over the whole matrix (ties in
+    row-major order): ADMM's N:M mask on its way to the whole pattern. The scores of the
+    weights the pattern prunes are its groups' n lowest, which the sorting network gives, so the
+    selection runs on those (n/m of the matrix), not on the matrix with the others set to +inf."""
+    rows, cols = scores.shape
+    # the count as the +inf-padded selection computed it (an int64 total times a Python float
+    # is float32 in torch), so both choose alike at every fraction
+    k = int(torch.tensor(rows * cols // m * n) * fraction)
+    if m <= NETWORK_M and cols % m == 0 and k > 0:
+        groups = scores.reshape(rows, cols // m, m)
+        places = sorted_places(groups)
+        if _clean(places, n):
+            chosen = torch.stack(places[:n]).reshape(1, -1)
+            kth, surplus = _select(chosen, k)
+            if surplus is None:
+                surplus = int((chosen <= kth).sum()) != k
+            if not surplus:
+                return ((groups <= places[n - 1].unsqueeze(-1)) & (groups <= kth)).reshape(rows, cols)
+    full = nm_mask(scores, n, m)
+    among = torch.where(full, scores, torch.inf).reshape(1, -1)
+    return lowest_k(among, k).reshape(full.shape)
+
+
+# Group widths up to this are sorted by a network of elementwise min/max (19 pairs at M = 8,
+# 63 at 16) instead of ranked pair by pair or sorted along the group.
+NETWORK_M = 16
+
+
+def sorted_places(groups: torch.Tensor) -> list[torch.Tensor]:
+    """Each group's scores in ascending order, as one tensor per place: Batcher's odd-even merge
+    network of elementwise min/max over the group's columns (a NaN anywhere in a group makes
+    every place of it NaN, since both of a pair's outputs take it)."""
+    places = [groups[..., j] for j in range(groups.shape[-1])]
+    for i, j in merge_network(len(places)):
+        places[i], places[j] = torch.minimum(places[i], places[j]), torch.maximum(places[i], places[j])
+    return places
+
+
+def merge_network(m: int) -> list[tuple[int, int]]:
+    """The compare-exchange pairs (i < j: the smaller to i) of Batcher's odd-even merge sort of m
+    wires: merges of sorted runs of p = 1, 2, 4, ... wires, each comparing wires k apart for
+    k = p, p/2, ..., 1 within runs of 2p. Pairs that would reach past m are dropped (wires
+    there would hold +inf, which no pair moves)."""
+    pairs, p = [], 1
+    while p < m:
+        k = p
+        while k >= 1:
+            for j in range(k % p, m - k, 2 * k):
+                for i in range(min(k, m - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return pairs
+
+
+def _clean(places: list[torch.Tensor], n: int) -> bool:
+    """Whether the n-th lowest of every group is a number that its (n+1)-th does not equal: then
+    the scores up to it are exactly the n lowest, as a stable sort would take them."""
+    return not bool(places[n - 1].isnan().any()) and not bool((places[n] == places[n - 1]).any())
 
 
 def _nm_by_rank(groups: torch.Tensor, n: int, m: int) -> torch.Tensor:

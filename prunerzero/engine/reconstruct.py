@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import PrunerZeroError
-from .masks import lowest_k, lowest_per_row, make_mask, nm_mask, parse_structure, row_counts
+from .masks import lowest_k, lowest_per_row, make_mask, nm_fraction, nm_mask, parse_structure, row_counts
 
 UPDATES = ("none", "obs", "obs-adaptive", "admm", "admm-pcg")
 ADMM_KINDS = ("admm", "admm-pcg")
@@ -372,14 +372,10 @@ def admm_weights(W: torch.Tensor, factor: AdmmFactor, score, sparsity: float, st
         s = score(current / norm)
         if nm is None and fraction < 1:
             return make_mask(s, sparsity * fraction, structure, group, None if count is None else int(count * fraction))
-        full = make_mask(s, sparsity, structure, group, count)
         if fraction >= 1:
-            return full
+            return make_mask(s, sparsity, structure, group, count)
         # N:M on the way: of the weights the pattern prunes, the lowest-scoring fraction so far
-        # (ties in row-major order among those weights; the others score +inf, so they are
-        # never chosen and the ranking is theirs: cheaper than gathering and scattering them)
-        among = torch.where(full, s, torch.inf).reshape(1, -1)
-        return lowest_k(among, int(full.sum() * fraction)).reshape(full.shape)
+        return nm_fraction(s, *nm, fraction)
 
     # the mask as 1.0 (pruned) / 0.0: products are several times faster than boolean selects
     pruned = mask_of(Wn).float() if update.gradual == 0 else None
