@@ -33,13 +33,21 @@ STRUCTURES = ("unstructured", "2:4", "4:8")
 SELECT = masks._select
 
 
+def surplus_counted(scores, kth, k):
+    """Whether some row has surplus ties at its k-th score, counted as the selections before
+    did: each row's scores up to the k-th, summed."""
+    return not bool(((scores <= kth).sum(-1) == k).all())
+
+
 def kth_by_torch(scores, k):
-    return scores.kthvalue(k, dim=-1, keepdim=True).values, None
+    kth = scores.kthvalue(k, dim=-1, keepdim=True).values
+    return kth, surplus_counted(scores, kth, k)
 
 
 def counted(scores, k):
-    """The introselect's k-th score, the surplus ties left to lowest_k to count."""
-    return SELECT(scores, k)[0], None
+    """The introselect's k-th score, the surplus ties counted."""
+    kth = SELECT(scores, k)[0]
+    return kth, surplus_counted(scores, kth, k)
 
 
 def nm_by_rank(scores, n, m):

@@ -62,12 +62,12 @@ def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return _select(scores, k)[0]
 
 
-def _select(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, bool | None]:
-    """(kth_smallest, whether some row has more scores equal to its k-th than the k lowest hold),
-    the second None where it is not known for free. numpy's partition leaves every row's
-    scores past the k-th at its right, so their minimum tells it: a pass over half the row,
-    where counting each row's scores up to the k-th took a pass over all of it and a
-    boolean sum (2-3x the partition's own time on ADMM's layers)."""
+def _select(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, bool]:
+    """(kth_smallest, whether some row has more scores equal to its k-th than the k lowest hold).
+    numpy's partition leaves every row's scores past the k-th at its right, so their minimum
+    tells it: a pass over half the row, where counting each row's scores up to the k-th (what
+    torch's kthvalue leaves to do) takes a pass over all of it and a boolean sum (2-3x the
+    partition's own time on ADMM's layers)."""
     if scores.device.type == "cpu" and scores.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         a = scores.detach()
         a = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a   # exact: every value fits
@@ -75,7 +75,8 @@ def _select(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, bool | None]:
         kth = part[..., k - 1:k]
         surplus = k < part.shape[-1] and bool((part[..., k:].min(-1, keepdims=True) == kth).any())
         return torch.from_numpy(kth).to(scores.dtype), surplus
-    return scores.kthvalue(k, dim=-1, keepdim=True).values, None
+    kth = scores.kthvalue(k, dim=-1, keepdim=True).values
+    return kth, not bool(((scores <= kth).sum(-1) == k).all())
 
 
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -86,11 +87,8 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     kth, surplus = _select(scores, k)
-    at_most = scores <= kth
-    if surplus is None:
-        surplus = not bool((at_most.sum(-1) == k).all())
     if not surplus:     # no row has surplus ties at its k-th score (the usual case)
-        return at_most
+        return scores <= kth
     below, tie = scores < kth, scores == kth
     need = k - below.sum(-1, keepdim=True)
     return below | (tie & (tie.cumsum(-1) <= need))
@@ -171,8 +169,6 @@ def nm_fraction(scores: torch.Tensor, n: int, m: int, fraction: float) -> torch.
         if _clean(places, n):
             chosen = torch.stack(places[:n]).reshape(1, -1)
             kth, surplus = _select(chosen, k)
-            if surplus is None:
-                surplus = int((chosen <= kth).sum()) != k
             if not surplus:
                 return ((groups <= places[n - 1].unsqueeze(-1)) & (groups <= kth)).reshape(rows, cols)
     full = nm_mask(scores, n, m)
