@@ -34,9 +34,10 @@ SELECT = masks._select
 
 
 def surplus_counted(scores, kth, k):
-    """Whether some row has surplus ties at its k-th score, counted as the selections before
-    did: each row's scores up to the k-th, summed."""
-    return not bool(((scores <= kth).sum(-1) == k).all())
+    """The rows with surplus ties at their k-th score (None: none), counted as the selections
+    before did: each row's scores up to the k-th, summed."""
+    tied = (scores <= kth).sum(-1) != k
+    return tied if bool(tied.any()) else None
 
 
 def kth_by_torch(scores, k):

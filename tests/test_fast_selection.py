@@ -2,9 +2,11 @@
 rows grouped by count, the N:M fraction chosen among +inf-padded scores) choose exactly what a
 stable sort chooses, and ADMM built on them gives the iterates of the textbook loop whose masks
 come from a stable sort."""
+import numpy as np
 import pytest
 import torch
 
+from prunerzero.engine import masks
 from prunerzero.engine.masks import (kth_smallest, lowest_k, lowest_per_row, merge_network, nm_fraction, nm_mask,
                                      row_counts, sorted_places)
 from prunerzero.engine.reconstruct import Update, admm_factor, admm_weights
@@ -160,6 +162,33 @@ def test_admm_with_the_fast_selections_is_the_textbook_admm(structure, count, se
     assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_admm_checks_the_first_and_last_selections_and_chooses_alike(structure):
+    """The selections on the way to the final mask take the metric's unchecked scores; the first
+    (on the dense weights) and the last are checked, and the weights come out the same as when
+    every selection is checked."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(256, 32, generator=g)
+    H, W = X.T @ X, torch.randn(12, 32, generator=g)
+    from prunerzero.language.compile import scorer
+    from prunerzero.language.metric import Metric
+    fn = Metric.parse("sqr(W)*X").compile()
+    checked, calls = scorer("layer", fn, {"X": H.diagonal().sqrt()}), []
+
+    def counting(w):
+        calls.append(True)
+        return checked(w)
+    counting.unchecked = lambda w: calls.append(False) or checked.unchecked(w)
+    update = Update("admm", gradual=6, iters=8)
+    ours = admm_weights(W, admm_factor(H, update), counting, 0.5, structure, "row", update)
+    assert calls == [True] + [False] * 4 + [True]
+    every = admm_weights(W, admm_factor(H, update), checked.__call__, 0.5, structure, "row", update)
+    assert torch.equal(ours, every)
+    nan_metric = scorer("layer", lambda w: w * float("nan"), {})
+    with pytest.raises(NonFiniteScoreError):
+        admm_weights(W, admm_factor(H, update), nan_metric, 0.5, structure, "row", update)
+
+
 def test_the_one_pass_score_check_refuses_what_it_refused():
     check_scores(torch.rand(4, 6))
     for bad in (float("nan"), float("inf"), float("-inf")):
@@ -181,3 +210,19 @@ def test_the_selection_without_numpy_counts_ties_itself():
     s = (scores_of("coarse", dtype=torch.float64) * 3).to(torch.int64)
     for k in (1, 5, 32, 63, 64):
         assert torch.equal(lowest_k(s, k), by_sort(s, torch.full((len(s),), k)))
+
+
+@pytest.mark.parametrize("kind", ["plain", "coarse", "tied rows", "infinite"])
+def test_selection_shared_among_threads_equals_a_stable_sort(kind, monkeypatch):
+    """Rows split among threads (forced here on a small matrix) select exactly as one thread
+    and as a stable sort, ties broken on the tied rows only."""
+    s = scores_of("continuous" if kind == "plain" else kind, rows=53, cols=96, seed=3)
+    monkeypatch.setattr(masks, "PARTITION_SPLIT", 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert np.array_equal(masks.partition(s.numpy(), 40), np.partition(s.numpy(), 40, axis=-1))
+        for k in (1, 41, 95, 96):
+            assert torch.equal(lowest_k(s, k), by_sort(s, torch.full((len(s),), k)))
+    finally:
+        torch.set_num_threads(threads)

@@ -1,6 +1,7 @@
 """Scores to masks (True = prune), with exact counts and deterministic ties."""
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -62,36 +63,71 @@ def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return _select(scores, k)[0]
 
 
-def _select(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, bool]:
-    """(kth_smallest, whether some row has more scores equal to its k-th than the k lowest hold).
-    numpy's partition leaves every row's scores past the k-th at its right, so their minimum
-    tells it: a pass over half the row, where counting each row's scores up to the k-th (what
-    torch's kthvalue leaves to do) takes a pass over all of it and a boolean sum (2-3x the
-    partition's own time on ADMM's layers)."""
+def _select(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(kth_smallest, the rows with more scores equal to their k-th than the k lowest hold, as a
+    boolean of the leading shape, or None where no row has). numpy's partition leaves every
+    row's scores past the k-th at its right, so their minimum tells it: a pass over half the
+    row, where counting each row's scores up to the k-th (what torch's kthvalue leaves to do)
+    takes a pass over all of it and a boolean sum (2-3x the partition's own time on ADMM's
+    layers)."""
     if scores.device.type == "cpu" and scores.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         a = scores.detach()
         a = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a   # exact: every value fits
-        part = np.partition(a.numpy(), k - 1, axis=-1)
+        part = partition(a.numpy(), k - 1)
         kth = part[..., k - 1:k]
-        surplus = k < part.shape[-1] and bool((part[..., k:].min(-1, keepdims=True) == kth).any())
-        return torch.from_numpy(kth).to(scores.dtype), surplus
+        tied = part[..., k:].min(-1) == kth[..., 0] if k < part.shape[-1] else None
+        tied = torch.from_numpy(tied) if tied is not None and tied.any() else None
+        return torch.from_numpy(kth).to(scores.dtype), tied
     kth = scores.kthvalue(k, dim=-1, keepdim=True).values
-    return kth, not bool(((scores <= kth).sum(-1) == k).all())
+    tied = (scores <= kth).sum(-1) != k
+    return kth, tied if bool(tied.any()) else None
+
+
+# Rows are split among threads only above this many scores per thread: below it the threads'
+# start costs more than they save.
+PARTITION_SPLIT = 1 << 16
+
+
+def partition(a: np.ndarray, kth: int) -> np.ndarray:
+    """np.partition along the last axis, the rows shared among torch's intra-op threads (numpy's
+    selection releases the GIL but runs on one thread; on ADMM's 4096-wide layers it cost half
+    an iteration's matrix product). Each row is partitioned alone, so the result is the same."""
+    rows = a.reshape(-1, a.shape[-1])
+    workers = min(torch.get_num_threads(), len(rows), a.size // PARTITION_SPLIT)
+    if workers <= 1:
+        return np.partition(a, kth, axis=-1)
+    out = np.empty_like(rows)
+    bounds = np.linspace(0, len(rows), workers + 1).astype(int)
+
+    def run(i):
+        out[bounds[i]:bounds[i + 1]] = np.partition(rows[bounds[i]:bounds[i + 1]], kth, axis=-1)
+    list(_threads(workers).map(run, range(workers)))
+    return out.reshape(a.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _threads(workers: int):
+    from concurrent.futures import ThreadPoolExecutor
+    return ThreadPoolExecutor(workers, thread_name_prefix="prunerzero-select")
 
 
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """True at the k lowest scores of each row; among equal scores the lower column index is
     taken first, exactly as a stable sort would, so ties break the same way everywhere.
     A selection (kth_smallest) costs a fraction of a sort; the cumulative count that breaks
-    ties runs only for rows with more weights at the k-th score than the count needs."""
+    ties runs only on the rows with more weights at the k-th score than the count needs."""
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    kth, surplus = _select(scores, k)
-    if not surplus:     # no row has surplus ties at its k-th score (the usual case)
-        return scores <= kth
-    below, tie = scores < kth, scores == kth
+    kth, tied = _select(scores, k)
+    mask = scores <= kth
+    if tied is None:    # no row has surplus ties at its k-th score (the usual case)
+        return mask
+    at = tied.to(scores.device).nonzero(as_tuple=True)
+    sub, edge = scores[at], kth[at]
+    below, tie = sub < edge, sub == edge
     need = k - below.sum(-1, keepdim=True)
-    return below | (tie & (tie.cumsum(-1) <= need))
+    mask[at] = below | (tie & (tie.cumsum(-1) <= need))
+    return mask
 
 
 def lowest_per_row(scores: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
@@ -168,8 +204,8 @@ def nm_fraction(scores: torch.Tensor, n: int, m: int, fraction: float) -> torch.
         places = sorted_places(groups)
         if _clean(places, n):
             chosen = torch.stack(places[:n]).reshape(1, -1)
-            kth, surplus = _select(chosen, k)
-            if not surplus:
+            kth, tied = _select(chosen, k)
+            if tied is None:
                 return ((groups <= places[n - 1].unsqueeze(-1)) & (groups <= kth)).reshape(rows, cols)
     full = nm_mask(scores, n, m)
     among = torch.where(full, scores, torch.inf).reshape(1, -1)

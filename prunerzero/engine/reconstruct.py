@@ -368,8 +368,10 @@ def admm_weights(W: torch.Tensor, factor: AdmmFactor, score, sparsity: float, st
     T = torch.addmm(Wn, Wn, inv, alpha=-rho)
     nm = parse_structure(structure, sparsity)
 
-    def mask_of(current, fraction=1.0):
-        s = score(current / norm)
+    unchecked = getattr(score, "unchecked", score)
+
+    def mask_of(current, fraction=1.0, check=True):
+        s = (score if check else unchecked)(current / norm)
         if nm is None and fraction < 1:
             return make_mask(s, sparsity * fraction, structure, group, None if count is None else int(count * fraction))
         if fraction >= 1:
@@ -383,7 +385,8 @@ def admm_weights(W: torch.Tensor, factor: AdmmFactor, score, sparsity: float, st
     for t in range(update.iters):
         V = Wn.add_(Udual)                       # Wn is not needed past this point
         if t < update.gradual:
-            pruned = mask_of(V, 1 - (1 - (t + 1) / update.gradual) ** 3).float()
+            # the scores checked where the mask starts (the dense weights) and where it ends
+            pruned = mask_of(V, 1 - (1 - (t + 1) / update.gradual) ** 3, t in (0, update.gradual - 1)).float()
         Udual = V * pruned
         Wn = torch.addmm(T, V.sub_(Udual, alpha=2), inv, alpha=rho)
     kept = 1 - pruned
@@ -414,6 +417,6 @@ def refine_on_mask(Wn: torch.Tensor, target: torch.Tensor, Hn: torch.Tensor, kep
         R.addcmul_(alpha, HP, value=-1)
         new = (R * R).sum(1, keepdim=True)
         beta = torch.where(rr > tiny, new / rr.clamp_min(tiny), torch.zeros_like(rr))
-        P = R + beta * P
+        P = P.mul_(beta).add_(R)                 # R + beta P, in place
         rr = new
     return X
