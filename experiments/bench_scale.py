@@ -16,7 +16,8 @@ each phase in a fresh process and records its wall time and peak resident memory
   wanda      load, `apply_metric(wanda)` sequential at 50% with --nsamples x 512 Wikipedia
              calibration tokens, perplexity on --chunks WikiText-2 chunks of 512;
   sparsegpt  the same with `apply_sparsegpt`;
-  admm       the same with --recipe (a catalog recipe; default the README's recommended one);
+  admm       the same with --recipe (a catalog recipe, default the README's recommended one, or
+             METRIC@UPDATE);
   search     one search evaluation: X of the dense model cached to disk, then one candidate
              (Wanda's metric) evaluated by the search's Evaluator, as a worker would.
 
@@ -89,7 +90,8 @@ def phase(name: str, folder: str, dtype: str, device: str, nsamples: int, chunks
     elif name == "sparsegpt":
         apply_sparsegpt(model, 0.5, calibration=samples, progress=False)
     elif name == "admm":
-        report = apply_metric(model, recipe, 0.5, calibration=samples, progress=False)
+        metric, _, update = recipe.partition("@")      # a catalog name, or METRIC@UPDATE
+        report = apply_metric(model, metric, 0.5, calibration=samples, update=update or None, progress=False)
         out.update(recipe=recipe, update=report.update)
     else:
         out.update(_search_evaluation(model, folder, samples, ev.chunks, dtype, device))
@@ -164,7 +166,8 @@ def main():
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--layers", type=int, default=None, help="only this many of the shape's decoder layers")
-    ap.add_argument("--recipe", default=RECOMMENDED, help="the admm phase's catalog recipe")
+    ap.add_argument("--recipe", default=RECOMMENDED,
+                    help="the admm phase's recipe: a catalog name, or METRIC@UPDATE (\"sqr(W)*X@admm bf16=1\")")
     ap.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this process
     common_options(ap, "bench_scale")
     args = ap.parse_args()
@@ -193,9 +196,10 @@ def main():
             continue
         row = dict(json.loads(result[-1][7:]), shape=args.shape, dtype=args.dtype, device=args.device,
                    nsamples=args.nsamples, chunks=args.chunks, layers=args.layers)
-        key = (args.shape, args.dtype, name, args.device, args.layers)
-        data["rows"] = [r for r in data["rows"]
-                        if (r["shape"], r["dtype"], r["phase"], r["device"], r.get("layers")) != key] + [row]
+        recipe = args.recipe if name == "admm" else None
+        key = (args.shape, args.dtype, name, args.device, args.layers, recipe)
+        data["rows"] = [r for r in data["rows"] if (r["shape"], r["dtype"], r["phase"], r["device"], r.get("layers"),
+                                                    r.get("recipe")) != key] + [row]
         print(row, flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2))

@@ -225,3 +225,31 @@ def test_the_two_level_obs_sweep_is_the_textbook_sweep(blocksize, step, inner):
     got = obs_sweep(W, U, torch.zeros(48, dtype=torch.bool), choose, blocksize, step, group_only=True, inner=inner)
     assert got.dtype == torch.float64 and torch.equal(got == 0, want == 0)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sparsity, structure, group", CASES)
+def test_bf16_products_while_the_mask_moves_give_the_fp32_error_and_mask_shape(sparsity, structure, group, monkeypatch):
+    """bf16=1: the iterations that re-choose the mask multiply in bfloat16, the last iterations and
+    the refinement in fp32; the layer's error stays within 1% of all-fp32 ADMM's, the mask keeps
+    its shape, and where bf16 is not fast the weights are all-fp32 ADMM's to the bit."""
+    import prunerzero.engine.reconstruct as rec
+    W, H = layer(out=48, inp=64, tokens=800)
+    score = wanda(H)
+    exact = reconstruct(W, H, Update.parse("admm-pcg iters=22 gradual=20 refine=5"), score, sparsity, structure, group)
+    monkeypatch.setattr(rec, "fast_bf16", lambda device: True)
+    coarse = reconstruct(W, H, Update.parse("admm-pcg iters=22 gradual=20 refine=5 bf16=1"), score, sparsity,
+                         structure, group)
+    assert shape_ok(coarse, sparsity, structure, group)
+    assert not torch.equal(coarse, exact)                      # the bf16 products did run
+    assert error(coarse, W, H) <= 1.01 * error(exact, W, H)
+    monkeypatch.setattr(rec, "fast_bf16", lambda device: False)
+    assert torch.equal(reconstruct(W, H, Update.parse("admm-pcg iters=22 gradual=20 refine=5 bf16=1"), score,
+                                   sparsity, structure, group), exact)
+
+
+def test_bf16_is_reported_and_spelled_in_the_spec():
+    up = Update.parse("admm-pcg refine=5 bf16=1")
+    assert up.describe()["bf16"] == 1 and "bf16=1" in up.spec()
+    assert "bf16" not in Update.parse("admm").describe()
+    with pytest.raises(Exception, match="bf16"):
+        Update.parse("admm bf16=2")

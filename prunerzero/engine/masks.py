@@ -177,24 +177,39 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         raise SparsityError(f"{n}:{m} needs in_features divisible by {m}, got {cols}")
     groups = scores.reshape(rows, cols // m, m)
     if m <= NETWORK_M:
-        places = sorted_places(groups)
-        if _clean(places, n):
-            return (groups <= places[n - 1].unsqueeze(-1)).reshape(rows, cols)
-        nan = bool(places[0].isnan().any())
-    else:
-        nan = bool(scores.isnan().any())
-    if m <= 8 and not nan:   # NaN: the sort, which puts it last
-        return _nm_by_rank(groups, n, m).reshape(rows, cols)
+        mask = _pattern(groups, sorted_places(groups), n)
+        if mask is not None:
+            return mask.reshape(rows, cols)
+    return _nm_by_sort(groups, n).reshape(rows, cols)   # NaN: the sort, which puts it last
+
+
+def _pattern(groups: torch.Tensor, places: list[torch.Tensor], n: int) -> torch.Tensor | None:
+    """The N:M mask of `groups` from their sorted places: the scores up to the n-th place, except
+    in groups whose n-th and (n+1)-th places are equal (more scores at the edge than the n lowest
+    hold), which are ranked alone so that the lower column is taken first, as a stable sort
+    does. None where some group holds NaN (the network spreads it to every place of its group)."""
+    if bool(places[n - 1].isnan().any()):
+        return None
+    mask = groups <= places[n - 1].unsqueeze(-1)
+    tied = places[n] == places[n - 1]
+    if bool(tied.any()):
+        at = tied.nonzero(as_tuple=True)
+        sub = groups[at]
+        mask[at] = _nm_by_rank(sub, n, sub.shape[-1]) if sub.shape[-1] <= 8 else _nm_by_sort(sub, n)
+    return mask
+
+
+def _nm_by_sort(groups: torch.Tensor, n: int) -> torch.Tensor:
     order = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
-    return mask.reshape(rows, cols)
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
 
 
 def nm_fraction(scores: torch.Tensor, n: int, m: int, fraction: float) -> torch.Tensor:
     """Of the weights nm_mask prunes, the lowest-scoring `fraction` over the whole matrix (ties in
     row-major order): ADMM's N:M mask on its way to the whole pattern. The scores of the
-    weights the pattern prunes are its groups' n lowest, which the sorting network gives, so the
-    selection runs on those (n/m of the matrix), not on the matrix with the others set to +inf."""
+    weights the pattern prunes are its groups' n lowest places, which the sorting network gives
+    (ties at a group's edge included: equal scores are one value), so the selection runs on
+    those (n/m of the matrix), not on the matrix with the others set to +inf."""
     rows, cols = scores.shape
     # the count as the +inf-padded selection computed it (an int64 total times a Python float
     # is float32 in torch), so both choose alike at every fraction
@@ -202,11 +217,14 @@ def nm_fraction(scores: torch.Tensor, n: int, m: int, fraction: float) -> torch.
     if m <= NETWORK_M and cols % m == 0 and k > 0:
         groups = scores.reshape(rows, cols // m, m)
         places = sorted_places(groups)
-        if _clean(places, n):
-            chosen = torch.stack(places[:n]).reshape(1, -1)
-            kth, tied = _select(chosen, k)
+        if not bool(places[n - 1].isnan().any()):
+            kth, tied = _select(torch.stack(places[:n]).reshape(1, -1), k)
             if tied is None:
-                return ((groups <= places[n - 1].unsqueeze(-1)) & (groups <= kth)).reshape(rows, cols)
+                if not bool((places[n] == places[n - 1]).any()):
+                    # at or below the n-th place and the k-th chosen score: one comparison
+                    edge = torch.minimum(places[n - 1], kth.reshape(()))
+                    return (groups <= edge.unsqueeze(-1)).reshape(rows, cols)
+                return (_pattern(groups, places, n) & (groups <= kth)).reshape(rows, cols)
     full = nm_mask(scores, n, m)
     among = torch.where(full, scores, torch.inf).reshape(1, -1)
     return lowest_k(among, k).reshape(full.shape)
@@ -243,12 +261,6 @@ def merge_network(m: int) -> list[tuple[int, int]]:
             k //= 2
         p *= 2
     return pairs
-
-
-def _clean(places: list[torch.Tensor], n: int) -> bool:
-    """Whether the n-th lowest of every group is a number that its (n+1)-th does not equal: then
-    the scores up to it are exactly the n lowest, as a stable sort would take them."""
-    return not bool(places[n - 1].isnan().any()) and not bool((places[n] == places[n - 1]).any())
 
 
 def _nm_by_rank(groups: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ Every solver keeps exactly the requested mask shape: unstructured (per row or pe
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -82,6 +83,12 @@ class Update:
     dense_windows: int = 0          # correct= and tune=: carry the dense stream for the first K calibration
                                     # windows only (0: all): the correction's cross term is estimated from
                                     # them, and tuning fits them; a fraction of the dense stream's cost
+    bf16: int = 0                   # ADMM: 1 multiplies in bfloat16 while the mask is still being chosen
+                                    # (the first `gradual` iterations), in fp32 after it and in the refinement,
+                                    # which mend what the coarser products leave: 4-6x faster products on CPUs
+                                    # with bf16 units (AMX) and on GPUs' tensor cores, where large layers'
+                                    # iterations are the prune's time (fp32 throughout where bf16 is not
+                                    # fast: fast_bf16)
 
     def __post_init__(self):
         from .. import checks
@@ -97,6 +104,7 @@ class Update:
         # without correct= or tune= it has nothing to limit (prune warns), but it is kept, so that
         # a search that moves correct= to 0 and back keeps the user's setting
         checks.integer(f"{P} dense_windows", self.dense_windows, minimum=0)
+        checks.integer(f"{P} bf16", self.bf16, minimum=0, maximum=1)
         checks.number(f"{P} percdamp", self.percdamp, low=0, low_open=True, optional=True)
         checks.integer(f"{P} blocksize", self.blocksize)
         checks.number(f"{P} rho", self.rho, low=0, low_open=True)
@@ -172,6 +180,8 @@ class Update:
         out = {"kind": self.kind, "percdamp": self.damping, **{k: v for k, v in asdict(self).items() if k in keep}}
         if self.kind == "admm-pcg":
             out["refine"] = self.refine_steps
+        if self.is_admm and self.bf16:
+            out["bf16"] = self.bf16
         if self.correct:
             out["correct"] = self.correct
         if self.staged:
@@ -381,6 +391,7 @@ def admm_weights(W: torch.Tensor, factor: AdmmFactor, score, sparsity: float, st
 
     # the mask as 1.0 (pruned) / 0.0: products are several times faster than boolean selects
     pruned = mask_of(Wn).float() if update.gradual == 0 else None
+    coarse = inv.bfloat16() if update.bf16 and update.gradual and fast_bf16(inv.device) else None
     Udual = torch.zeros_like(Wn)
     for t in range(update.iters):
         V = Wn.add_(Udual)                       # Wn is not needed past this point
@@ -388,12 +399,29 @@ def admm_weights(W: torch.Tensor, factor: AdmmFactor, score, sparsity: float, st
             # the scores checked where the mask starts (the dense weights) and where it ends
             pruned = mask_of(V, 1 - (1 - (t + 1) / update.gradual) ** 3, t in (0, update.gradual - 1)).float()
         Udual = V * pruned
-        Wn = torch.addmm(T, V.sub_(Udual, alpha=2), inv, alpha=rho)
+        step = V.sub_(Udual, alpha=2)
+        if coarse is not None and t < update.gradual:
+            Wn = torch.mm(step.bfloat16(), coarse).float().mul_(rho).add_(T)
+        else:
+            Wn = torch.addmm(T, step, inv, alpha=rho)
     kept = 1 - pruned
     out = Wn.add_(Udual).mul_(kept)
     if update.refine_steps:
         out = refine_on_mask(out, target, factor.plain, kept, update.refine_steps)
     return out.div_(norm)
+
+
+@functools.lru_cache(maxsize=None)
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 products are fast on `device`: a GPU that supports bf16 natively, or a
+    CPU with bf16 units (AVX-512 BF16 or AMX). Elsewhere (a CPU with AVX2 only) bf16 is
+    emulated and slower than fp32, so bf16=1 keeps fp32 products there."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
 
 
 @torch.no_grad()
