@@ -226,3 +226,32 @@ def test_selection_shared_among_threads_equals_a_stable_sort(kind, monkeypatch):
             assert torch.equal(lowest_k(s, k), by_sort(s, torch.full((len(s),), k)))
     finally:
         torch.set_num_threads(threads)
+
+
+def _select_in_child(s, k, out):
+    torch.set_num_threads(2)   # a forked child may start with one thread: the pools need two
+    out.put(lowest_k(s, k).tolist())   # plain data: a tensor would be shared through the child's memory
+
+
+def test_a_forked_child_selects_with_threads_of_its_own(monkeypatch):
+    """The thread pools are per process: a child forked after the parent used them selects too
+    (inherited pools have no threads, and would wait forever)."""
+    import multiprocessing as mp
+    monkeypatch.setattr(masks, "PARTITION_SPLIT", 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        s = scores_of("continuous", rows=40, cols=64)
+        expected = lowest_k(s, 20)                       # the parent's pool now exists
+        ctx = mp.get_context("fork")
+        out = ctx.Queue()
+        child = ctx.Process(target=_select_in_child, args=(s, 20, out))
+        child.start()
+        child.join(60)
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+        assert not hung, "the forked child waited on its parent's threads"
+        assert out.get(timeout=10) == expected.tolist()
+    finally:
+        torch.set_num_threads(threads)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 
 import numpy as np
@@ -109,6 +110,10 @@ def partition(a: np.ndarray, kth: int) -> np.ndarray:
 def _threads(workers: int):
     from concurrent.futures import ThreadPoolExecutor
     return ThreadPoolExecutor(workers, thread_name_prefix="prunerzero-select")
+
+
+# a forked child inherits the pools but not their threads: it would wait on them forever
+os.register_at_fork(after_in_child=_threads.cache_clear)
 
 
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
