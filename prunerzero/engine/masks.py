@@ -182,25 +182,32 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         raise SparsityError(f"{n}:{m} needs in_features divisible by {m}, got {cols}")
     groups = scores.reshape(rows, cols // m, m)
     if m <= NETWORK_M:
-        mask = _pattern(groups, sorted_places(groups), n)
-        if mask is not None:
-            return mask.reshape(rows, cols)
+        places = sorted_places(groups)
+        if not _holds_nan(places, n):
+            return _pattern(groups, places, n).reshape(rows, cols)
     return _nm_by_sort(groups, n).reshape(rows, cols)   # NaN: the sort, which puts it last
 
 
-def _pattern(groups: torch.Tensor, places: list[torch.Tensor], n: int) -> torch.Tensor | None:
-    """The N:M mask of `groups` from their sorted places: the scores up to the n-th place, except
-    in groups whose n-th and (n+1)-th places are equal (more scores at the edge than the n lowest
-    hold), which are ranked alone so that the lower column is taken first, as a stable sort
-    does. None where some group holds NaN (the network spreads it to every place of its group)."""
-    if bool(places[n - 1].isnan().any()):
-        return None
-    mask = groups <= places[n - 1].unsqueeze(-1)
+def _holds_nan(places: list[torch.Tensor], n: int) -> bool:
+    """Whether some group holds NaN: the network spreads it to every place of its group."""
+    return bool(places[n - 1].isnan().any())
+
+
+def _pattern(groups: torch.Tensor, places: list[torch.Tensor], n: int, cap: torch.Tensor | None = None) -> torch.Tensor:
+    """The N:M mask of NaN-free `groups` from their sorted places: the scores up to the n-th
+    place (and, given a 0-d `cap`, up to it too: one comparison with the lower of the two),
+    except in groups whose n-th and (n+1)-th places are equal (more scores at the edge than the
+    n lowest hold), which are ranked alone so that the lower column is taken first, as a stable
+    sort does."""
+    edge = places[n - 1] if cap is None else torch.minimum(places[n - 1], cap)
+    mask = groups <= edge.unsqueeze(-1)
     tied = places[n] == places[n - 1]
     if bool(tied.any()):
         at = tied.nonzero(as_tuple=True)
         sub = groups[at]
         mask[at] = _nm_by_rank(sub, n, sub.shape[-1]) if sub.shape[-1] <= 8 else _nm_by_sort(sub, n)
+        if cap is not None:
+            mask[at] &= sub <= cap
     return mask
 
 
@@ -222,14 +229,10 @@ def nm_fraction(scores: torch.Tensor, n: int, m: int, fraction: float) -> torch.
     if m <= NETWORK_M and cols % m == 0 and k > 0:
         groups = scores.reshape(rows, cols // m, m)
         places = sorted_places(groups)
-        if not bool(places[n - 1].isnan().any()):
+        if not _holds_nan(places, n):
             kth, tied = _select(torch.stack(places[:n]).reshape(1, -1), k)
-            if tied is None:
-                if not bool((places[n] == places[n - 1]).any()):
-                    # at or below the n-th place and the k-th chosen score: one comparison
-                    edge = torch.minimum(places[n - 1], kth.reshape(()))
-                    return (groups <= edge.unsqueeze(-1)).reshape(rows, cols)
-                return (_pattern(groups, places, n) & (groups <= kth)).reshape(rows, cols)
+            if tied is None:   # the pattern's weights at or below the k-th chosen score
+                return _pattern(groups, places, n, kth.reshape(())).reshape(rows, cols)
     full = nm_mask(scores, n, m)
     among = torch.where(full, scores, torch.inf).reshape(1, -1)
     return lowest_k(among, k).reshape(full.shape)

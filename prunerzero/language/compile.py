@@ -111,11 +111,14 @@ def scorer(name, fn, prims):
     """score(W) -> the compiled metric's checked scores of weights W of layer `name`;
     score.unchecked(W) the same scores without the check, for ADMM's selections on the way to
     its final mask (a pass over the scores in each; the first and the last are checked)."""
+    def unchecked(W):
+        return fn(W, **prims)
+
     def score(W):
-        scores = fn(W, **prims)
+        scores = unchecked(W)
         check_scores(scores, where=name)
         return scores
-    score.unchecked = lambda W: fn(W, **prims)
+    score.unchecked = unchecked
     return score
 
 
